@@ -1,0 +1,85 @@
+"""
+The fine-tuning strategies of THEORY.md §2–§3, starting from the aligned weights θ_0.
+
+    none     min ℓ_f(θ)                                         plain fine-tuning
+    loss     min ℓ_f(θ) + λ·ℓ_s'(θ)                             Case I, alignment loss constraint
+    param    min ℓ_f(θ)  s.t.  ‖θ − θ_0‖₂ ≤ r                    Case II, by projection
+    penalty  min ℓ_f(θ) + (γ/2)·‖θ − θ_0‖₂²                      Case II, soft variant
+
+The norm runs over all trainable parameters as one flat vector. Nothing here reads a
+value back to the host: the distance and the projection stay on the device, so the
+training step never waits for it.
+"""
+
+import torch
+
+CONSTRAINTS = ("none", "loss", "param", "penalty")
+
+
+class Constraint:
+    """Holds θ_0 and applies one strategy. The training loop calls, per step:
+        loss = c.objective(task_loss, proxy_loss)   (before backward)
+        c.before_step(params)                       (after backward, before optimizer.step)
+        c.after_step(params)                        (after optimizer.step)
+    """
+
+    def __init__(self, kind, params, radius=0.0, lam=0.0, gamma=0.0):
+        if kind not in CONSTRAINTS:
+            raise ValueError(f"--constraint {kind!r} is unknown: choose one of {', '.join(CONSTRAINTS)}")
+        for flag, v in (("radius", radius), ("lam", lam), ("gamma", gamma)):
+            if not v >= 0:  # also catches NaN
+                raise ValueError(f"--{flag} {v} is negative: pass a value ≥ 0")
+        self.kind, self.radius, self.lam, self.gamma = kind, radius, lam, gamma
+        # θ_0, a frozen copy taken when fine-tuning starts
+        self.theta0 = [p.detach().clone() for p in params]
+
+    @property
+    def needs_proxy(self):
+        """Case I draws a batch of proxy safety data D_s' every step."""
+        return self.kind == "loss"
+
+    def objective(self, task_loss, proxy_loss=None):
+        """ℓ_f + λ·ℓ_s' for Case I (THEORY.md §2), ℓ_f otherwise."""
+        if self.kind == "loss":
+            return task_loss + self.lam * proxy_loss
+        return task_loss
+
+    def before_step(self, params):
+        """Soft Case II: add the gradient of (γ/2)‖θ−θ_0‖², that is γ(θ−θ_0), to the
+        gradients, without building a graph for the penalty."""
+        if self.kind == "penalty" and self.gamma > 0:
+            grads = [p.grad for p in params]
+            diffs = torch._foreach_sub([p.detach() for p in params], self.theta0)
+            torch._foreach_add_(grads, diffs, alpha=self.gamma)
+
+    def after_step(self, params):
+        """Hard Case II: project onto the ball ‖θ − θ_0‖ ≤ r (THEORY.md §3)."""
+        if self.kind == "param":
+            project_(params, self.theta0, self.radius)
+
+    def distance(self, params):
+        """‖θ − θ_0‖₂ as a 0-d tensor on the device (no host sync)."""
+        return distance(params, self.theta0)
+
+
+@torch.no_grad()
+def distance(params, theta0):
+    """‖θ − θ_0‖₂ over all parameters as one flat vector, a 0-d tensor."""
+    diffs = torch._foreach_sub([p.detach() for p in params], theta0)
+    norms = torch._foreach_norm(diffs)
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
+@torch.no_grad()
+def project_(params, theta0, radius):
+    """θ ← θ_0 + (θ − θ_0)·min(1, r/‖θ − θ_0‖) in place (THEORY.md §3).
+
+    Written as θ ← lerp(θ, θ_0, 1 − s) with s = min(1, r/‖θ−θ_0‖): inside the ball the
+    weight is exactly 0 and lerp returns θ bit for bit, so the projection is a true
+    no-op there, and the branch is taken on the device without a host sync.
+    """
+    d = distance(params, theta0)
+    s = torch.clamp(radius / torch.clamp(d, min=1e-30), max=1.0)
+    w = (1.0 - s).to(params[0].dtype)
+    for p, p0 in zip(params, theta0):
+        p.lerp_(p0, w)

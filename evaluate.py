@@ -1,0 +1,89 @@
+"""
+Measuring a model: the losses ℓ_s, ℓ_f and the gaps G_s, G_f of THEORY.md §1.
+
+On the synthetic world these are exact population quantities: the model's conditional
+P_θ(y|x) is read off for every context and every response (one forward pass per context
+and opener gives p(o|x) and p(c|x,o) for all c), and
+
+    ℓ_D(θ) = Σ_x μ_D(x) Σ_y P_D(y|x) · (−log P_θ(y|x))
+    G_D(θ) = ℓ_D(θ) − H_D = E_{x~μ_D} KL(P_D(·|x) ‖ P_θ(·|x))
+
+in nats per sequence, with no sampling at all.
+
+CLI:  python evaluate.py --ckpt out/ckpt.pt
+"""
+
+import argparse
+import json
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from data import DataError, SyntheticWorld, WorldConfig, expected_nll
+from model import CheckpointError, load_checkpoint, model_from_checkpoint
+
+
+@torch.no_grad()
+def model_log_table(model, world, device="cpu", chunk=8192):
+    """log P_θ(o, c | x) for every context, opener and content token of the world:
+    a float64 array (n_ctx, n_open, n_content), comparable entry by entry with the
+    world's P tables. Mass the model puts on other tokens simply is not in the table."""
+    was_training = model.training
+    model.eval()
+    n_ctx, n_open = len(world.contexts), len(world.open_ids)
+    # every (context, opener) pair once; the content token in the sequence is unused
+    ctx = torch.arange(n_ctx).repeat_interleave(n_open)
+    opn = torch.arange(n_open).repeat(n_ctx)
+    seq = world.sequences(ctx, opn, torch.zeros_like(ctx))[:, :-1]  # (N, L+2): x, SEP, o
+    L = world.wc.ctx_len
+    out = []
+    for i in range(0, len(seq), chunk):
+        logits, _ = model(seq[i:i + chunk].to(device))
+        logp = F.log_softmax(logits.double(), dim=-1)  # float64: gaps near 0 stay exact
+        lp_open = logp[:, L, :][:, world.open_ids.to(device)]                # (n, n_open)
+        lp_content = logp[:, L + 1, :][:, world.content_ids.to(device)]      # (n, n_content)
+        opener = opn[i:i + chunk].to(device)
+        # log p(o|x) + log p(c|x,o) for the opener o in this sequence
+        lp_o = lp_open.gather(1, opener.view(-1, 1))
+        out.append((lp_o + lp_content).double().cpu())
+    model.train(was_training)
+    return torch.cat(out).view(n_ctx, n_open, -1).numpy()
+
+
+def exact_metrics(logq, world):
+    """ℓ_s, ℓ_f, G_s, G_f of a table of model log-probabilities (THEORY.md §1)."""
+    ls = expected_nll(world.mu["safety"], world.P["safety"], logq)
+    lf = expected_nll(world.mu["task"], world.P["task"], logq)
+    return {"safety_loss": ls, "capability_loss": lf,
+            "safety_gap": ls - world.entropy("safety"), "capability_gap": lf - world.entropy("task")}
+
+
+def evaluate(model, world, device="cpu"):
+    """The exact metrics of a model on a world (nats per sequence)."""
+    return exact_metrics(model_log_table(model, world, device), world)
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Exact safety and capability losses and gaps of a checkpoint.")
+    ap.add_argument("--ckpt", required=True, help="a checkpoint written by train.py (theta0.pt or ckpt.pt)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, mps")
+    args = ap.parse_args(argv)
+    try:
+        ckpt = load_checkpoint(args.ckpt)
+        model = model_from_checkpoint(ckpt, args.device)
+        world = SyntheticWorld(WorldConfig(**ckpt["world_config"]))
+    except (CheckpointError, DataError) as e:
+        sys.exit(f"error: {e}")
+    m = evaluate(model, world, args.device)
+    print(json.dumps(m, indent=2))
+    return m
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,248 @@
+"""
+The model P_θ(y|x) of THEORY.md §1: a small GPT in the nanoGPT mould.
+
+A sequence is a prompt x followed by a response y. The model is trained and scored on
+the response tokens only (a loss mask), so that
+
+    log P_θ(y|x) = Σ_t log p_θ(y_t | x, y_<t)          (THEORY.md §1)
+
+is exactly what `sequence_nll` returns. Parameter names follow Hugging Face's GPT-2
+(`transformer.wte`, `transformer.h.{i}.attn.c_attn`, `mlp.c_fc`, `lm_head`) so that
+pretrained weights map one to one.
+"""
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 8       # longest sequence the model sees (prompt + response)
+    vocab_size: int = 64      # real vocabulary; the embedding is padded to a multiple of 64
+    n_layer: int = 2
+    n_head: int = 4
+    n_embd: int = 64
+    dropout: float = 0.0      # 0 keeps CPU runs bitwise deterministic and resumable
+    bias: bool = True         # GPT-2 has biases in Linear and LayerNorm
+
+    @property
+    def padded_vocab_size(self):
+        # a vocabulary padded to a multiple of 64 keeps the lm_head matmul on fast GPU
+        # kernels (STYLE.md speed table); logits are cut back to the real vocabulary
+        return ((self.vocab_size + 63) // 64) * 64
+
+
+# -----------------------------------------------------------------------------
+# The architecture, top to bottom
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.SCALE_INIT = True
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        # flash attention on GPU, a fused kernel on CPU; causal: token t sees only ≤ t
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.SCALE_INIT = True
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))  # pre-LN residual blocks, as in GPT-2
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        V = config.padded_vocab_size
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(V, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, V, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # tied embeddings, as in GPT-2
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "SCALE_INIT", False):
+                # residual projections scaled by 1/sqrt(2·n_layer) (GPT-2 paper)
+                std *= (2 * self.config.n_layer) ** -0.5
+            torch.nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding=True):
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def forward(self, idx, targets=None, loss_mask=None):
+        """Logits (B, T, vocab_size) and, given targets, the mean next-token NLL over the
+        tokens where loss_mask is true (the response tokens; all tokens if no mask)."""
+        B, T = idx.size()
+        assert T <= self.config.block_size, f"sequence of {T} > block_size {self.config.block_size}"
+        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            x = block(x)
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)[..., : self.config.vocab_size]  # cut the padding back off
+        if targets is None:
+            return logits, None
+        nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
+                              reduction="none").view(B, T)
+        if loss_mask is None:
+            return logits, nll.mean()
+        mask = loss_mask.to(nll.dtype)
+        # per-token mean over response tokens: a scale that does not depend on length
+        return logits, (nll * mask).sum() / mask.sum().clamp(min=1.0)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
+        """Extend idx (B, T) by max_new_tokens; temperature 0 means greedy decoding."""
+        for _ in range(max_new_tokens):
+            idx_cond = idx[:, -self.config.block_size:]
+            logits, _ = self(idx_cond)
+            logits = logits[:, -1, :]
+            if temperature == 0:
+                idx_next = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float("inf")
+                probs = F.softmax(logits, dim=-1)
+                idx_next = torch.multinomial(probs, num_samples=1, generator=generator)
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx
+
+    def estimate_flops_per_token(self, T):
+        """flops/token = 6·N + 12·L·H·Q·T (STYLE.md 'Measuring'), N = matmul parameters."""
+        cfg = self.config
+        N = self.num_params()
+        L, H, Q = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head
+        return 6 * N + 12 * L * H * Q * T
+
+
+def sequence_nll(logits, targets, loss_mask):
+    """−log P_θ(y|x) per sequence (B,) in nats: the sum of next-token NLLs over the
+    response tokens (THEORY.md §1). logits (B, T, V), targets and loss_mask (B, T)."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    tok = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, T)
+    return (tok * loss_mask.to(tok.dtype)).sum(dim=1)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints on disk: plain tensors and types only, so torch.load(weights_only=True)
+# can read them and a file somebody sent cannot run code when loaded.
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that is missing, truncated, foreign or of another config."""
+
+
+def atomic_torch_save(obj, path):
+    """Write to a temporary name in the same folder, then rename: a reader (or a crash)
+    never sees half a file."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load a checkpoint written by this project, refusing anything else with a clear
+    message. weights_only=True never unpickles arbitrary objects, so no code runs."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} does not exist: run train.py first or fix the path")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated zip, a pickle with code in it, a text file, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint of this project ({first[:200]}); "
+            f"it may be truncated or unsafe: delete it and train again") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{path} is not a checkpoint of this project (no '{CHECKPOINT_FORMAT}' marker): "
+            f"point to a file written by train.py")
+    return ckpt
+
+
+CHECKPOINT_FORMAT = "safety-tradeoff-ckpt-v1"
+
+
+def model_from_checkpoint(ckpt, device="cpu"):
+    """Build the GPT stored in a checkpoint dict (from load_checkpoint)."""
+    model = GPT(GPTConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device)
+
+
+def flat_params(model):
+    """The trainable parameters θ in a fixed order (tied weights once)."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def params_hash(model):
+    """A short identity of the weights, stored with fine-tunes so that a run never mixes
+    up two different θ_0."""
+    import hashlib
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,80 @@
+"""Case I objective and Case II projection and penalty (THEORY.md §2–§3)."""
+import pytest
+import torch
+
+from constraints import Constraint, distance, project_
+from model import GPT, GPTConfig, flat_params
+
+
+def params_and_theta0(seed=0, scale=1.0):
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(block_size=8, vocab_size=30, n_layer=1, n_head=2, n_embd=8))
+    params = flat_params(model)
+    theta0 = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p in params:
+            p.add_(scale * torch.randn_like(p))
+    return model, params, theta0
+
+
+def flat(ts):
+    return torch.cat([t.detach().reshape(-1) for t in ts])
+
+
+def test_distance_is_the_flat_l2_norm():
+    _, params, theta0 = params_and_theta0()
+    expected = (flat(params) - flat(theta0)).norm()
+    torch.testing.assert_close(distance(params, theta0), expected)
+
+
+@pytest.mark.parametrize("r", [0.0, 0.1, 1.0, 3.0])
+def test_projection_lands_on_the_ball_along_the_same_direction(r):
+    _, params, theta0 = params_and_theta0()
+    before = flat(params) - flat(theta0)
+    project_(params, theta0, r)
+    after = flat(params) - flat(theta0)
+    assert after.norm() <= r * (1 + 1e-5) + 1e-7
+    assert after.norm() == pytest.approx(min(r, before.norm().item()), rel=1e-5, abs=1e-7)
+    if r > 0:
+        torch.testing.assert_close(after / after.norm(), before / before.norm(), rtol=1e-4, atol=1e-5)
+
+
+def test_projection_is_idempotent():
+    _, params, theta0 = params_and_theta0()
+    project_(params, theta0, 0.5)
+    once = flat(params).clone()
+    project_(params, theta0, 0.5)
+    torch.testing.assert_close(flat(params), once, rtol=0, atol=1e-6)
+
+
+def test_projection_is_an_exact_no_op_inside_the_ball():
+    _, params, theta0 = params_and_theta0(scale=1e-3)
+    before = [p.detach().clone() for p in params]
+    assert distance(params, theta0) < 10.0
+    project_(params, theta0, 10.0)
+    for p, b in zip(params, before):
+        assert torch.equal(p, b)  # bit for bit
+
+
+def test_penalty_gradient_matches_autograd_of_the_soft_constraint():
+    model, params, theta0 = params_and_theta0()
+    c = Constraint("penalty", theta0, gamma=0.7)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    c.before_step(params)
+    # autograd of (γ/2)‖θ − θ_0‖²
+    pen = 0.35 * sum(((p - t0) ** 2).sum() for p, t0 in zip(params, theta0))
+    grads = torch.autograd.grad(pen, params)
+    for p, g in zip(params, grads):
+        torch.testing.assert_close(p.grad, g)
+
+
+def test_case_one_objective_and_bad_values():
+    c = Constraint("loss", [torch.zeros(2)], lam=10.0)
+    assert c.needs_proxy
+    assert c.objective(torch.tensor(1.0), torch.tensor(2.0)).item() == pytest.approx(21.0)
+    assert Constraint("none", [torch.zeros(2)]).objective(torch.tensor(1.0)).item() == 1.0
+    with pytest.raises(ValueError, match="unknown"):
+        Constraint("bogus", [torch.zeros(2)])
+    with pytest.raises(ValueError, match="negative"):
+        Constraint("param", [torch.zeros(2)], radius=-1.0)

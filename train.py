@@ -1,0 +1,558 @@
+"""
+Align, then fine-tune under a constraint (THEORY.md §2–§3).
+
+    python train.py                                      # align θ_0, fine-tune with no constraint
+    python train.py --constraint loss --lam 10           # Case I:  ℓ_f + λ·ℓ_s'
+    python train.py --constraint param --radius 0.1      # Case II: ‖θ − θ_0‖ ≤ r
+    torchrun --standalone --nproc_per_node=2 train.py    # DDP (nccl on GPUs, gloo on CPU)
+
+Stage `align` trains θ_0 on the original safety data D_s; stage `finetune` starts from
+θ_0 and fits the task data D_f under the chosen strategy; `all` (default) runs both and
+reuses a saved θ_0 whose configuration matches. Every run writes into --out_dir:
+config.json, log.jsonl (one object per evaluation), checkpoints and metrics.json.
+"""
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from constraints import CONSTRAINTS, Constraint
+from data import DataError, SyntheticWorld, WorldConfig, atomic_write_json
+from evaluate import evaluate
+from model import (CHECKPOINT_FORMAT, GPT, CheckpointError, GPTConfig, atomic_torch_save,
+                   flat_params, load_checkpoint, params_hash)
+
+# -----------------------------------------------------------------------------
+# Configuration: one dataclass, one line per value; the CLI is generated from it.
+
+
+@dataclass
+class TrainConfig:
+    # I/O
+    out_dir: str = "out"          # run folder: config.json, log.jsonl, checkpoints, metrics.json
+    stage: str = "all"            # align | finetune | all
+    theta0: str = ""              # θ_0 checkpoint to fine-tune from; default <out_dir>/theta0.pt
+    resume: bool = False          # continue the run in out_dir from its latest checkpoint
+    eval_interval: int = 250      # steps between exact evaluations (and checkpoints)
+    log_interval: int = 25        # steps between progress-bar loss updates (one host sync each)
+    # data: the synthetic world (THEORY.md §1)
+    overlap: float = 0.25         # κ: share of task contexts drawn from the safety contexts
+    mismatch: float = 0.3         # δ: distance of the proxy safety data from the original
+    n_symbols: int = 12           # context alphabet; n_symbols**ctx_len contexts
+    ctx_len: int = 3              # context length in symbols
+    n_harmful: int = 4            # number of harmful topics
+    # model
+    n_layer: int = 2
+    n_head: int = 4
+    n_embd: int = 64
+    # optimizer (AdamW, warm-up then cosine decay to lr/10)
+    align_iters: int = 1500       # steps of the align stage
+    align_lr: float = 3e-3        # peak learning rate of the align stage
+    max_iters: int = 1000         # steps of the fine-tune stage
+    lr: float = 2e-3              # peak learning rate of the fine-tune stage
+    warmup_iters: int = 50
+    weight_decay: float = 0.0     # 0: decay would pull θ towards 0, not towards θ_0
+    grad_clip: float = 1.0        # clip the global gradient norm (0 disables)
+    batch_tokens: int = 1280      # global batch per dataset in tokens (256 sequences of 5 tokens)
+    micro_batch: int = 256        # sequences per forward pass; accumulation makes up the rest
+    # constraint (THEORY.md §2–§3)
+    constraint: str = "none"      # none | loss (Case I) | param (Case II) | penalty (soft Case II)
+    radius: float = 1.0           # r: L2 radius of the ball around θ_0 (param)
+    lam: float = 1.0              # λ: weight of the proxy safety loss ℓ_s' (loss)
+    gamma: float = 1.0            # γ: weight of the soft penalty (γ/2)‖θ−θ_0‖² (penalty)
+    # system
+    seed: int = 1337
+    device: str = "auto"          # auto | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"           # auto (bf16 on CUDA if supported, else fp32) | float32 | bfloat16 | float16
+    compile: bool = False         # torch.compile the training forward (GPU; slow to start on CPU)
+    progress: bool = True         # show a tqdm progress bar
+
+
+# the fields that decide θ_0: a saved θ_0 is reused only when all of these match
+ALIGN_FIELDS = ("n_symbols", "ctx_len", "n_harmful", "n_layer", "n_head", "n_embd", "align_iters",
+                "align_lr", "warmup_iters", "weight_decay", "grad_clip", "batch_tokens", "seed")
+
+
+class ConfigError(ValueError):
+    """A bad flag value; the message names the flag and the fix."""
+
+
+def parse_args(argv=None, cls=TrainConfig):
+    """Build argparse from the dataclass: the type comes from the default, bools get
+    --flag/--no-flag, and both `--radius 0.1` and `--radius=0.1` work."""
+    ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(cls):
+        if isinstance(f.default, bool):
+            ap.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            ap.add_argument(f"--{f.name}", type=type(f.default), default=f.default,
+                            choices=CONSTRAINTS if f.name == "constraint" else None)
+    return cls(**vars(ap.parse_args(argv)))
+
+
+def check_config(cfg):
+    """Reject bad values before anything is written."""
+    if cfg.stage not in ("align", "finetune", "all"):
+        raise ConfigError(f"--stage {cfg.stage!r} is unknown: choose align, finetune or all")
+    if cfg.constraint not in CONSTRAINTS:
+        raise ConfigError(f"--constraint {cfg.constraint!r} is unknown: choose one of {', '.join(CONSTRAINTS)}")
+    for name in ("radius", "lam", "gamma", "lr", "align_lr", "weight_decay", "grad_clip"):
+        v = getattr(cfg, name)
+        if not (v >= 0 and math.isfinite(v)):
+            raise ConfigError(f"--{name} {v} must be a finite number ≥ 0")
+    for name in ("overlap", "mismatch"):
+        v = getattr(cfg, name)
+        if not 0.0 <= v <= 1.0:
+            raise ConfigError(f"--{name} {v} is outside [0, 1]: pass a value between 0 and 1")
+    for name in ("align_iters", "max_iters", "eval_interval", "log_interval", "batch_tokens",
+                 "micro_batch", "n_layer", "n_head", "n_embd"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"--{name} {getattr(cfg, name)} must be at least 1")
+    if cfg.n_embd % cfg.n_head:
+        raise ConfigError(f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}")
+    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ConfigError(f"--dtype {cfg.dtype!r} is unknown: choose auto, float32, bfloat16 or float16")
+
+
+def world_config(cfg):
+    return WorldConfig(overlap=cfg.overlap, mismatch=cfg.mismatch, n_symbols=cfg.n_symbols,
+                       ctx_len=cfg.ctx_len, n_harmful=cfg.n_harmful)
+
+
+def align_key(cfg):
+    """Identity of the alignment recipe (μ_s and P_s do not depend on κ or δ)."""
+    blob = json.dumps({k: getattr(cfg, k) for k in ALIGN_FIELDS}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# -----------------------------------------------------------------------------
+# System: device, dtype, DDP
+
+
+@dataclass
+class System:
+    device: str
+    device_type: str
+    ptdtype: torch.dtype
+    ddp: bool
+    rank: int
+    world_size: int
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    def autocast(self):
+        if self.ptdtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.ptdtype)
+
+
+def setup_system(cfg):
+    """Pick device and dtype; join the process group when launched by torchrun."""
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    rank, world_size, local_rank = 0, 1, 0
+    if ddp:
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda but no CUDA device is visible: use --device cpu")
+        if ddp:
+            device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: 2.5× on fp32 work
+        torch.backends.cudnn.allow_tf32 = True
+    device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
+    if ddp and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    dtype = cfg.dtype
+    if dtype == "auto":
+        # fp32 on CPU: bf16 was 3.2× slower on these cores (STYLE.md)
+        dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    return System(device, device_type, ptdtype, ddp, rank, world_size)
+
+
+# -----------------------------------------------------------------------------
+# Output folder
+
+
+def prepare_out_dir(cfg):
+    """Create out_dir and make sure it is writable, with a clear message otherwise."""
+    try:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        probe = os.path.join(cfg.out_dir, f".write_test.{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"--out_dir {cfg.out_dir} is not writable ({e.strerror}): "
+                          f"choose a folder you can write to") from None
+
+
+class Log:
+    """log.jsonl: one JSON object per evaluation, each appended whole and flushed."""
+
+    def __init__(self, path, enabled, keep_upto=None):
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
+        lines = []
+        if keep_upto is not None and os.path.exists(path):
+            # resuming: drop what was logged after the checkpoint, it will be logged again
+            with open(path) as f:
+                for line in f:
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue  # a line cut by a kill
+                    if keep_upto(rec):
+                        lines.append(line if line.endswith("\n") else line + "\n")
+        with open(path, "w") as f:
+            f.writelines(lines)
+
+    def write(self, rec):
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+                f.flush()
+
+
+# -----------------------------------------------------------------------------
+# The training loop, shared by both stages
+
+
+def lr_at(step, peak, warmup, total):
+    """Linear warm-up, then cosine decay to peak/10 at the last step."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(model, cfg, lr, sys_):
+    """AdamW with weight decay exactly on the tensors with dim ≥ 2 (matmuls, embeddings)."""
+    params = flat_params(model)
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    fused = sys_.device_type == "cuda"  # fused AdamW: one kernel per step on CUDA
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99), fused=fused)
+
+
+def batch_shape(cfg, seq_len, sys_):
+    """Sequences per step and accumulation steps from the global batch in tokens."""
+    per_seq = seq_len
+    if cfg.batch_tokens % (per_seq * cfg.micro_batch * sys_.world_size):
+        raise ConfigError(
+            f"--batch_tokens {cfg.batch_tokens} must be a multiple of tokens per sequence ({per_seq}) "
+            f"× --micro_batch {cfg.micro_batch} × world size {sys_.world_size} "
+            f"= {per_seq * cfg.micro_batch * sys_.world_size}")
+    global_seqs = cfg.batch_tokens // per_seq
+    return global_seqs, global_seqs // (cfg.micro_batch * sys_.world_size)
+
+
+def run_stage(stage, model, world, cfg, sys_, log, ckpt_path, constraint, theta0_hash, resume_ckpt):
+    """Train `model` in place for one stage and return it.
+
+    align:    min ℓ_s on batches of the original safety data D_s
+    finetune: min ℓ_f (+ λ·ℓ_s' under Case I) starting from θ_0, with the constraint's
+              gradient hook and projection around every optimizer step
+    """
+    iters = cfg.align_iters if stage == "align" else cfg.max_iters
+    peak = cfg.align_lr if stage == "align" else cfg.lr
+    params = flat_params(model)
+    optimizer = make_optimizer(model, cfg, peak, sys_)
+    scaler = torch.amp.GradScaler(sys_.device_type, enabled=sys_.ptdtype == torch.float16)
+    global_seqs, accum = batch_shape(cfg, world.seq_len, sys_)
+    local_seqs = global_seqs // sys_.world_size
+    # one generator per data stream, so that Case I's proxy draws never shift the task
+    # batches: `--lam 0` then reproduces `--constraint none` bit for bit
+    main_name = "safety" if stage == "align" else "task"
+    stream_offset = 0 if stage == "align" else 1
+    gens = {main_name: torch.Generator().manual_seed(cfg.seed * 1000 + stream_offset)}
+    if constraint is not None and constraint.needs_proxy:
+        gens["proxy"] = torch.Generator().manual_seed(cfg.seed * 1000 + 2)
+    step = 0
+    if resume_ckpt is not None:
+        optimizer.load_state_dict(resume_ckpt["optimizer"])
+        scaler.load_state_dict(resume_ckpt["scaler"])
+        for k, g in gens.items():
+            g.set_state(resume_ckpt["generators"][k])
+        step = resume_ckpt["step"]
+
+    train_model = model
+    if cfg.compile:
+        train_model = torch.compile(model)  # training forward only: eval shapes vary
+    if sys_.ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        train_model = DDP(train_model, device_ids=[sys_.device] if sys_.device_type == "cuda" else None)
+
+    def get_batch(name):
+        # the global batch from one seeded stream; this rank takes its slice, so that
+        # 2 ranks × B/2 see exactly what 1 rank × B sees
+        x, y, m = world.batch(name, global_seqs, gens[name])
+        n_tokens = m.sum()  # global count of response tokens, the loss normaliser
+        sl = slice(sys_.rank * local_seqs, (sys_.rank + 1) * local_seqs)
+        x, y, m = x[sl], y[sl], m[sl]
+        if sys_.device_type == "cuda":
+            x, y, m = (t.pin_memory().to(sys_.device, non_blocking=True) for t in (x, y, m))
+        else:
+            x, y, m = x.to(sys_.device), y.to(sys_.device), m.to(sys_.device)
+        return x, y, m, n_tokens
+
+    def micro_loss(x, y, m, n_tokens):
+        # mean over this slice's response tokens, rescaled so that the sum over micro-steps
+        # and the DDP average over ranks give the mean over the global batch's tokens
+        with sys_.autocast():
+            _, loss = train_model(x, y, m)
+        return loss * (m.sum() * sys_.world_size / n_tokens)
+
+    def evaluate_and_save(step, train_loss):
+        if sys_.master:
+            metrics = evaluate(model, world, sys_.device)
+            rec = {"stage": stage, "step": step, **metrics,
+                   "distance": None if constraint is None else constraint.distance(params).item(),
+                   "train_loss": train_loss}
+            log.write(rec)
+            state = {"format": CHECKPOINT_FORMAT, "kind": f"{stage}-resume", "stage": stage,
+                     "step": step, "model": model.state_dict(),
+                     "model_config": dataclasses.asdict(model.config),
+                     "world_config": dataclasses.asdict(world.wc), "config": dataclasses.asdict(cfg),
+                     "align_key": align_key(cfg), "theta0_hash": theta0_hash,
+                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                     "generators": {k: g.get_state() for k, g in gens.items()}}
+            atomic_torch_save(state, ckpt_path)
+        if sys_.ddp:
+            torch.distributed.barrier()
+
+    if step == 0:
+        evaluate_and_save(0, None)
+    bar = tqdm(total=iters, initial=step, desc=stage, disable=not (cfg.progress and sys_.master),
+               dynamic_ncols=True)
+    first_bad = torch.tensor(-1, device=sys_.device)  # first step with a non-finite loss
+    loss_sum = torch.zeros((), device=sys_.device)
+    while step < iters:
+        lr = lr_at(step, peak, cfg.warmup_iters, iters)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        xs = get_batch(main_name)
+        xp = get_batch("proxy") if "proxy" in gens else None
+        step_loss = torch.zeros((), device=sys_.device)
+        for micro in range(accum):
+            # only the last micro-step all-reduces the gradients
+            if sys_.ddp:
+                train_model.require_backward_grad_sync = micro == accum - 1
+            sl = slice(micro * cfg.micro_batch, (micro + 1) * cfg.micro_batch)
+            loss = micro_loss(*(t[sl] for t in xs[:3]), xs[3])
+            if stage == "finetune":
+                proxy = micro_loss(*(t[sl] for t in xp[:3]), xp[3]) if xp is not None else None
+                loss = constraint.objective(loss, proxy)
+            scaler.scale(loss).backward()
+            step_loss += loss.detach()
+        if constraint is not None:
+            constraint.before_step(params)
+        if cfg.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if constraint is not None:
+            constraint.after_step(params)
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(step_loss), step, first_bad)
+        loss_sum += step_loss
+        step += 1
+        bar.update(1)
+        if step % cfg.log_interval == 0 or step == iters or step % cfg.eval_interval == 0:
+            if first_bad.item() >= 0:  # the one host sync, every log_interval steps
+                bar.close()
+                raise FloatingPointError(
+                    f"{stage}: the loss became NaN or inf at step {first_bad.item()}; the last good "
+                    f"checkpoint is kept in {ckpt_path}: lower --lr or --{'align_lr' if stage == 'align' else 'lr'}")
+            bar.set_postfix(loss=f"{loss_sum.item() / cfg.log_interval:.4f}")
+            loss_sum.zero_()
+        if step % cfg.eval_interval == 0 or step == iters:
+            evaluate_and_save(step, float(step_loss.item()))
+    bar.close()
+    return model
+
+
+# -----------------------------------------------------------------------------
+# The two stages
+
+
+def new_model(cfg, world, sys_):
+    torch.manual_seed(cfg.seed)  # initial weights are a function of the seed alone
+    mc = GPTConfig(block_size=world.block_size, vocab_size=world.vocab_size,
+                   n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
+    return GPT(mc).to(sys_.device)
+
+
+def try_resume(path, cfg, stage):
+    """The resume checkpoint of this stage, if --resume and it matches this run."""
+    if not cfg.resume or not os.path.exists(path):
+        return None
+    ckpt = load_checkpoint(path)
+    if ckpt.get("kind") != f"{stage}-resume":
+        raise CheckpointError(f"{path} is not a {stage} checkpoint: remove it or drop --resume")
+    saved = dict(ckpt["config"], resume=cfg.resume, progress=cfg.progress)
+    if saved != dataclasses.asdict(cfg):
+        diff = [k for k in saved if saved[k] != getattr(cfg, k, None)]
+        raise CheckpointError(f"{path} was written with other settings ({', '.join(diff)}): "
+                              f"resume with the same flags or start a new --out_dir")
+    return ckpt
+
+
+def align(cfg, sys_, log, theta0_path):
+    """Stage 1: θ_0 = argmin ℓ_s on D_s, trained from scratch; saved to theta0_path."""
+    world = SyntheticWorld(world_config(cfg))
+    model = new_model(cfg, world, sys_)
+    resume_path = os.path.join(cfg.out_dir, "align_ckpt.pt")
+    ckpt = try_resume(resume_path, cfg, "align")
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+    run_stage("align", model, world, cfg, sys_, log, resume_path, None, None, ckpt)
+    if sys_.master:
+        atomic_torch_save({"format": CHECKPOINT_FORMAT, "kind": "theta0", "model": model.state_dict(),
+                           "model_config": dataclasses.asdict(model.config),
+                           "world_config": dataclasses.asdict(world.wc), "config": dataclasses.asdict(cfg),
+                           "align_key": align_key(cfg), "theta0_hash": params_hash(model)}, theta0_path)
+        os.remove(resume_path)
+    if sys_.ddp:
+        torch.distributed.barrier()
+    return model
+
+
+def load_theta0(path, cfg, explicit):
+    """θ_0 from disk if it was aligned with this run's recipe. A file the user named
+    must match; the default one is retrained when it does not (returns None)."""
+    if not os.path.exists(path):
+        if explicit:
+            raise CheckpointError(f"--theta0 {path} does not exist: run `python train.py --stage align` "
+                                  f"first or drop --theta0")
+        return None
+    ckpt = load_checkpoint(path)
+    if ckpt.get("kind") != "theta0":
+        raise CheckpointError(f"--theta0 {path} is a {ckpt.get('kind')} checkpoint, not an aligned θ_0 "
+                              f"(theta0.pt written by --stage align)")
+    if ckpt["align_key"] != align_key(cfg):
+        saved = ckpt["config"]
+        diff = [k for k in ALIGN_FIELDS if saved.get(k) != getattr(cfg, k)]
+        if explicit:
+            raise CheckpointError(f"--theta0 {path} was aligned with other settings ({', '.join(diff)}): "
+                                  f"pass the same values or align again with --stage align")
+        print(f"θ_0 at {path} was aligned with other settings ({', '.join(diff)}); aligning again")
+        return None
+    return ckpt
+
+
+def finetune(cfg, sys_, log, theta0_ckpt):
+    """Stage 2: start from θ_0 and fit D_f under the constraint (THEORY.md §2–§3)."""
+    world = SyntheticWorld(world_config(cfg))
+    model = new_model(cfg, world, sys_)
+    model.load_state_dict(theta0_ckpt["model"])
+    theta0_hash = theta0_ckpt["theta0_hash"]
+    aligned = dict(evaluate(model, world, sys_.device), distance=0.0)
+    constraint = Constraint(cfg.constraint, flat_params(model), cfg.radius, cfg.lam, cfg.gamma)
+    resume_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    ckpt = try_resume(resume_path, cfg, "finetune")
+    if ckpt is not None:
+        if ckpt["theta0_hash"] != theta0_hash:
+            raise CheckpointError(f"{resume_path} was fine-tuned from another θ_0 ({ckpt['theta0_hash']} "
+                                  f"≠ {theta0_hash}): start a new --out_dir")
+        model.load_state_dict(ckpt["model"])
+    run_stage("finetune", model, world, cfg, sys_, log, resume_path, constraint, theta0_hash, ckpt)
+    finetuned = dict(evaluate(model, world, sys_.device),
+                     distance=constraint.distance(flat_params(model)).item())
+    return {"aligned": aligned, "finetuned": finetuned, "constraint": cfg.constraint,
+            "radius": cfg.radius, "lam": cfg.lam, "overlap": cfg.overlap, "mismatch": cfg.mismatch}
+
+
+def print_table(metrics):
+    keys = ["safety_loss", "capability_loss", "safety_gap", "capability_gap", "distance"]
+    print(f"{'(nats/seq)':<12}" + "".join(f"{k:>17}" for k in keys))
+    for row in ("aligned", "finetuned"):
+        print(f"{row:<12}" + "".join(f"{metrics[row][k]:>17.4f}" for k in keys))
+
+
+def run_info(argv):
+    try:
+        git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.abspath(__file__)), timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        git = ""
+    return {"argv": list(sys.argv[:1]) + list(argv if argv is not None else sys.argv[1:]),
+            "git": git or None, "torch": torch.__version__, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def main(cfg, argv=None):
+    check_config(cfg)
+    world = SyntheticWorld(world_config(cfg))  # raises DataError on an impossible world
+    sys_ = setup_system(cfg)
+    batch_shape(cfg, world.seq_len, sys_)  # raises ConfigError on a batch that does not divide
+    theta0_path = cfg.theta0 or os.path.join(cfg.out_dir, "theta0.pt")
+    explicit_theta0 = bool(cfg.theta0)
+    theta0_ckpt = None
+    if cfg.stage in ("finetune", "all"):
+        theta0_ckpt = load_theta0(theta0_path, cfg, explicit_theta0)  # may raise before any write
+    if sys_.master:
+        prepare_out_dir(cfg)
+        atomic_write_json(os.path.join(cfg.out_dir, "config.json"),
+                          {"config": dataclasses.asdict(cfg), "run": dict(run_info(argv), device=sys_.device,
+                                                                       world_size=sys_.world_size)})
+    if sys_.ddp:
+        torch.distributed.barrier()
+
+    def keep(rec):  # on resume: keep log lines up to each stage's checkpoint
+        return rec.get("step", 0) <= keep_steps.get(rec.get("stage"), -1)
+    keep_steps = {}
+    if cfg.resume:
+        for stage, name in (("align", "align_ckpt.pt"), ("finetune", "ckpt.pt")):
+            p = os.path.join(cfg.out_dir, name)
+            if os.path.exists(p):
+                keep_steps[stage] = load_checkpoint(p)["step"]
+        if theta0_ckpt is not None or os.path.exists(theta0_path):
+            keep_steps.setdefault("align", cfg.align_iters)
+    log = Log(os.path.join(cfg.out_dir, "log.jsonl"), sys_.master, keep if cfg.resume else None)
+
+    if cfg.stage == "align" or (cfg.stage in ("finetune", "all") and theta0_ckpt is None):
+        align(cfg, sys_, log, theta0_path)
+        theta0_ckpt = load_checkpoint(theta0_path)
+    if cfg.stage == "align":
+        return None
+    metrics = finetune(cfg, sys_, log, theta0_ckpt)
+    if sys_.master:
+        atomic_write_json(os.path.join(cfg.out_dir, "metrics.json"), metrics)
+        print_table(metrics)
+    return metrics
+
+
+def cli(argv=None):
+    cfg = parse_args(argv)
+    try:
+        main(cfg, argv)
+    except (ConfigError, DataError, CheckpointError, FloatingPointError) as e:
+        sys.exit(f"error: {e}")
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    cli()

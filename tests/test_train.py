@@ -1,0 +1,99 @@
+"""train.py end to end, through subprocess, at a tiny scale (issue acceptance 2–5)."""
+import json
+import os
+
+import pytest
+
+from conftest import TINY, run_train
+
+
+def finetune(tmp_path, name, theta0, *args):
+    out = tmp_path / name
+    run_train("--out_dir", str(out), "--stage", "finetune", "--theta0", theta0, *TINY, *args)
+    metrics = json.loads((out / "metrics.json").read_text())
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return metrics, log
+
+
+def test_param_constraint_keeps_the_distance_at_every_logged_step(tmp_path, tiny_theta0):
+    metrics, log = finetune(tmp_path, "param", tiny_theta0, "--constraint", "param", "--radius=0.1")
+    steps = [r for r in log if r["stage"] == "finetune"]
+    assert len(steps) >= 3
+    assert all(r["distance"] <= 0.1 + 1e-5 for r in steps)
+    assert metrics["finetuned"]["distance"] <= 0.1 + 1e-5
+    assert metrics["finetuned"]["distance"] > 0.09  # the task gradient pushes to the boundary
+
+
+def test_larger_lambda_keeps_more_safety(tmp_path, tiny_theta0):
+    hi, _ = finetune(tmp_path, "lam10", tiny_theta0, "--constraint", "loss", "--lam", "10")
+    lo, _ = finetune(tmp_path, "lam01", tiny_theta0, "--constraint", "loss", "--lam", "0.1")
+    assert hi["finetuned"]["safety_gap"] < lo["finetuned"]["safety_gap"]
+    assert hi["finetuned"]["capability_gap"] > lo["finetuned"]["capability_gap"]
+
+
+def test_lambda_zero_is_no_constraint_exactly_and_runs_are_deterministic(tmp_path, tiny_theta0):
+    none1, log1 = finetune(tmp_path, "none1", tiny_theta0)
+    none2, log2 = finetune(tmp_path, "none2", tiny_theta0)
+    lam0, log0 = finetune(tmp_path, "lam0", tiny_theta0, "--constraint", "loss", "--lam", "0")
+    assert none1 == none2 and log1 == log2                      # same command, same seed
+    for key in ("aligned", "finetuned"):
+        assert lam0[key] == none1[key]                          # bit for bit
+    # and fine-tuning did something: the task was learned, safety was lost (κ > 0)
+    assert none1["finetuned"]["capability_gap"] < none1["aligned"]["capability_gap"] / 4
+    assert none1["finetuned"]["safety_gap"] > none1["aligned"]["safety_gap"]
+
+
+def test_no_overlap_no_mismatch_case_one_learns_the_task_and_keeps_safety(tmp_path, tiny_theta0):
+    m, _ = finetune(tmp_path, "k0d0", tiny_theta0, "--constraint", "loss", "--overlap", "0",
+                    "--mismatch", "0", "--max_iters", "300")
+    assert m["finetuned"]["capability_gap"] < 0.1
+    assert m["finetuned"]["safety_gap"] < 0.1
+
+
+def test_stage_all_reuses_a_matching_theta0(tmp_path, tiny_theta0):
+    out = tmp_path / "reuse"
+    out.mkdir()
+    (out / "theta0.pt").write_bytes(open(tiny_theta0, "rb").read())
+    run_train("--out_dir", str(out), *TINY)
+    stages = {json.loads(line)["stage"] for line in (out / "log.jsonl").read_text().splitlines()}
+    assert stages == {"finetune"}  # no align stage ran
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--constraint", "bogus"], "invalid choice"),
+    (["--radius", "-0.1"], "--radius"),
+    (["--lam=-1"], "--lam"),
+    (["--overlap", "1.5"], "--overlap"),
+    (["--mismatch", "-0.2"], "--mismatch"),
+    (["--batch_tokens", "1000"], "--batch_tokens"),
+])
+def test_bad_flags_fail_with_one_clear_message_and_write_nothing(tmp_path, args, words):
+    out = tmp_path / "never"
+    proc = run_train("--out_dir", str(out), *TINY, *args, check=False)
+    assert proc.returncode != 0
+    assert words in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+def test_unwritable_out_dir_is_named(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    proc = run_train("--out_dir", str(blocker / "sub"), *TINY, check=False)
+    assert proc.returncode != 0 and "--out_dir" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_theta0_of_another_config_is_refused(tmp_path, tiny_theta0):
+    out = tmp_path / "other"
+    proc = run_train("--out_dir", str(out), "--stage", "finetune", "--theta0", tiny_theta0, *TINY,
+                     "--n_embd", "32", check=False)
+    assert proc.returncode != 0 and "n_embd" in proc.stderr and tiny_theta0 in proc.stderr
+    assert not out.exists()
+
+
+def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path):
+    bad = tmp_path / "theta0.pt"
+    bad.write_bytes(b"\x00garbage")
+    proc = run_train("--out_dir", str(tmp_path / "o"), "--stage", "finetune", "--theta0", str(bad), *TINY,
+                     check=False)
+    assert proc.returncode != 0 and str(bad) in proc.stderr and "Traceback" not in proc.stderr
+    assert not os.path.exists(tmp_path / "o")

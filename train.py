@@ -267,6 +267,58 @@ def batch_shape(cfg, seq_len, sys_):
     return global_seqs, global_seqs // (cfg.micro_batch * sys_.world_size)
 
 
+def micro_loss(train_model, sys_, x, y, m, n_tokens):
+    """This micro-batch's share of the global batch's mean loss over response tokens."""
+    # mean over this slice's response tokens, rescaled so that the sum over micro-steps
+    # and the DDP average over ranks give the mean over the global batch's tokens
+    with sys_.autocast():
+        _, loss = train_model(x, y, m)
+    return loss * (m.sum() * sys_.world_size / n_tokens)
+
+
+def train_step(train_model, optimizer, scaler, params, constraint, sys_, batch, proxy, accum, grad_clip):
+    """One optimizer step on this rank's slice of a global batch: forward and backward over
+    `accum` micro-batches, the constraint's gradient hook, clipping, AdamW, the projection.
+    run_stage and bench.py both call it, so the benchmark times exactly this code.
+    batch, proxy: (x, y, mask, n_tokens) of this rank; proxy only when constraint.needs_proxy.
+    Returns the step's loss as a detached device tensor (no host sync)."""
+    micro = batch[0].size(0) // accum
+    step_loss = torch.zeros((), device=sys_.device)
+    for i in range(accum):
+        # only the last micro-step all-reduces the gradients (set before the forward)
+        if sys_.ddp:
+            train_model.require_backward_grad_sync = i == accum - 1
+        sl = slice(i * micro, (i + 1) * micro)
+        loss = micro_loss(train_model, sys_, *(t[sl] for t in batch[:3]), batch[3])
+        if constraint is not None:
+            p_loss = None
+            if proxy is not None:  # Case I: the proxy safety loss ℓ_s' on the same micro-step
+                p_loss = micro_loss(train_model, sys_, *(t[sl] for t in proxy[:3]), proxy[3])
+            loss = constraint.objective(loss, p_loss)
+        scaler.scale(loss).backward()
+        step_loss += loss.detach()
+    if constraint is not None:
+        constraint.before_step(params)
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    if constraint is not None:
+        constraint.after_step(params)
+    return step_loss
+
+
+def all_reduce_mean(t, sys_):
+    """The mean over ranks of a per-rank value, for logging (each rank holds its slice's)."""
+    if sys_.ddp:
+        t = t.clone()
+        torch.distributed.all_reduce(t)  # SUM: gloo has no AVG
+        t /= sys_.world_size
+    return t
+
+
 def run_stage(stage, model, world, cfg, sys_, log, ckpt_path, constraint, theta0_hash, resume_ckpt):
     """Train `model` in place for one stage and return it.
 
@@ -316,14 +368,11 @@ def run_stage(stage, model, world, cfg, sys_, log, ckpt_path, constraint, theta0
             x, y, m = x.to(sys_.device), y.to(sys_.device), m.to(sys_.device)
         return x, y, m, n_tokens
 
-    def micro_loss(x, y, m, n_tokens):
-        # mean over this slice's response tokens, rescaled so that the sum over micro-steps
-        # and the DDP average over ranks give the mean over the global batch's tokens
-        with sys_.autocast():
-            _, loss = train_model(x, y, m)
-        return loss * (m.sum() * sys_.world_size / n_tokens)
-
     def evaluate_and_save(step, train_loss):
+        # never save weights that are already NaN or inf as the "last good" checkpoint
+        if not all(torch.isfinite(p).all() for p in params):
+            raise FloatingPointError(f"{stage}: the weights became NaN or inf by step {step}; the last good "
+                                     f"checkpoint is kept in {ckpt_path}: lower the learning rate")
         if sys_.master:
             metrics = evaluate(model, world, sys_.device)
             rec = {"stage": stage, "step": step, **metrics,
@@ -353,42 +402,24 @@ def run_stage(stage, model, world, cfg, sys_, log, ckpt_path, constraint, theta0
             group["lr"] = lr
         xs = get_batch(main_name)
         xp = get_batch("proxy") if "proxy" in gens else None
-        step_loss = torch.zeros((), device=sys_.device)
-        for micro in range(accum):
-            # only the last micro-step all-reduces the gradients
-            if sys_.ddp:
-                train_model.require_backward_grad_sync = micro == accum - 1
-            sl = slice(micro * cfg.micro_batch, (micro + 1) * cfg.micro_batch)
-            loss = micro_loss(*(t[sl] for t in xs[:3]), xs[3])
-            if stage == "finetune":
-                proxy = micro_loss(*(t[sl] for t in xp[:3]), xp[3]) if xp is not None else None
-                loss = constraint.objective(loss, proxy)
-            scaler.scale(loss).backward()
-            step_loss += loss.detach()
-        if constraint is not None:
-            constraint.before_step(params)
-        if cfg.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        if constraint is not None:
-            constraint.after_step(params)
+        step_loss = train_step(train_model, optimizer, scaler, params, constraint, sys_, xs, xp, accum,
+                               cfg.grad_clip)
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(step_loss), step, first_bad)
         loss_sum += step_loss
         step += 1
         bar.update(1)
         if step % cfg.log_interval == 0 or step == iters or step % cfg.eval_interval == 0:
+            if sys_.ddp:  # a NaN on any rank stops every rank: none is left waiting in a collective
+                torch.distributed.all_reduce(first_bad, op=torch.distributed.ReduceOp.MAX)
             if first_bad.item() >= 0:  # the one host sync, every log_interval steps
                 bar.close()
                 raise FloatingPointError(
                     f"{stage}: the loss became NaN or inf at step {first_bad.item()}; the last good "
                     f"checkpoint is kept in {ckpt_path}: lower --lr or --{'align_lr' if stage == 'align' else 'lr'}")
-            bar.set_postfix(loss=f"{loss_sum.item() / cfg.log_interval:.4f}")
+            bar.set_postfix(loss=f"{all_reduce_mean(loss_sum, sys_).item() / cfg.log_interval:.4f}")
             loss_sum.zero_()
         if step % cfg.eval_interval == 0 or step == iters:
-            evaluate_and_save(step, float(step_loss.item()))
+            evaluate_and_save(step, float(all_reduce_mean(step_loss, sys_).item()))
     bar.close()
     return model
 

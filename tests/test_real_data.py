@@ -1,0 +1,258 @@
+"""Real text data: loaders and their errors, the registry, disjoint splits, the token
+cache, the compact vocabulary, and the RealData source."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import data
+from data import DataError
+
+DATA_DIR = os.environ.get("SAFETY_DATA_DIR", "")
+needs_data = pytest.mark.skipif(not os.path.isdir(DATA_DIR or "/nonexistent"),
+                                reason="real data folder absent: set SAFETY_DATA_DIR (README 'Real data')")
+
+
+def write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+# -----------------------------------------------------------------------------
+# Loaders, every format
+
+
+def test_alpaca_json_joins_instruction_and_input(tmp_path):
+    p = write(tmp_path / "a.json", json.dumps([
+        {"instruction": "Add", "input": "2 and 3", "output": "5"},
+        {"instruction": "Say hi", "input": "", "output": "hi"},
+        {"instruction": "Code", "input": "", "response": "print(1)"}]))  # GPTeacher's field name
+    ex = data.load_instruction_json(p)
+    assert ex == [data.Example("Add\n\n2 and 3", "5"), data.Example("Say hi", "hi"),
+                  data.Example("Code", "print(1)")]
+
+
+def test_jsonl_csv_text_and_prompt_files(tmp_path):
+    p = write(tmp_path / "d.jsonl", '{"instruction": "Q1", "context": "C", "response": "R1"}\n\n'
+                                     '{"prompt": "Q2", "output": "R2"}\n')
+    assert data.load_jsonl(p) == [data.Example("Q1\n\nC", "R1"), data.Example("Q2", "R2")]
+    c = write(tmp_path / "c.csv", 'goal,target\n"Do, with comma",Sure\nPlain,x\n')
+    assert [e.prompt for e in data.load_csv(c, "goal")] == ["Do, with comma", "Plain"]
+    assert data.load_prompts(c) == ["Do, with comma", "Plain"]         # column found by name
+    t = write(tmp_path / "t.txt", "first prompt\n\n  second prompt  \n")
+    assert data.load_prompts(t) == ["first prompt", "second prompt"]
+    j = write(tmp_path / "n.json", json.dumps({"topic": {"sub": ["n1", "n2"]}, "other": {"s": ["n3"]}}))
+    assert data.load_prompts(j) == ["n1", "n2", "n3"]                   # nested {topic: {sub: [...]}}
+    j2 = write(tmp_path / "i.json", json.dumps({"instructions": ["i1"], "inputs": []}))
+    assert data.load_prompts(j2) == ["i1"]
+    j3 = write(tmp_path / "l.json", json.dumps([{"instruction": "a", "category": None}, "b"]))
+    assert data.load_prompts(j3) == ["a", "b"]
+
+
+def test_xstest_completions_keep_unsafe_full_refusals(tmp_path):
+    (tmp_path / "model_completions").mkdir()
+    write(tmp_path / "xstest_prompts.csv", "id,prompt,type,label,focus,note\n1,Kill a process?,h,safe,k,\n"
+                                           "2,Kill a person?,c,unsafe,k,\n3,Hurt someone?,c,unsafe,h,\n")
+    p = write(tmp_path / "model_completions" / "x.csv",
+              "id,type,prompt,completion,annotation_1,annotation_2,agreement,final_label\n"
+              "v2-1,h,Kill a process?,Sorry no,a,a,True,2_full_refusal\n"      # safe prompt: dropped
+              "v2-2,c,Kill a person?,\"I cannot, sorry.\",a,a,True,2_full_refusal\n"
+              "v2-3,c,Hurt someone?,Sure: ...,a,a,True,1_full_compliance\n")  # compliance: dropped
+    assert data.load_xstest_completions(p) == [data.Example("Kill a person?", "I cannot, sorry.")]
+
+
+def test_refusal_completions_keep_only_the_refusal_part(tmp_path):
+    p = write(tmp_path / "r.json", json.dumps([
+        {"prompt": "bad 1", "response": "I cannot help with that.\n\nHowever, here is a long essay..."},
+        {"prompt": "bad 2", "response": "Here is how to do it: step 1"},             # complies: dropped
+        {"prompt": "bad 3", "response": "Prompt: x\nContinuation: more text\n\nI'm sorry, no."}]))
+    assert data.load_refusal_completions(p) == [data.Example("bad 1", "I cannot help with that."),
+                                                data.Example("bad 3", "I'm sorry, no.")]
+
+
+@pytest.mark.parametrize("name,text,expect", [
+    ("bad.json", '[{"instruction": "a", "output": "b"},\n {"instruction": "c", ', "line 2"),
+    ("shape.json", '{"instruction": "a"}', "expected a JSON list"),
+    ("field.json", '[{"instruction": "a", "output": "b"}, {"instruction": "c"}]', "item 2: missing field 'output'"),
+    ("type.json", '[{"instruction": 3, "output": "b"}]', "item 1: field 'instruction' is int"),
+    ("bad.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": oops}\n', "line 2: malformed JSON"),
+    ("field.jsonl", '{"instruction": "a", "output": "b"}\n{"output": "b"}\n', "line 2: missing field"),
+    ("empty.json", "[]", "no examples left"),
+])
+def test_malformed_files_name_the_file_and_row(tmp_path, name, text, expect):
+    p = write(tmp_path / name, text)
+    loader = data.load_jsonl if name.endswith(".jsonl") else data.load_instruction_json
+    with pytest.raises(DataError) as e:
+        loader(p)
+    assert p in str(e.value) and expect in str(e.value)
+
+
+def test_malformed_csv_names_the_file_and_row(tmp_path):
+    p = write(tmp_path / "b.csv", "goal,target\nok,fine\ntoo,many,fields\n")
+    with pytest.raises(DataError, match=r"b\.csv: row 2 \(line 3\): 3 fields"):
+        data.load_csv(p, "goal")
+    p2 = write(tmp_path / "q.csv", 'goal,target\n"never closed,x\n')
+    with pytest.raises(DataError, match=r"q\.csv: malformed CSV"):
+        data.load_csv(p2, "goal")
+    p3 = write(tmp_path / "c.csv", "goal,target\na,b\n")
+    with pytest.raises(DataError, match=r"c\.csv: no column 'prompt' \(columns: goal, target\)"):
+        data.load_csv(p3, "prompt")
+    p4 = write(tmp_path / "e.csv", "goal,label\na,unsafe\n")
+    with pytest.raises(DataError, match=r"e\.csv: no examples left"):
+        data.load_csv(p4, "goal", where=("label", "safe"))
+
+
+def test_missing_file_and_folder_are_clear(tmp_path, monkeypatch):
+    with pytest.raises(DataError, match="nope.json: file not found"):
+        data.load_instruction_json(str(tmp_path / "nope.json"))
+    monkeypatch.delenv("SAFETY_DATA_DIR", raising=False)
+    with pytest.raises(DataError, match="no data folder: pass --data_dir"):
+        data.resolve("alpaca_small")
+    with pytest.raises(DataError, match="data folder .*missing.* does not exist"):
+        data.resolve("alpaca_small", str(tmp_path / "missing"))
+    with pytest.raises(DataError, match="unknown dataset 'alpaca_smal'"):
+        data.resolve("alpaca_smal")
+    with pytest.raises(DataError, match="unknown prompt file type"):
+        data.load_prompts(write(tmp_path / "p.xml", "<a/>"))
+
+
+# -----------------------------------------------------------------------------
+# Registry, splits, tokens
+
+
+def test_registry_roles_are_known_and_match_the_data_readme():
+    assert {d.role for d in data.REGISTRY.values()} == set(data.ROLES)
+    assert data.REGISTRY["safety_llamas"].role == "safety-original"
+    assert data.REGISTRY["safety_llamas_proxy"].role == "proxy-same-teacher"
+    # the same-teacher proxy shares D_s's file and teacher; the others do not
+    assert data.REGISTRY["safety_llamas_proxy"].path == data.REGISTRY["safety_llamas"].path
+    for name, d in data.REGISTRY.items():
+        if d.role == "proxy-other-teacher":
+            assert d.teacher != data.REGISTRY["safety_llamas"].teacher and d.path != data.STL, name
+    for name in ("alpaca_safety_only", "alpaca_small", "code_alpaca"):
+        assert data.REGISTRY[name].role == "task"
+    assert data.REGISTRY["advbench"].role == "eval-harmful"
+    assert data.REGISTRY["xstest_safe"].role == "eval-harmless"
+
+
+def test_split_is_a_deterministic_partition_by_prompt():
+    prompts = [f"prompt number {i}" for i in range(3000)] + ["Prompt  NUMBER 7"]  # a near-duplicate
+    keys = np.array([data.prompt_key(p) for p in prompts], dtype=np.uint64)
+    masks = [data.split_part(keys, part) for part, _ in data.SAFETY_SPLIT]
+    assert (sum(m.astype(int) for m in masks) == 1).all()          # every prompt in exactly one part
+    for m, (_, frac) in zip(masks, data.SAFETY_SPLIT):
+        assert abs(m.mean() - frac) < 0.04
+    assert keys[-1] == keys[7] and [m[-1] for m in masks] == [m[7] for m in masks]
+
+
+def test_cap_prompt_keeps_the_response_marker():
+    ids = np.array(data.template_ids(["word " * 200])[0])
+    tail = data.gpt2_encoding().encode_ordinary(data.TEMPLATE_TAIL)
+    capped = data.cap_prompt(ids, 40)
+    assert len(capped) == 40 and list(capped[-len(tail):]) == tail and list(capped[:5]) == list(ids[:5])
+
+
+def test_codec_round_trip_with_a_compact_vocabulary():
+    enc = data.gpt2_encoding()
+    text = "Write a poem about the sea.\n\nThe sea is wide."
+    ids = enc.encode_ordinary(text)
+    vocab = np.unique(np.array(ids + [data.EOT, 0, 50000]))
+    codec = data.Codec(vocab)
+    assert codec.vocab_size == len(vocab) + 1 < 50257
+    model_ids = codec.encode_ids(ids)
+    assert model_ids.max() < codec.vocab_size and codec.unk not in model_ids
+    assert list(codec.decode_ids(model_ids)) == ids                 # exact inverse on the vocabulary
+    assert codec.text(np.append(model_ids, [codec.eot, model_ids[0]])) == text  # stops at end-of-text
+    other = enc.encode_ordinary(" zebra")[0]
+    assert other not in vocab and codec.encode_ids([other])[0] == codec.unk
+    full = data.Codec(None)
+    assert full.vocab_size == 50257 and full.text(ids) == text
+
+
+def test_token_cache_is_reused_and_a_corrupt_one_rebuilt(tmp_path, capsys):
+    src = write(tmp_path / "mine.json", json.dumps([{"instruction": f"q{i}", "output": f"a{i}"} for i in range(20)]))
+    cache = tmp_path / "cache"
+    a = data.tokenized(src, cache_dir=str(cache))
+    files = list(cache.iterdir())
+    assert len(files) == 1 and files[0].suffix == ".npz"
+    mtime = files[0].stat().st_mtime_ns
+    b = data.tokenized(src, cache_dir=str(cache))
+    assert files[0].stat().st_mtime_ns == mtime                       # reused, not rewritten
+    assert all(np.array_equal(a.arrays()[k], b.arrays()[k]) for k in data.TokenSet.FIELDS)
+    # flip bytes inside the file: the cache must be rebuilt, with a warning, and equal the original
+    raw = bytearray(files[0].read_bytes())
+    raw[len(raw) // 2: len(raw) // 2 + 8] = b"\x00" * 8
+    files[0].write_bytes(bytes(raw))
+    c = data.tokenized(src, cache_dir=str(cache))
+    assert "corrupt" in capsys.readouterr().err
+    assert all(np.array_equal(a.arrays()[k], c.arrays()[k]) for k in data.TokenSet.FIELDS)
+    key = _key_of(files[0])
+    data.read_cache(str(files[0]), key)                               # valid again
+    # a cache that loads but whose arrays were changed fails its checksum
+    arrays = a.arrays()
+    arrays["r_tok"] = arrays["r_tok"].copy()
+    arrays["r_tok"][0] += 1
+    with open(files[0], "wb") as f:
+        np.savez(f, key=np.array(key), checksum=np.array(data.arrays_checksum(a.arrays())), **arrays)
+    with pytest.raises(data.CacheError, match="checksum"):
+        data.read_cache(str(files[0]), key)
+    # and a changed source file is a new key, so a stale cache is never used
+    write(tmp_path / "mine.json", json.dumps([{"instruction": "new", "output": "x"}]))
+    assert data.tokenized(src, cache_dir=str(cache)).prompts == ["new"]
+
+
+def _key_of(path):
+    with np.load(path) as z:
+        return str(z["key"])
+
+
+# -----------------------------------------------------------------------------
+# On the real folder (skipped without it)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("token_cache"))
+
+
+@pytest.fixture(scope="module")
+def real(cache_dir):
+    if not os.path.isdir(DATA_DIR or "/nonexistent"):
+        pytest.skip("real data folder absent: set SAFETY_DATA_DIR (README 'Real data')")
+    return data.RealData(data.RealDataConfig(data_dir=DATA_DIR, block_size=96), cache_dir=cache_dir)
+
+
+@needs_data
+def test_safety_split_parts_share_no_prompt(cache_dir):
+    ts = data.tokenized("safety_llamas", DATA_DIR, cache_dir)
+    parts = {p: set(ts.keys[data.split_part(ts.keys, p)].tolist()) for p, _ in data.SAFETY_SPLIT}
+    assert sum(len(v) for v in parts.values()) == len(set(ts.keys.tolist()))
+    for a in parts:
+        for b in parts:
+            assert a == b or not parts[a] & parts[b], (a, b)
+    # each registry name reads its own part
+    assert set(data.dataset_part("safety_llamas_proxy", DATA_DIR, cache_dir).keys.tolist()) == parts["proxy"]
+
+
+@needs_data
+def test_real_source_parts_are_disjoint_and_batches_well_formed(real):
+    names = list(real.keys)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert not np.isin(real.keys[a], real.keys[b]).any(), (a, b)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    for name in ("safety", "proxy", "task"):
+        x, y, m = real.batch(name, 8, g1)
+        x2, y2, m2 = real.batch(name, 8, g2)
+        assert torch.equal(x, x2) and torch.equal(y, y2) and torch.equal(m, m2)   # deterministic
+        assert x.shape == y.shape == m.shape and x.shape[1] <= real.block_size
+        assert int(x.max()) < real.vocab_size and torch.equal(x[:, 1:], y[:, :-1])
+        for row in range(8):
+            on = m[row].nonzero().flatten()
+            assert len(on) > 0 and torch.equal(on, torch.arange(on[0], on[-1] + 1))  # one response span
+        # the response ends with end-of-text when it was not cut
+        assert (y[m] == real.codec.eot).any()
+    assert sum(b[2].sum() for b in real.eval_batches("safety")) > 0
+    assert len(real.eval_prompts["safety"]) == len(real.eval_sets["safety"][0])

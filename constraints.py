@@ -32,6 +32,7 @@ class Constraint:
         self.kind, self.radius, self.lam, self.gamma = kind, radius, lam, gamma
         # θ_0, a frozen copy taken when fine-tuning starts
         self.theta0 = [p.detach().clone() for p in params]
+        self._delta = None  # scratch for θ − θ_0, allocated on first use
 
     @property
     def needs_proxy(self):
@@ -49,37 +50,52 @@ class Constraint:
         gradients, without building a graph for the penalty."""
         if self.kind == "penalty" and self.gamma > 0:
             grads = [p.grad for p in params]
-            diffs = torch._foreach_sub([p.detach() for p in params], self.theta0)
-            torch._foreach_add_(grads, diffs, alpha=self.gamma)
+            torch._foreach_add_(grads, differences(params, self.theta0, self._scratch()), alpha=self.gamma)
 
     def after_step(self, params):
         """Hard Case II: project onto the ball ‖θ − θ_0‖ ≤ r (THEORY.md §3)."""
         if self.kind == "param":
-            project_(params, self.theta0, self.radius)
+            project_(params, self.theta0, self.radius, out=self._scratch())
 
     def distance(self, params):
         """‖θ − θ_0‖₂ as a 0-d tensor on the device (no host sync)."""
-        return distance(params, self.theta0)
+        return distance(params, self.theta0, out=self._delta)  # scratch only if a step made one
+
+    def _scratch(self):
+        # one buffer for θ − θ_0, reused every step: on CPU a fresh one per step costs
+        # page-faulted allocations, ~40% of the projection's time at GPT-2 size (BENCHMARKS.md)
+        if self._delta is None:
+            self._delta = [torch.empty_like(t) for t in self.theta0]
+        return self._delta
 
 
 @torch.no_grad()
-def distance(params, theta0):
+def differences(params, theta0, out=None):
+    """θ − θ_0 tensor by tensor, written into `out` when given (then nothing is allocated)."""
+    if out is None:
+        return torch._foreach_sub([p.detach() for p in params], theta0)
+    for d, p, p0 in zip(out, params, theta0):
+        torch.sub(p, p0, out=d)
+    return out
+
+
+@torch.no_grad()
+def distance(params, theta0, out=None):
     """‖θ − θ_0‖₂ over all parameters as one flat vector, a 0-d tensor."""
-    diffs = torch._foreach_sub([p.detach() for p in params], theta0)
-    norms = torch._foreach_norm(diffs)
+    norms = torch._foreach_norm(differences(params, theta0, out))
     return torch.linalg.vector_norm(torch.stack(norms))
 
 
 @torch.no_grad()
-def project_(params, theta0, radius):
+def project_(params, theta0, radius, out=None):
     """θ ← θ_0 + (θ − θ_0)·min(1, r/‖θ − θ_0‖) in place (THEORY.md §3).
 
     Written as θ ← lerp(θ, θ_0, 1 − s) with s = min(1, r/‖θ−θ_0‖): inside the ball the
     weight is exactly 0 and lerp returns θ bit for bit, so the projection is a true
     no-op there, and the branch is taken on the device without a host sync.
+    `out`: optional scratch tensors shaped like θ, for θ − θ_0.
     """
-    d = distance(params, theta0)
+    d = distance(params, theta0, out)
     s = torch.clamp(radius / torch.clamp(d, min=1e-30), max=1.0)
     w = (1.0 - s).to(params[0].dtype)
-    for p, p0 in zip(params, theta0):
-        p.lerp_(p0, w)
+    torch._foreach_lerp_(params, theta0, w)  # one call, not a Python loop over tensors

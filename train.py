@@ -175,7 +175,7 @@ def setup_system(cfg):
             raise ConfigError("--device cuda but no CUDA device is visible: use --device cpu")
         if ddp:
             device = f"cuda:{local_rank}"
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(torch.device(device).index or 0)  # set_device refuses a bare "cuda"
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: 2.5× on fp32 work
         torch.backends.cudnn.allow_tf32 = True
     device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]

@@ -1056,8 +1056,9 @@ class RealData:
         idx = torch.randint(len(part[0]), (n,), generator=generator).tolist()
         return self.collate(part, idx)
 
-    def eval_batches(self, name, batch_size=64):
-        """The held-out examples of 'safety' or 'task', in a fixed order, in batches."""
+    def eval_batches(self, name, batch_size=16):
+        """The held-out examples of 'safety' or 'task', in a fixed order, in batches (small:
+        the logits of a batch are batch × T × vocabulary floats)."""
         part = self.eval_sets[name]
         for i in range(0, len(part[0]), batch_size):
             yield self.collate(part, list(range(i, min(i + batch_size, len(part[0])))))

@@ -61,8 +61,45 @@ def exact_metrics(logq, world):
 
 
 def evaluate(model, world, device="cpu"):
-    """The exact metrics of a model on a world (nats per sequence)."""
+    """The metrics of a model on a data source (nats per sequence): exact on the synthetic
+    world, held-out estimates with no gaps on real text."""
+    if getattr(world, "name", "") == "real":
+        return heldout_metrics(model, world, device)
     return exact_metrics(model_log_table(model, world, device), world)
+
+
+def response_nll(model, x, y, m):
+    """−log P_θ(y|x) per sequence (B,) in nats (THEORY.md §1), equal to
+    model.sequence_nll of the full logits, but with the output layer applied to the
+    response positions only (on a 30k vocabulary it is most of the cost)."""
+    h = model.hidden_states(x)[m]                                   # (N, C) response positions
+    logits = model.lm_head(h)[:, :model.config.vocab_size].float()  # (N, V)
+    tok = F.cross_entropy(logits, y[m], reduction="none")           # (N,)
+    rows = torch.arange(len(x), device=x.device).unsqueeze(1).expand_as(m)[m]
+    return torch.zeros(len(x), device=x.device, dtype=tok.dtype).index_add_(0, rows, tok)
+
+
+@torch.no_grad()
+def heldout_nll(model, batches, device="cpu"):
+    """Mean −log P_θ(y|x) over the sequences of `batches` (nats per sequence, THEORY.md §1),
+    summed in float64 and divided once (a mean of sums, not a mean of means)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for x, y, m in batches:
+        x, y, m = x.to(device), y.to(device), m.to(device)
+        total += response_nll(model, x, y, m).double().sum().item()
+        count += len(x)
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def heldout_metrics(model, source, device="cpu"):
+    """ℓ_s and ℓ_f on real data, estimated on the held-out parts of D_s and D_f (THEORY.md
+    §1). The gaps G = ℓ − H need the unknown entropies H_D, so they are None."""
+    return {"safety_loss": heldout_nll(model, source.eval_batches("safety"), device),
+            "capability_loss": heldout_nll(model, source.eval_batches("task"), device),
+            "safety_gap": None, "capability_gap": None}
 
 
 # -----------------------------------------------------------------------------

@@ -126,16 +126,23 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def forward(self, idx, targets=None, loss_mask=None):
-        """Logits (B, T, vocab_size) and, given targets, the mean next-token NLL over the
-        tokens where loss_mask is true (the response tokens; all tokens if no mask)."""
+    def hidden_states(self, idx):
+        """The final hidden states (B, T, n_embd), after ln_f: logits = lm_head of them.
+        Evaluation on real text applies lm_head to the response positions only, since
+        the output layer over a large vocabulary is most of a small model's cost."""
         B, T = idx.size()
         assert T <= self.config.block_size, f"sequence of {T} > block_size {self.config.block_size}"
         pos = torch.arange(0, T, dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:
             x = block(x)
-        x = self.transformer.ln_f(x)
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx, targets=None, loss_mask=None):
+        """Logits (B, T, vocab_size) and, given targets, the mean next-token NLL over the
+        tokens where loss_mask is true (the response tokens; all tokens if no mask)."""
+        B, T = idx.size()
+        x = self.hidden_states(idx)
         logits = self.lm_head(x)[..., : self.config.vocab_size]  # cut the padding back off
         if targets is None:
             return logits, None

@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from constraints import CONSTRAINTS, Constraint
-from data import DataError, SyntheticWorld, WorldConfig, atomic_write_json
+from data import DataError, RealDataConfig, WorldConfig, atomic_write_json, make_source
 from evaluate import evaluate
 from model import (CHECKPOINT_FORMAT, GPT, CheckpointError, GPTConfig, atomic_torch_save,
                    flat_params, load_checkpoint, params_hash)
@@ -52,6 +52,15 @@ class TrainConfig:
     n_symbols: int = 12           # context alphabet; n_symbols**ctx_len contexts
     ctx_len: int = 3              # context length in symbols
     n_harmful: int = 4            # number of harmful topics
+    # data: real text instead (--data real; data.py "Real text data", README "Real data")
+    data: str = "synthetic"       # synthetic | real
+    safety_data: str = "safety_llamas"        # D_s: a registry name of data.py or a file path
+    proxy_data: str = "safety_llamas_proxy"   # D_s': proxy safety data (Case I)
+    task_data: str = "alpaca_small"           # D_f: the fine-tuning task
+    data_dir: str = ""            # the real data folder; default $SAFETY_DATA_DIR
+    block_size: int = 128         # real data: most tokens per example (prompt + response)
+    restrict_vocab: bool = True   # real data: output vocabulary = the data folder's tokens (CPU speed)
+    eval_examples: int = 256      # real data: held-out examples of D_s and of D_f per evaluation
     # model
     n_layer: int = 2
     n_head: int = 4
@@ -81,7 +90,8 @@ class TrainConfig:
 
 # the fields that decide θ_0: a saved θ_0 is reused only when all of these match
 ALIGN_FIELDS = ("n_symbols", "ctx_len", "n_harmful", "n_layer", "n_head", "n_embd", "align_iters",
-                "align_lr", "warmup_iters", "weight_decay", "grad_clip", "batch_tokens", "seed")
+                "align_lr", "warmup_iters", "weight_decay", "grad_clip", "batch_tokens", "seed",
+                "data", "safety_data", "data_dir", "block_size", "restrict_vocab")
 
 
 class ConfigError(ValueError):
@@ -129,6 +139,16 @@ def check_config(cfg):
 def world_config(cfg):
     return WorldConfig(overlap=cfg.overlap, mismatch=cfg.mismatch, n_symbols=cfg.n_symbols,
                        ctx_len=cfg.ctx_len, n_harmful=cfg.n_harmful)
+
+
+def make_world(cfg, vocab=()):
+    """The data source: the synthetic world, or real text (--data real). `vocab` fixes a
+    real source's compact vocabulary to θ_0's, so that a fine-tune reads tokens as θ_0 did."""
+    real = RealDataConfig(safety=cfg.safety_data, proxy=cfg.proxy_data, task=cfg.task_data,
+                          data_dir=cfg.data_dir, block_size=cfg.block_size,
+                          restrict_vocab=cfg.restrict_vocab, eval_examples=cfg.eval_examples,
+                          vocab=tuple(vocab))
+    return make_source(cfg.data, world_config(cfg), real)
 
 
 def align_key(cfg):
@@ -452,7 +472,7 @@ def try_resume(path, cfg, stage):
 
 def align(cfg, sys_, log, theta0_path):
     """Stage 1: θ_0 = argmin ℓ_s on D_s, trained from scratch; saved to theta0_path."""
-    world = SyntheticWorld(world_config(cfg))
+    world = make_world(cfg)
     model = new_model(cfg, world, sys_)
     resume_path = os.path.join(cfg.out_dir, "align_ckpt.pt")
     ckpt = try_resume(resume_path, cfg, "align")
@@ -495,7 +515,7 @@ def load_theta0(path, cfg, explicit):
 
 def finetune(cfg, sys_, log, theta0_ckpt):
     """Stage 2: start from θ_0 and fit D_f under the constraint (THEORY.md §2–§3)."""
-    world = SyntheticWorld(world_config(cfg))
+    world = make_world(cfg, theta0_ckpt["world_config"].get("vocab", ()))
     model = new_model(cfg, world, sys_)
     model.load_state_dict(theta0_ckpt["model"])
     theta0_hash = theta0_ckpt["theta0_hash"]
@@ -519,7 +539,9 @@ def print_table(metrics):
     keys = ["safety_loss", "capability_loss", "safety_gap", "capability_gap", "distance"]
     print(f"{'(nats/seq)':<12}" + "".join(f"{k:>17}" for k in keys))
     for row in ("aligned", "finetuned"):
-        print(f"{row:<12}" + "".join(f"{metrics[row][k]:>17.4f}" for k in keys))
+        # gaps are None on real data (the entropies H_D are unknown)
+        print(f"{row:<12}" + "".join(f"{'n/a' if metrics[row][k] is None else format(metrics[row][k], '.4f'):>17}"
+                                     for k in keys))
 
 
 def run_info(argv):
@@ -534,7 +556,7 @@ def run_info(argv):
 
 def main(cfg, argv=None):
     check_config(cfg)
-    world = SyntheticWorld(world_config(cfg))  # raises DataError on an impossible world
+    world = make_world(cfg)  # raises DataError on an impossible world or unreadable data
     sys_ = setup_system(cfg)
     batch_shape(cfg, world.seq_len, sys_)  # raises ConfigError on a batch that does not divide
     theta0_path = cfg.theta0 or os.path.join(cfg.out_dir, "theta0.pt")

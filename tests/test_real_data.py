@@ -256,3 +256,47 @@ def test_real_source_parts_are_disjoint_and_batches_well_formed(real):
         assert (y[m] == real.codec.eot).any()
     assert sum(b[2].sum() for b in real.eval_batches("safety")) > 0
     assert len(real.eval_prompts["safety"]) == len(real.eval_sets["safety"][0])
+
+
+# -----------------------------------------------------------------------------
+# train.py --data real, end to end at a tiny scale
+
+REAL_TINY = ["--data", "real", "--no-progress", "--block_size", "48", "--n_layer", "1", "--n_embd", "32",
+             "--align_iters", "4", "--max_iters", "2", "--eval_interval", "2", "--batch_tokens", "384",
+             "--micro_batch", "8", "--warmup_iters", "1", "--eval_examples", "32"]
+
+
+@needs_data
+def test_train_real_runs_end_to_end_with_null_gaps(tmp_path, monkeypatch, cache_dir):
+    from conftest import run_train
+    monkeypatch.setenv("SAFETY_CACHE_DIR", cache_dir)
+    out = tmp_path / "run"
+    run_train("--out_dir", str(out), *REAL_TINY, "--constraint", "loss", "--lam", "1",
+              "--task_data", "code_alpaca", "--proxy_data", "xstest_gpt4")
+    m = json.loads((out / "metrics.json").read_text())
+    assert set(m) >= {"aligned", "finetuned", "constraint", "lam"}
+    for row in ("aligned", "finetuned"):
+        assert m[row]["safety_gap"] is None and m[row]["capability_gap"] is None
+        assert 0 < m[row]["safety_loss"] < 1e4 and 0 < m[row]["capability_loss"] < 1e4
+    ckpt = torch.load(out / "theta0.pt", weights_only=True)
+    vocab = ckpt["world_config"]["vocab"]
+    assert ckpt["model_config"]["vocab_size"] == len(vocab) + 1 < 50257  # the compact vocabulary
+    # the fine-tune read its tokens through θ_0's vocabulary, and a second fine-tune with
+    # another task reuses θ_0 instead of aligning again
+    p = run_train("--out_dir", str(out), *REAL_TINY, "--task_data", "alpaca_safety_only")
+    assert "aligning again" not in p.stdout and torch.load(out / "ckpt.pt", weights_only=True)["world_config"]["vocab"] == vocab
+
+
+@pytest.mark.parametrize("flags,expect", [
+    (["--safety_data", "no/such/file.json"], "no/such/file.json: file not found"),
+    (["--task_data", "alpaca_smal"], "unknown dataset 'alpaca_smal'"),
+    (["--data_dir", "/no/such/folder"], "data folder /no/such/folder does not exist"),
+    (["--data", "imaginary"], "--data 'imaginary' is unknown"),
+])
+def test_train_real_bad_input_is_one_clear_error(tmp_path, flags, expect):
+    import train  # in process: train.cli exits with the one-line message, as the CLI does
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        train.cli(["--out_dir", str(out), *REAL_TINY, *flags])
+    assert str(e.value.code).startswith("error: ") and expect in str(e.value.code)
+    assert not out.exists()

@@ -1,0 +1,739 @@
+"""
+Sweeps: the findings F1–F6 of THEORY.md §5 with the theory beside every measurement.
+
+    python sweep.py --preset smoke                  # < 2 minutes on 2 CPU cores (the tests run it)
+    python sweep.py --preset paper                  # the README's plots, 3 seeds, < 40 minutes on 2 cores
+    python sweep.py --preset paper --lams 0.1,1,10  # any grid can be overridden
+
+Each seed aligns one θ_0 (the safety data μ_s, P_s do not depend on κ or δ, so one θ_0
+serves every world), computes the alignment landscape at θ_0 once (THEORY.md §3), and
+fine-tunes it over the grids:
+
+    Case I  (loss)   λ ∈ lams × δ ∈ mismatches at κ = overlap       F1, F4
+    Case I  (loss)   λ ∈ lams × κ ∈ overlaps  at δ = mismatch       F2
+    Case II (param)  r ∈ radii, and one unconstrained run, at (κ, δ)  F3, F6
+                                                                    F5: every run
+
+theory.py reports on every run. results.csv (one row per run, written whole and
+atomically after each run) is also the sweep's memory: run the same command again after
+an interruption and finished runs are skipped, never repeated or duplicated. When every
+run is done, the report follows: results.md (the tables and the F1–F6 checks, generated
+here, never typed by hand) and five PNG plots, means over seeds with ±1 standard
+deviation error bars.
+"""
+
+import argparse
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass
+import multiprocessing
+
+import numpy as np
+import torch
+
+import theory
+import train
+from data import DataError, SyntheticWorld, WorldConfig, atomic_write_json, atomic_write_text
+from model import CheckpointError, load_checkpoint, model_from_checkpoint
+
+# -----------------------------------------------------------------------------
+# Configuration: one dataclass; a preset is a dict of its values (data, not code), and
+# any flag given on the command line wins over the preset.
+
+
+@dataclass
+class SweepConfig:
+    preset: str = "smoke"         # smoke | paper: a dict of the values below (PRESETS)
+    out_dir: str = ""             # runs, θ_0s, results.csv; default out_sweep/<preset>
+    report_dir: str = ""          # results.md, results.csv and the plots; default out_dir
+    jobs: int = 2                 # runs at a time, each in its own process
+    threads: int = 1              # CPU threads per run: one per core beats oversubscribed threads
+    max_runs: int = 0             # stop after this many fine-tunes (0: all); rerun to resume
+    # grids (THEORY.md §2–§3); comma-separated on the command line
+    seeds: tuple = (1,)           # each seed aligns its own θ_0 and seeds its fine-tunes
+    lams: tuple = (1.0, 10.0)     # λ: Case I penalty strengths
+    mismatches: tuple = (0.0, 0.3)  # δ grid of the mismatch experiment (F1), at κ = overlap
+    overlaps: tuple = (0.0, 0.25)   # κ grid of the overlap experiment (F2), at δ = mismatch
+    radii: tuple = (0.05, 0.5)    # r: Case II radii (F3, F6), at (overlap, mismatch)
+    overlap: float = 0.25         # κ of the mismatch and radius experiments
+    mismatch: float = 0.3         # δ of the overlap and radius experiments
+    # theory.py
+    tol_abs: float = 0.05         # a Case I gap within tol_abs + tol_rel·G(P*) of the optimum reaches it
+    tol_rel: float = 0.1
+    power_iters: int = 100        # most power iterations for λ_max(H_s)
+    power_tol: float = 1e-4       # relative residual that stops them
+    f6_small_radius: float = 0.25  # F6 is checked at r ≤ this ...
+    f6_factor: float = 2.0        # ... as measured/predicted within [1/factor, factor]
+
+
+# the train.py recipe of every run of a preset (TrainConfig fields)
+SMOKE_TRAIN = {"n_layer": 1, "n_head": 2, "n_embd": 32, "align_iters": 150, "max_iters": 40,
+               "warmup_iters": 10, "lr": 4e-3, "batch_tokens": 640, "micro_batch": 128}
+PAPER_TRAIN = {"align_iters": 800, "max_iters": 600, "warmup_iters": 50, "lr": 4e-3,
+               "batch_tokens": 640, "micro_batch": 128}
+
+PRESETS = {
+    "smoke": {"train": SMOKE_TRAIN, "power_iters": 30},
+    "paper": {"train": PAPER_TRAIN, "report_dir": "results/paper", "seeds": (1, 2, 3),
+              "lams": (0.1, 1.0, 10.0, 100.0), "mismatches": (0.0, 0.3, 0.6), "overlaps": (0.0, 0.25, 0.5),
+              "radii": (0.1, 0.25, 0.5, 0.75, 1.0, 3.0)},
+}
+
+
+class SweepError(ValueError):
+    """A bad grid value or an out_dir of another sweep; the message names the fix."""
+
+
+def parse_list(text, kind):
+    """'0.1,1,10' → (0.1, 1.0, 10.0) for a grid flag."""
+    try:
+        return tuple(kind(v) for v in text.split(",") if v.strip() != "")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {kind.__name__}s") from None
+
+
+def parse_args(argv=None):
+    """SweepConfig from the preset, then the flags actually given."""
+    ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    for f in dataclasses.fields(SweepConfig):
+        if isinstance(f.default, tuple):
+            kind = int if f.name == "seeds" else float
+            ap.add_argument(f"--{f.name}", type=lambda s, k=kind: parse_list(s, k), default=None)
+        else:
+            ap.add_argument(f"--{f.name}", type=type(f.default), default=None,
+                            choices=sorted(PRESETS) if f.name == "preset" else None)
+    given = {k: v for k, v in vars(ap.parse_args(argv)).items() if v is not None}
+    return make_config(**given)
+
+
+def make_config(preset="smoke", **overrides):
+    """SweepConfig and the train recipe of a preset with overrides (also for tests)."""
+    if preset not in PRESETS:
+        raise SweepError(f"--preset {preset!r} is unknown: choose one of {', '.join(sorted(PRESETS))}")
+    values = {k: v for k, v in PRESETS[preset].items() if k != "train"}
+    values.update(overrides)
+    sc = SweepConfig(preset=preset, **values)
+    sc.out_dir = sc.out_dir or os.path.join("out_sweep", preset)
+    sc.report_dir = sc.report_dir or sc.out_dir
+    check_config(sc)
+    return sc, dict(PRESETS[preset]["train"])
+
+
+def check_config(sc):
+    """Every grid value valid before anything runs."""
+    def bad(flag, v, what):
+        raise SweepError(f"--{flag}: {v!r} is not a valid value ({what}); fix the grid")
+    for flag in ("seeds", "lams", "mismatches", "overlaps", "radii"):
+        if len(getattr(sc, flag)) == 0:
+            raise SweepError(f"--{flag} is empty: give at least one value")
+        if len(set(getattr(sc, flag))) != len(getattr(sc, flag)):
+            raise SweepError(f"--{flag} {getattr(sc, flag)} repeats a value: list each value once")
+    for v in sc.seeds:
+        if not (isinstance(v, int) and v >= 0):
+            bad("seeds", v, "an integer ≥ 0")
+    for flag in ("lams", "radii"):
+        for v in getattr(sc, flag):
+            if not (math.isfinite(v) and v > 0):
+                bad(flag, v, "a finite number > 0")
+    for flag in ("mismatches", "overlaps"):
+        for v in getattr(sc, flag):
+            if not 0.0 <= v <= 1.0:
+                bad(flag, v, "a number in [0, 1]")
+    for flag in ("overlap", "mismatch"):
+        if not 0.0 <= getattr(sc, flag) <= 1.0:
+            bad(flag, getattr(sc, flag), "a number in [0, 1]")
+    for flag in ("jobs", "threads", "power_iters"):
+        if getattr(sc, flag) < 1:
+            bad(flag, getattr(sc, flag), "an integer ≥ 1")
+    if sc.max_runs < 0:
+        bad("max_runs", sc.max_runs, "an integer ≥ 0")
+    for flag in ("tol_abs", "tol_rel", "power_tol", "f6_small_radius"):
+        if not (math.isfinite(getattr(sc, flag)) and getattr(sc, flag) >= 0):
+            bad(flag, getattr(sc, flag), "a finite number ≥ 0")
+    if not sc.f6_factor >= 1:
+        bad("f6_factor", sc.f6_factor, "a number ≥ 1")
+
+
+# -----------------------------------------------------------------------------
+# The plan: every task of the sweep, with the tasks it waits for
+
+
+def run_id(constraint, overlap, mismatch, lam, radius, seed):
+    knob = {"loss": f"-lam{lam:g}", "param": f"-r{radius:g}"}.get(constraint, "")
+    return f"{constraint}-k{overlap:g}-d{mismatch:g}{knob}-s{seed}"
+
+
+def plan(sc, recipe):
+    """The tasks: one align per seed, then the fine-tunes of the grids. A run in two
+    experiments (the base world) is planned once."""
+    tasks = {}
+    for seed in sc.seeds:
+        align_dir = os.path.join(sc.out_dir, "theta0", f"s{seed}")
+        theta0 = os.path.join(align_dir, "theta0.pt")
+        tasks[f"align-s{seed}"] = {"id": f"align-s{seed}", "kind": "align", "deps": [], "dir": align_dir,
+                                   "train": dict(recipe, out_dir=align_dir, stage="align", seed=seed)}
+        worlds = ([("loss", sc.overlap, d, lam, 0.0) for d in sc.mismatches for lam in sc.lams]
+                  + [("loss", k, sc.mismatch, lam, 0.0) for k in sc.overlaps for lam in sc.lams]
+                  + [("none", sc.overlap, sc.mismatch, 0.0, 0.0)]
+                  + [("param", sc.overlap, sc.mismatch, 0.0, r) for r in sc.radii])
+        none_id = run_id("none", sc.overlap, sc.mismatch, 0.0, 0.0, seed)
+        for constraint, k, d, lam, r in worlds:
+            rid = run_id(constraint, k, d, lam, r, seed)
+            if rid in tasks:
+                continue
+            run_dir = os.path.join(sc.out_dir, "runs", rid)
+            # λ = 0 for runs without the proxy term: plain fine-tuning IS Case I at λ = 0
+            tasks[rid] = {"id": rid, "kind": "finetune", "dir": run_dir, "landscape_dir": align_dir,
+                          "deps": [f"align-s{seed}"] + ([none_id] if constraint == "param" else []),
+                          "reference": os.path.join(sc.out_dir, "runs", none_id) if constraint == "param" else None,
+                          "train": dict(recipe, out_dir=run_dir, stage="finetune", theta0=theta0, seed=seed,
+                                        constraint=constraint, overlap=k, mismatch=d, lam=lam, radius=r,
+                                        eval_interval=recipe["max_iters"])}
+    for t in tasks.values():
+        t["train"].update(progress=False, resume=True)  # resume=True: a killed run continues
+        t.update(threads=sc.threads, tol_abs=sc.tol_abs, tol_rel=sc.tol_rel, power_iters=sc.power_iters,
+                 power_tol=sc.power_tol)
+    return tasks
+
+
+# -----------------------------------------------------------------------------
+# Running one task, in a worker process (or in this one when --jobs 1)
+
+
+def execute(task):
+    """Align a θ_0 and compute its landscape, or fine-tune one run and report its theory.
+    train.py's own output goes to a log file in the task's folder."""
+    torch.set_num_threads(task["threads"])
+    os.makedirs(task["dir"], exist_ok=True)
+    t0 = time.time()
+    cfg = train.TrainConfig(**task["train"])
+    theta0 = os.path.join(task["dir"], "theta0.pt")
+    if task["kind"] == "finetune" or not (os.path.exists(theta0)
+                                          and load_checkpoint(theta0).get("align_key") == train.align_key(cfg)):
+        with open(os.path.join(task["dir"], "sweep_train.out"), "w") as f, redirect_stdout(f), redirect_stderr(f):
+            train.main(cfg, argv=[])
+    train_s = time.time() - t0
+    if task["kind"] == "align":
+        ckpt = load_checkpoint(theta0)
+        world = SyntheticWorld(WorldConfig(**{k: ckpt["world_config"][k] for k in dataclasses.asdict(WorldConfig())}))
+        land = theory.theta0_landscape(model_from_checkpoint(ckpt).eval(), world, task["power_iters"], task["power_tol"])
+        land.update(theta0_hash=ckpt["theta0_hash"], train_seconds=train_s, landscape_seconds=time.time() - t0 - train_s)
+        atomic_write_json(os.path.join(task["dir"], "landscape.json"), land)
+        return land
+    t1 = time.time()
+    land = json.load(open(os.path.join(task["landscape_dir"], "landscape.json")))
+    cache = {land["theta0_hash"]: {k: land[k] for k in ("safety_loss_theta0", "grad_norm_s", "hessian_top_eig_s",
+                                                         "hessian_iters", "hessian_residual")}}
+    out = theory.json_safe(theory.report(task["dir"], task["reference"], task["tol_abs"], task["tol_rel"], cache,
+                                         task["power_iters"], task["power_tol"]))
+    atomic_write_json(os.path.join(task["dir"], "theory.json"), out)
+    metrics = json.load(open(os.path.join(task["dir"], "metrics.json")))
+    row = {"run_id": task["id"], **out}
+    row.update({f"aligned_{k}": v for k, v in metrics["aligned"].items()})
+    row.update({f"finetuned_{k}": v for k, v in metrics["finetuned"].items()})
+    row.update(train_seconds=round(train_s, 2), theory_seconds=round(time.time() - t1, 2))
+    return row
+
+
+class InlineExecutor:
+    """The ProcessPoolExecutor interface, running each task at once in this process."""
+
+    def submit(self, fn, *args):
+        fut = Future()
+        try:
+            fut.set_result(fn(*args))
+        except BaseException as e:  # noqa: B036 — handed to the caller through the future
+            fut.set_exception(e)
+        return fut
+
+    def shutdown(self, wait=True, cancel_futures=False):
+        pass
+
+
+def _worker_init():
+    torch.set_num_threads(1)
+
+
+# -----------------------------------------------------------------------------
+# results.csv: the memory of the sweep
+
+
+FIRST_COLUMNS = ["run_id", "constraint", "overlap", "mismatch_delta", "lam", "radius", "seed", "safety_gap",
+                 "capability_gap", "optimum_safety_gap", "optimum_capability_gap", "mismatch", "overlap_term",
+                 "A1_safety_bound", "A2_safety_bound", "B1_capability_bound", "B2_capability_bound", "C_lhs",
+                 "C_limit", "C_holds", "measured_safety_increase", "second_order_prediction"]
+
+
+def read_rows(path):
+    """The rows of results.csv with numbers as floats ('' → None, 'True' → True)."""
+    if not os.path.exists(path):
+        return []
+
+    def parse(v):
+        if v == "":
+            return None
+        if v in ("True", "False"):
+            return v == "True"
+        try:
+            return float(v)
+        except ValueError:
+            return v
+    with open(path, newline="") as f:
+        return [{k: (v if k == "run_id" else parse(v)) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+def write_rows(path, rows):
+    """All rows, one per run, written whole to a temporary file and renamed."""
+    keys = {k for r in rows for k in r}
+    columns = [c for c in FIRST_COLUMNS if c in keys] + sorted(keys - set(FIRST_COLUMNS))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r[k]) for k in columns})
+    atomic_write_text(path, buf.getvalue())
+
+
+def check_out_dir(sc, recipe):
+    """An out_dir holds one recipe: rows of another recipe must never mix with these."""
+    os.makedirs(sc.out_dir, exist_ok=True)
+    path = os.path.join(sc.out_dir, "sweep.json")
+    state = {"recipe": recipe, "wall_seconds": 0.0, "invocations": 0}
+    if os.path.exists(path):
+        state = json.load(open(path))
+        if state["recipe"] != recipe:
+            diff = sorted(k for k in set(recipe) | set(state["recipe"]) if recipe.get(k) != state["recipe"].get(k))
+            raise SweepError(f"{sc.out_dir} holds a sweep with another train recipe ({', '.join(diff)}): "
+                             f"use a fresh --out_dir or the same preset")
+    atomic_write_json(path, state)
+    return state
+
+
+# -----------------------------------------------------------------------------
+# The sweep
+
+
+def run_sweep(sc, recipe):
+    """Run every task not yet in results.csv, jobs at a time; report when all are done."""
+    t_start = time.time()
+    state = check_out_dir(sc, recipe)
+    csv_path = os.path.join(sc.out_dir, "results.csv")
+    rows = read_rows(csv_path)
+    tasks = plan(sc, recipe)
+    done = {r["run_id"] for r in rows}
+    for t in tasks.values():
+        # an aligned θ_0 with its landscape is done; a stale row of an unplanned run is kept
+        if t["kind"] == "align" and os.path.exists(os.path.join(t["dir"], "landscape.json")):
+            done.add(t["id"])
+    todo = [t for t in tasks.values() if t["id"] not in done]
+    n_runs = sum(t["kind"] == "finetune" for t in tasks.values())
+    n_left = sum(t["kind"] == "finetune" for t in todo)
+    print(f"sweep {sc.preset}: {n_runs} runs ({n_runs - n_left} already done), {len(sc.seeds)} seeds, "
+          f"{sc.jobs} at a time, out_dir {sc.out_dir}")
+    # align first, then the unconstrained runs that radius runs wait for, then the rest
+    order = {"align": 0, "none": 1, "loss": 2, "param": 3}
+    todo.sort(key=lambda t: order[t["kind"] if t["kind"] == "align" else t["train"]["constraint"]])
+    executor = (ProcessPoolExecutor(sc.jobs, mp_context=multiprocessing.get_context("spawn"),
+                                    initializer=_worker_init) if sc.jobs > 1 else InlineExecutor())
+    running, started, stopped = {}, 0, False
+    try:
+        while todo or running:
+            for t in [t for t in todo if all(d in done for d in t["deps"])]:
+                if len(running) >= sc.jobs:
+                    break
+                if t["kind"] == "finetune" and sc.max_runs and started >= sc.max_runs:
+                    stopped = True
+                    continue
+                todo.remove(t)
+                started += t["kind"] == "finetune"
+                running[executor.submit(execute, t)] = t
+            if not running:
+                break
+            finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for fut in finished:
+                t = running.pop(fut)
+                try:
+                    result = fut.result()
+                except (train.ConfigError, DataError, CheckpointError, theory.RunError, FloatingPointError) as e:
+                    raise SweepError(f"{t['id']} failed: {e} (log: {os.path.join(t['dir'], 'sweep_train.out')})")
+                done.add(t["id"])
+                if t["kind"] == "align":
+                    print(f"  {t['id']}: θ_0 aligned, λ_max(H_s) {result['hessian_top_eig_s']:.4g} "
+                          f"({result['train_seconds'] + result['landscape_seconds']:.0f} s)")
+                    continue
+                rows = [r for r in rows if r["run_id"] != t["id"]] + [result]
+                write_rows(csv_path, rows)
+                print(f"  [{sum(r['run_id'] in tasks for r in rows)}/{n_runs}] {t['id']}: G_s {result['safety_gap']:.4f} "
+                      f"G_f {result['capability_gap']:.4f} ({result['train_seconds'] + result['theory_seconds']:.0f} s)")
+    except KeyboardInterrupt:
+        executor.shutdown(wait=False, cancel_futures=True)
+        print(f"interrupted: {csv_path} keeps every finished run; run the same command to resume")
+        raise SystemExit(130) from None
+    except BaseException:
+        executor.shutdown(wait=True, cancel_futures=True)
+        raise
+    finally:
+        state["wall_seconds"] += time.time() - t_start
+        state["invocations"] += 1
+        atomic_write_json(os.path.join(sc.out_dir, "sweep.json"), state)
+    executor.shutdown()
+    if stopped:
+        print(f"stopped after --max_runs {sc.max_runs}; run the same command without it to continue")
+        return None
+    rows = [r for r in read_rows(csv_path) if r["run_id"] in tasks]
+    write_report(sc, recipe, rows, state)
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# Analysis: means over seeds, and the checks of findings F1–F6 (THEORY.md §5)
+
+
+def groups(rows, constraint, **fixed):
+    """Rows of one constraint and fixed settings, grouped over seeds by the swept knob
+    (λ or r): a list sorted by the knob of {knob, n, and (mean, std) per metric}."""
+    knob = "radius" if constraint == "param" else "lam"
+    sel = [r for r in rows if r["constraint"] == constraint
+           and all(abs(r[k] - v) < 1e-12 for k, v in fixed.items())]
+    out = []
+    for x in sorted({r[knob] for r in sel}):
+        g = [r for r in sel if r[knob] == x]
+        entry = {"x": x, "n": len(g), "rows": g}
+        for k in g[0]:
+            vals = [r[k] for r in g]
+            if all(isinstance(v, float) for v in vals):
+                a = np.array(vals)
+                entry[k] = (float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0)
+        out.append(entry)
+    return out
+
+
+def mean(g, k):
+    return g[k][0]
+
+
+def check_findings(sc, rows):
+    """Each finding as (name, claim, verdict, numbers) from the seed means."""
+    res = []
+    k0, d0 = sc.overlap, sc.mismatch
+    # F4: in Case I, G_s falls and G_f rises with λ (every curve with overlap > 0)
+    curves = [(k0, d) for d in sc.mismatches] + [(k, d0) for k in sc.overlaps]
+    f4 = []
+    for k, d in dict.fromkeys(curves):
+        g = groups(rows, "loss", overlap=k, mismatch_delta=d)
+        if k > 0 and len(g) > 1:
+            gs, gf = [mean(e, "safety_gap") for e in g], [mean(e, "capability_gap") for e in g]
+            ok = all(a > b for a, b in zip(gs, gs[1:])) and all(a < b for a, b in zip(gf, gf[1:]))
+            f4.append((ok, f"κ={k:g}, δ={d:g}: G_s " + " > ".join(f"{v:.3f}" for v in gs)
+                       + "; G_f " + " < ".join(f"{v:.3f}" for v in gf)))
+    res.append(("F4", "Case I: raising λ lowers G_s and raises G_f, monotone in the seed means",
+                all(ok for ok, _ in f4) and bool(f4), "<br>".join(s for _, s in f4)))
+    # F1: higher δ, higher G_s at every λ; at the largest λ, G_s near the mismatch term
+    by_d = {d: groups(rows, "loss", overlap=k0, mismatch_delta=d) for d in sorted(sc.mismatches)}
+    lams = sorted(sc.lams)
+    ordered = all(all(mean(by_d[a][i], "safety_gap") < mean(by_d[b][i], "safety_gap")
+                      for a, b in zip(list(by_d), list(by_d)[1:])) for i in range(len(lams)))
+    near, txt = True, []
+    for d, g in by_d.items():
+        top = g[-1]
+        floor, gs = mean(top, "mismatch"), mean(top, "safety_gap")
+        allowed = mean(top, "overlap_term") + sc.tol_abs + sc.tol_rel * mean(top, "optimum_safety_gap")
+        near &= abs(gs - floor) <= allowed
+        txt.append(f"δ={d:g}: G_s(λ={top['x']:g}) = {gs:.3f}, mismatch term {floor:.3f} (+ overlap term "
+                   f"{mean(top, 'overlap_term'):.4f})")
+    res.append(("F1", f"higher δ gives a higher G_s at every λ; at λ={lams[-1]:g} G_s is within the overlap term "
+                f"+ tolerance of the mismatch term", ordered and near, "<br>".join(txt)))
+    # F2: lower κ, Pareto-better (G_f, G_s) curve; κ = 0: no trade-off beyond the floor
+    by_k = {k: groups(rows, "loss", overlap=k, mismatch_delta=d0) for k in sorted(sc.overlaps)}
+    dominated, total, txt = 0, 0, []
+    ks = list(by_k)
+    for a, b in zip(ks, ks[1:]):
+        fa = sorted((mean(e, "capability_gap"), mean(e, "safety_gap")) for e in by_k[a])
+        for e in by_k[b]:
+            total += 1
+            dominated += pareto_dominated((mean(e, "capability_gap"), mean(e, "safety_gap")), fa)
+        txt.append(f"κ={a:g} vs κ={b:g}")
+    zero_ok = True
+    if 0.0 in by_k:
+        g = by_k[0.0]
+        worst_f = max(mean(e, "capability_gap") for e in g)
+        worst_s = max(abs(mean(e, "safety_gap") - mean(e, "mismatch")) for e in g)
+        zero_ok = worst_f <= sc.tol_abs and worst_s <= sc.tol_abs
+        txt.append(f"κ=0: max G_f {worst_f:.4f}, max |G_s − mismatch| {worst_s:.4f} (tolerance {sc.tol_abs:g})")
+    res.append(("F2", "lower κ gives a Pareto-better curve (each point of the higher-κ curve lies on or above the "
+                "lower-κ curve); κ = 0 has G_f ≈ 0 and G_s ≈ the mismatch floor at every λ",
+                dominated == total and zero_ok,
+                f"{dominated}/{total} points of higher-κ curves on or above the next lower-κ curve ("
+                + ", ".join(txt[:-1] if 0.0 in by_k else txt) + ")" + ("<br>" + txt[-1] if 0.0 in by_k else "")))
+    # F3: at equal G_s, Case II (param) ends with the larger G_f than Case I (loss)
+    c1 = groups(rows, "loss", overlap=k0, mismatch_delta=d0)
+    c2 = groups(rows, "param", overlap=k0, mismatch_delta=d0)
+    pts2 = sorted((mean(e, "safety_gap"), mean(e, "capability_gap")) for e in c2)
+    ratios = []
+    for e in c1:
+        gs, gf = mean(e, "safety_gap"), mean(e, "capability_gap")
+        if pts2 and pts2[0][0] <= gs <= pts2[-1][0]:
+            gf2 = float(np.interp(gs, [p[0] for p in pts2], [p[1] for p in pts2]))
+            ratios.append((e["x"], gs, gf, gf2))
+    res.append(("F3", "at equal G_s, Case II ends with the larger G_f (Case II curve interpolated between radii)",
+                bool(ratios) and all(gf2 > gf for _, _, gf, gf2 in ratios),
+                "<br>".join(f"G_s {gs:.3f}: Case I (λ={x:g}) G_f {gf:.3f}, Case II G_f {gf2:.3f}"
+                            for x, gs, gf, gf2 in ratios) or "no Case I point inside the Case II G_s range"))
+    # F5: no run below C
+    margins = [r["C_lhs"] - r["C_limit"] for r in rows]
+    worst = min(rows, key=lambda r: r["C_lhs"] - r["C_limit"])
+    res.append(("F5", "no run has √G_s + √G_f below the limit C", all(m >= 0 for m in margins),
+                f"{sum(m >= 0 for m in margins)}/{len(rows)} runs above C; smallest margin {min(margins):.4f} "
+                f"({worst['run_id']}: {worst['C_lhs']:.4f} vs C {worst['C_limit']:.4f})"))
+    # F6: measured Δ_s within a factor of the second-order prediction at small r
+    small = [e for e in c2 if e["x"] <= sc.f6_small_radius]
+    txt, ok = [], bool(small)
+    for e in c2:
+        ratio = mean(e, "measured_safety_increase") / mean(e, "second_order_prediction")
+        if e["x"] <= sc.f6_small_radius:
+            ok &= 1 / sc.f6_factor <= ratio <= sc.f6_factor
+        txt.append(f"r={e['x']:g}: Δ_s {mean(e, 'measured_safety_increase'):.3g}, "
+                   f"prediction {mean(e, 'second_order_prediction'):.3g}, ratio {ratio:.3g}")
+    res.append(("F6", f"at r ≤ {sc.f6_small_radius:g} the measured Δ_s is within a factor {sc.f6_factor:g} of "
+                "∇ℓ_s·v + ½vᵀH_s v", ok, "<br>".join(txt)))
+    return res
+
+
+def pareto_dominated(p, frontier):
+    """Is the point p = (G_f, G_s) on or above the piecewise-linear curve through the
+    points `frontier` (sorted by G_f)? Right of the curve's last point the curve goes on
+    flat; left of its first point nothing of the curve is as good, so p is not."""
+    xs, ys = [q[0] for q in frontier], [q[1] for q in frontier]
+    return p[0] >= xs[0] and p[1] >= float(np.interp(p[0], xs, ys))
+
+
+# -----------------------------------------------------------------------------
+# The report: results.md and five plots
+
+
+def fmt(e, k, digits=3):
+    if k not in e:
+        return ""
+    m, s = e[k]
+    if not math.isfinite(m):
+        return "∞"
+    return f"{m:.{digits}f} ± {s:.{digits}f}" if e["n"] > 1 else f"{m:.{digits}f}"
+
+
+def val(e, k, digits=3):
+    if k not in e:
+        return ""
+    m = e[k][0]
+    return "∞" if not math.isfinite(m) else f"{m:.{digits}f}"
+
+
+def case1_table(sc, rows):
+    lines = ["| κ | δ | λ | seeds | G_s measured | G_s(P*) | A2 bound | mismatch floor | G_f measured | G_f(P*) | "
+             "B2 bound | runs within tolerance |", "|" + " --- |" * 12]
+    worlds = dict.fromkeys([(sc.overlap, d) for d in sorted(sc.mismatches)]
+                           + [(k, sc.mismatch) for k in sorted(sc.overlaps)])
+    for k, d in worlds:
+        for e in groups(rows, "loss", overlap=k, mismatch_delta=d):
+            within = sum(bool(r["case1_within_tolerance"]) for r in e["rows"])
+            lines.append(f"| {k:g} | {d:g} | {e['x']:g} | {e['n']} | {fmt(e, 'safety_gap')} | "
+                         f"{val(e, 'optimum_safety_gap')} | {val(e, 'A2_safety_bound')} | {val(e, 'mismatch')} | "
+                         f"{fmt(e, 'capability_gap')} | {val(e, 'optimum_capability_gap')} | "
+                         f"{val(e, 'B2_capability_bound')} | {within}/{e['n']} |")
+    return "\n".join(lines)
+
+
+def case2_table(sc, rows):
+    lines = ["| r | seeds | G_s measured | G_f measured | Δ_s measured | ∇ℓ_s·v + ½vᵀH_s v | ratio | bound D | "
+             "√G_s+√G_f | C |", "|" + " --- |" * 10]
+    for e in groups(rows, "none", overlap=sc.overlap, mismatch_delta=sc.mismatch):
+        lines.append(f"| ∞ (none) | {e['n']} | {fmt(e, 'safety_gap')} | {fmt(e, 'capability_gap')} | "
+                     f"{fmt(e, 'measured_safety_increase')} | | | | {val(e, 'C_lhs')} | {val(e, 'C_limit')} |")
+    for e in groups(rows, "param", overlap=sc.overlap, mismatch_delta=sc.mismatch):
+        ratio = mean(e, "measured_safety_increase") / mean(e, "second_order_prediction")
+        lines.append(f"| {e['x']:g} | {e['n']} | {fmt(e, 'safety_gap')} | {fmt(e, 'capability_gap')} | "
+                     f"{fmt(e, 'measured_safety_increase', 4)} | {fmt(e, 'second_order_prediction', 4)} | "
+                     f"{ratio:.3g} | {val(e, 'D_bound')} | {val(e, 'C_lhs')} | {val(e, 'C_limit')} |")
+    return "\n".join(lines)
+
+
+def write_report(sc, recipe, rows, state):
+    os.makedirs(sc.report_dir, exist_ok=True)
+    plots = make_plots(sc, rows)
+    findings = check_findings(sc, rows)
+    c1 = [r for r in rows if r["constraint"] == "loss"]
+    if not c1:
+        raise SweepError("the sweep has no Case I runs to report: give --lams")
+    within = sum(bool(r["case1_within_tolerance"]) for r in c1)
+    worst_s = max(c1, key=lambda r: abs(r["case1_safety_excess"]) - r["case1_safety_tolerance"])
+    worst_f = max(c1, key=lambda r: abs(r["case1_capability_excess"]) - r["case1_capability_tolerance"])
+    land = [r["hessian_top_eig_s"] for r in rows if r.get("hessian_top_eig_s") is not None]
+    md = [f"<!-- generated by `python sweep.py --preset {sc.preset}`; do not edit by hand -->",
+          f"Sweep `{sc.preset}`: {len(rows)} fine-tunes over seeds {', '.join(map(str, sc.seeds))} "
+          f"({len(sc.seeds)} θ_0), train recipe `{json.dumps(recipe)}`; wall time {state['wall_seconds'] / 60:.1f} "
+          f"min over {state['invocations']} invocation(s) with {sc.jobs} jobs × {sc.threads} thread(s) on "
+          f"{os.cpu_count()} CPU cores ({platform.machine()}, torch {torch.__version__}). Gaps in nats per "
+          f"sequence, mean ± standard deviation over seeds.",
+          "", "**Findings (THEORY.md §5), checked by `sweep.py` on the seed means**", "",
+          "| finding | claim | reproduced | numbers |", "| --- | --- | --- | --- |"]
+    md += [f"| {name} | {claim} | {'yes' if ok else '**no**'} | {nums} |" for name, claim, ok, nums in findings]
+    md += ["", f"**Case I against the exact optimum P*_λ** (THEORY.md §2). A run reaches the optimum when both gaps "
+           f"are within {sc.tol_abs:g} nats + {sc.tol_rel:.0%} of the optimum's: {within}/{len(c1)} runs do. "
+           f"Largest misses: G_s {worst_s['case1_safety_excess']:+.3f} ({worst_s['run_id']}), "
+           f"G_f {worst_f['case1_capability_excess']:+.3f} ({worst_f['run_id']}); every run's excess is in "
+           f"results.csv and its theory.json. A1 and B1 are ∞ here: on shared contexts the task and safety "
+           f"answers have disjoint supports, so A2 and B2 are the informative bounds (and the optimum attains "
+           f"them).", "", case1_table(sc, rows), "",
+           f"**Case II against the second-order prediction** (THEORY.md §3) at κ = {sc.overlap:g}, "
+           f"δ = {sc.mismatch:g}; λ_max(H_s) at θ_0 = "
+           f"{np.mean(land) if land else float('nan'):.3g} (mean over seeds).", "", case2_table(sc, rows), ""]
+    md += ["Plots: " + ", ".join(f"`{os.path.basename(p)}`" for p in plots), ""]
+    atomic_write_text(os.path.join(sc.report_dir, "results.md"), "\n".join(md))
+    if os.path.abspath(sc.report_dir) != os.path.abspath(sc.out_dir):
+        shutil.copyfile(os.path.join(sc.out_dir, "results.csv"), os.path.join(sc.report_dir, "results.csv"))
+    print("\n".join(md[4:5 + len(findings) + 2]))
+    print(f"report: {os.path.join(sc.report_dir, 'results.md')} and {len(plots)} plots")
+
+
+def make_plots(sc, rows):
+    """The five figures of the issue, as PNG files in report_dir."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    paths = []
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    lam_dense = np.logspace(np.log10(min(sc.lams)) - 0.3, np.log10(max(sc.lams)) + 0.3, 40)
+    curves = {}
+
+    def exact(k, d, key):
+        # the exact Case I quantities along a dense λ grid, once per world
+        if (k, d) not in curves:
+            world = SyntheticWorld(WorldConfig(overlap=k, mismatch=d))
+            curves[k, d] = [theory.world_case_one(world, lam) for lam in lam_dense]
+        return np.array([c[key] for c in curves[k, d]])
+
+    def errorbar(ax, g, xk, yk, **kw):
+        x = [e["x"] if xk is None else mean(e, xk) for e in g]
+        xerr = None if xk is None else [e[xk][1] for e in g]
+        ax.errorbar(x, [mean(e, yk) for e in g], yerr=[e[yk][1] for e in g], xerr=xerr, capsize=3, **kw)
+
+    def save(fig, name):
+        path = os.path.join(sc.report_dir, name)
+        fig.tight_layout()
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        paths.append(path)
+
+    # 1. G_s and G_f against λ, one curve per δ, with A2/B2 and the mismatch floor (F1, F4)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    for i, d in enumerate(sorted(sc.mismatches)):
+        g, c = groups(rows, "loss", overlap=sc.overlap, mismatch_delta=d), colors[i % len(colors)]
+        errorbar(a1, g, None, "safety_gap", color=c, marker="o", ls="none", label=f"measured, δ={d:g}")
+        a1.plot(lam_dense, exact(sc.overlap, d, "A2_safety_bound"), color=c, lw=1,
+                label="A2 bound (= G_s(P*) here)" if i == 0 else None)
+        if mean(g[0], "mismatch") > 0:  # δ = 0 has no floor to draw on a log axis
+            a1.axhline(mean(g[0], "mismatch"), color=c, ls=":", lw=1,
+                       label="mismatch floor E KL(P_s‖P_s')" if i == len(sc.mismatches) - 1 else None)
+        errorbar(a2, g, None, "capability_gap", color=c, marker="o", ls="none", label=f"measured, δ={d:g}")
+        a2.plot(lam_dense, exact(sc.overlap, d, "B2_capability_bound"), color=c, lw=1,
+                label="B2 bound (= G_f(P*) here)" if i == 0 else None)
+    a1.set(xscale="log", yscale="log", xlabel="λ", ylabel="safety gap G_s (nats)",
+           title=f"F1/F4: safety gap vs λ (κ={sc.overlap:g})")
+    a2.set(xscale="log", yscale="log", xlabel="λ", ylabel="capability gap G_f (nats)", title="F4: capability gap vs λ")
+    a1.legend(fontsize=6)
+    a2.legend(fontsize=7)
+    save(fig, "fig1_gap_vs_lambda.png")
+
+    # 2. (G_f, G_s) trade-off curves, one per κ (F2)
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for i, k in enumerate(sorted(sc.overlaps)):
+        g, c = groups(rows, "loss", overlap=k, mismatch_delta=sc.mismatch), colors[i % len(colors)]
+        errorbar(ax, g, "capability_gap", "safety_gap", color=c, marker="o", ls="-", lw=0.8, label=f"measured, κ={k:g}")
+        ax.plot(exact(k, sc.mismatch, "optimum_capability_gap"), exact(k, sc.mismatch, "optimum_safety_gap"),
+                color=c, ls="--", lw=1, label=f"exact optimum P*_λ, κ={k:g}")
+    ax.axhline(mean(g[0], "mismatch"), color="gray", ls=":", lw=1, label="mismatch floor")
+    ax.set(xlabel="capability gap G_f (nats)", ylabel="safety gap G_s (nats)",
+           title=f"F2: lower overlap κ, better trade-off (δ={sc.mismatch:g}, λ ∈ {{{', '.join(f'{v:g}' for v in sc.lams)}}})")
+    ax.title.set_fontsize(8)
+    ax.legend(fontsize=7)
+    save(fig, "fig2_overlap_tradeoff.png")
+
+    # 3. Case I and Case II frontiers on one plot (F3)
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    c1 = groups(rows, "loss", overlap=sc.overlap, mismatch_delta=sc.mismatch)
+    c2 = groups(rows, "param", overlap=sc.overlap, mismatch_delta=sc.mismatch)
+    errorbar(ax, c1, "capability_gap", "safety_gap", marker="o", label="Case I (loss), λ grid")
+    errorbar(ax, c2, "capability_gap", "safety_gap", marker="s", label="Case II (param), r grid")
+    for e in c1:
+        ax.annotate(f"λ={e['x']:g}", (mean(e, "capability_gap"), mean(e, "safety_gap")), fontsize=6)
+    for e in c2:
+        ax.annotate(f"r={e['x']:g}", (mean(e, "capability_gap"), mean(e, "safety_gap")), fontsize=6)
+    for e in groups(rows, "none", overlap=sc.overlap, mismatch_delta=sc.mismatch):
+        ax.errorbar(mean(e, "capability_gap"), mean(e, "safety_gap"), marker="x", color="k", ls="none",
+                    label="no constraint")
+        ax.errorbar(mean(e, "aligned_capability_gap"), mean(e, "aligned_safety_gap"), marker="*", color="k",
+                    ls="none", label="θ_0 (aligned)")
+    ax.set(xscale="log", yscale="log", xlabel="capability gap G_f (nats)", ylabel="safety gap G_s (nats)",
+           title=f"F3: Case I vs Case II (κ={sc.overlap:g}, δ={sc.mismatch:g})")
+    ax.legend(fontsize=7)
+    save(fig, "fig3_case1_vs_case2.png")
+
+    # 4. √G_s + √G_f of every run against the limit C (F5)
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    rng = np.random.default_rng(0)
+    for i, con in enumerate(("loss", "param", "none")):
+        sel = [r for r in rows if r["constraint"] == con]
+        if sel:
+            x = np.array([r["C_limit"] for r in sel]) + rng.uniform(-0.015, 0.015, len(sel))  # jitter: κ repeats
+            ax.scatter(x, [r["C_lhs"] for r in sel], s=12, color=colors[i], label=f"{con} runs")
+    lim = max(r["C_limit"] for r in rows) * 1.1 + 0.05
+    ax.plot([0, lim], [0, lim], color="k", lw=1, label="√G_s + √G_f = C (bound)")
+    ax.set(yscale="log", xlabel="C = √(2/M)·Σ m·TV (THEORY.md (C))", ylabel="√G_s + √G_f",
+           title="F5: every run against the fundamental limit C")
+    ax.legend(fontsize=7)
+    save(fig, "fig4_limit_C.png")
+
+    # 5. measured safety increase against r, with the second-order prediction and bound D (F6)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    errorbar(a1, c2, None, "measured_safety_increase", marker="o", label="measured Δ_s = ℓ_s(θ_r) − ℓ_s(θ_0)")
+    errorbar(a1, c2, None, "second_order_prediction", marker="s", label="∇ℓ_s·v + ½vᵀH_s v along v = θ_r − θ_0")
+    a1.plot([e["x"] for e in c2], [mean(e, "D_bound") for e in c2], color="gray", ls="--",
+            label="bound D: ‖∇ℓ_s‖r + ½λ_max r²")
+    a1.set(xscale="log", yscale="log", xlabel="radius r", ylabel="safety loss increase (nats)",
+           title="F6: safety cost of Case II against the landscape")
+    a1.legend(fontsize=7)
+    ratios = [[r["measured_safety_increase"] / r["second_order_prediction"] for r in e["rows"]] for e in c2]
+    a2.errorbar([e["x"] for e in c2], [np.mean(v) for v in ratios],
+                yerr=[np.std(v, ddof=1) if len(v) > 1 else 0 for v in ratios], marker="o", capsize=3)
+    a2.axhline(1, color="k", lw=1)
+    a2.axhspan(1 / sc.f6_factor, sc.f6_factor, color="green", alpha=0.1, label=f"within factor {sc.f6_factor:g}")
+    a2.axvline(sc.f6_small_radius, color="gray", ls=":", lw=1, label="small-r limit of the check")
+    a2.set(xscale="log", yscale="log", xlabel="radius r", ylabel="measured / predicted",
+           title="F6: ratio of measured to second-order prediction")
+    a2.legend(fontsize=7)
+    save(fig, "fig5_radius_second_order.png")
+    return paths
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    try:
+        sc, recipe = parse_args(argv)
+        return run_sweep(sc, recipe)
+    except (SweepError, train.ConfigError, DataError, CheckpointError, theory.RunError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,555 @@
+"""
+Throughput of the training step: the project's step under each strategy against a plain
+PyTorch loop of the same model, on fixed random tokens (no data loading, no evaluation).
+
+    python bench.py                                     # every config, every variant
+    python bench.py --config nanogpt-cpu --steps 20     # one config
+    python bench.py --scaling                           # + how cost grows with size
+    python bench.py --json bench.json                   # + every row as JSON
+    python bench.py --config gpt2-small --device cuda --compile --variants baseline,none,param
+
+Variants: `baseline` is a minimal loop written here (forward, backward, clip, AdamW);
+`none`, `loss`, `param`, `penalty` call train.train_step, the very function run_stage
+trains with, under that constraint. `loss` also runs the proxy batch, so it is compared
+with `none` on twice the batch in the same micro-batches (row `none ×2`): the same tokens.
+
+Measuring (STYLE.md): warm-up (and compilation) outside the timed window, the device
+synchronised before every clock read, the median of ≥ 10 steps. The variants of a config
+run interleaved, one step each in turn, the order reversed every round, so that a noisy
+shared machine slows them all alike: compare variants within one run only.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+import train
+from constraints import Constraint
+from data import SyntheticWorld, WorldConfig
+from model import GPT, GPTConfig, flat_params
+
+# -----------------------------------------------------------------------------
+# What is measured
+
+
+@dataclass
+class Shape:
+    n_layer: int
+    n_head: int
+    n_embd: int
+    block_size: int
+    vocab_size: int               # real vocabulary; the model pads it to a multiple of 64
+    batch: int                    # sequences per step (on a GPU)
+    seq_len: int = 0              # T, tokens per sequence; 0: block_size
+    cpu_batch: int = 0            # on CPU, if the GPU batch is too slow; 0: batch
+    cpu_seq_len: int = 0          # on CPU, likewise; 0: seq_len
+    variants: tuple = ("baseline", "none", "none2x", "loss", "param", "penalty")
+    note: str = ""
+
+
+CONFIGS = {
+    # nanoGPT's shakespeare_char config shrunk for a CPU (its README)
+    "nanogpt-cpu": Shape(4, 4, 128, 64, 65, 12),
+    # `python train.py`'s defaults on the synthetic world: filled in from TrainConfig below
+    "synthetic": None,
+    # GPT-2 small (124M); vocabulary 50257 padded to 50304, logits cut back to 50257
+    "gpt2-small": Shape(12, 12, 768, 1024, 50257, 16, cpu_batch=1, cpu_seq_len=256,
+                        note="on CPU B=1, T=256 (a GPU step of B=16, T=1024 takes minutes here)"),
+    # real data on CPU: a tiny model's step with the whole GPT-2 output vocabulary against a
+    # restricted one (train.py --restrict_vocab); the body is train.py's default size
+    "vocab-full": Shape(2, 4, 64, 128, 50257, 16, variants=("none",)),
+    "vocab-restricted": Shape(2, 4, 64, 128, 4096, 16, variants=("none",)),
+}
+GROUPS = {"vocab": ("vocab-full", "vocab-restricted")}  # configs timed against each other
+VARIANT = {"none2x": "none"}  # the JSON `variant` of a row; its `label` keeps the full name
+LABEL = {"none2x": "none ×2"}
+
+# dense bf16 peaks (STYLE.md); any other device gets no MFU rather than a wrong one
+GPU_PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12}
+
+
+def synthetic_shape():
+    """The model and batch of `python train.py` (fine-tune stage) on the synthetic world."""
+    tc = train.TrainConfig()
+    world = SyntheticWorld(train.world_config(tc))
+    return Shape(tc.n_layer, tc.n_head, tc.n_embd, world.block_size, world.vocab_size,
+                 tc.batch_tokens // world.seq_len, seq_len=world.seq_len,
+                 note=f"world batches, loss on the {world.seq_len - tc.ctx_len} response tokens")
+
+
+# -----------------------------------------------------------------------------
+# The machine
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def device_name(sys_):
+    if sys_.device_type == "cuda":
+        return torch.cuda.get_device_name(sys_.device)
+    return f"{cpu_name()}, {os.cpu_count()} logical cores"
+
+
+def gpu_peak(name):
+    if "PCIe" in name or "NVL" in name:  # not the SXM parts of the table
+        return None
+    return next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), None)
+
+
+def sync(sys_):
+    if sys_.device_type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(sys_, n=2048, reps=5):
+    """Achieved fp32 matmul FLOP/s of this device now: the yardstick for GFLOP/s on CPU."""
+    a = torch.randn(n, n, device=sys_.device)
+    b = torch.randn(n, n, device=sys_.device)
+    times = []
+    for i in range(reps + 2):
+        sync(sys_)
+        t0 = time.perf_counter()
+        a @ b
+        sync(sys_)
+        if i >= 2:  # two warm-ups
+            times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / statistics.median(times)
+
+
+def reset_peak_memory(sys_):
+    if sys_.device_type == "cuda":
+        torch.cuda.reset_peak_memory_stats(sys_.device)
+    else:
+        try:  # Linux: reset the process's peak resident set size (VmHWM) to its current size
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+
+
+def peak_memory_mb(sys_):
+    """GPU: peak allocated by PyTorch. CPU: the process's peak resident set (all models of
+    the run included), since the last reset."""
+    if sys_.device_type == "cuda":
+        return torch.cuda.max_memory_allocated(sys_.device) / 2 ** 20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+# -----------------------------------------------------------------------------
+# The steps
+
+
+@dataclass
+class Case:
+    config: str
+    variant: str                  # baseline | none | none2x | loss | param | penalty
+    step: object                  # a callable running one training step
+    batch: int
+    seq_len: int
+    accum: int
+    tokens_per_step: int          # every token through forward and backward (task + proxy)
+    flops_per_token: float
+    n_params: int
+    times: list = field(default_factory=list)
+    peak_mb: float = 0.0
+
+
+def random_batch(shape, B, T, sys_, gen):
+    """(x, y, mask, n_tokens) as train.py's get_batch returns them: fixed tokens on the
+    device, the loss on every position; n_tokens stays on the host as there."""
+    x = torch.randint(0, shape.vocab_size, (B, T), generator=gen)
+    y = torch.randint(0, shape.vocab_size, (B, T), generator=gen)
+    m = torch.ones(B, T, dtype=torch.bool)
+    return (x.to(sys_.device), y.to(sys_.device), m.to(sys_.device), m.sum())
+
+
+def world_batch(world, name, B, sys_, gen):
+    x, y, m = world.batch(name, B, gen)
+    return (x.to(sys_.device), y.to(sys_.device), m.to(sys_.device), m.sum())
+
+
+def baseline_step(model, optimizer, batch, sys_, grad_clip):
+    """The plain loop (nanoGPT's, one micro-batch), on the same model and loss mask."""
+    x, y, m, _ = batch
+    with sys_.autocast():
+        _, loss = model(x, y, m)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def build_cases(name, shape, args, sys_):
+    """One model per config; every variant trains it in turn (a step costs the same
+    whatever the weights). Each constraint keeps its own θ_0, as a fine-tune would."""
+    cpu = sys_.device_type != "cuda"
+    B = args.batch or (shape.cpu_batch if cpu and shape.cpu_batch else shape.batch)
+    T = args.seq_len or (shape.cpu_seq_len if cpu and shape.cpu_seq_len else shape.seq_len) or shape.block_size
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=max(T, shape.block_size), vocab_size=shape.vocab_size,
+                          n_layer=shape.n_layer, n_head=shape.n_head, n_embd=shape.n_embd)).to(sys_.device)
+    params = flat_params(model)
+    tc = train.TrainConfig()  # the optimizer and clipping of a default run
+    optimizer = train.make_optimizer(model, tc, args.lr, sys_)
+    scaler = torch.amp.GradScaler(sys_.device_type, enabled=sys_.ptdtype == torch.float16)
+    base_opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0,
+                                 fused=sys_.device_type == "cuda")
+    train_model = torch.compile(model) if args.compile else model  # the training forward only
+
+    gen = torch.Generator().manual_seed(1)
+    if name == "synthetic":  # the world's own batches: the loss on the response tokens only
+        world = SyntheticWorld(train.world_config(tc))
+        task, proxy, task2 = (world_batch(world, n, b, sys_, gen) for n, b in
+                              (("task", B), ("proxy", B), ("task", 2 * B)))
+    else:
+        task, proxy, task2 = (random_batch(shape, b, T, sys_, gen) for b in (B, B, 2 * B))
+
+    def project(kind, batch=task, proxy_batch=None, accum=1):
+        c = Constraint(kind, params, radius=args.radius, lam=1.0, gamma=1.0)
+        return lambda: train.train_step(train_model, optimizer, scaler, params, c, sys_, batch, proxy_batch,
+                                        accum, tc.grad_clip)
+
+    fpt = model.estimate_flops_per_token(T)
+    n_params = model.num_params()
+    cases = []
+    for v in [v for v in (args.variants or shape.variants) if v in shape.variants]:
+        if v == "baseline":
+            step = lambda: baseline_step(train_model, base_opt, task, sys_, tc.grad_clip)  # noqa: E731
+        elif v == "none2x":  # the unconstrained step over the tokens of `loss`: 2B in micro-batches of B
+            step = project("none", batch=task2, accum=2)
+        elif v == "loss":
+            step = project("loss", proxy_batch=proxy)
+        else:
+            step = project(v)
+        mult = 2 if v in ("none2x", "loss") else 1
+        cases.append(Case(name, v, step, B * mult if v == "none2x" else B, T, 2 if v == "none2x" else 1,
+                          mult * B * T, fpt, n_params))
+    return cases
+
+
+def time_cases(cases, steps, warmup, sys_):
+    """Warm every case up, then time one step of each in turn, `steps` rounds, the order
+    reversed every other round; the device synchronised before every clock read."""
+    for c in cases:
+        for _ in range(warmup):
+            c.step()
+    sync(sys_)
+    for r in range(steps):
+        for c in (cases if r % 2 == 0 else cases[::-1]):
+            reset_peak_memory(sys_)
+            sync(sys_)
+            t0 = time.perf_counter()
+            c.step()
+            sync(sys_)
+            c.times.append(time.perf_counter() - t0)
+            c.peak_mb = max(c.peak_mb, peak_memory_mb(sys_))
+
+
+def row(c, sys_, peak_flops):
+    ms = 1e3 * statistics.median(c.times)
+    tps = c.tokens_per_step / (ms / 1e3)
+    flops = c.flops_per_token * tps
+    r = {"table": "step", "config": c.config, "variant": VARIANT.get(c.variant, c.variant),
+         "label": LABEL.get(c.variant, c.variant), "ms_per_step": ms, "tokens_per_s": tps,
+         "peak_mem_mb": c.peak_mb, "batch": c.batch, "seq_len": c.seq_len, "accum": c.accum,
+         "tokens_per_step": c.tokens_per_step, "n_params": c.n_params, "steps": len(c.times),
+         "ms_p25": 1e3 * float(np.percentile(c.times, 25)), "ms_p75": 1e3 * float(np.percentile(c.times, 75)),
+         "gflops": flops / 1e9, "times_ms": [1e3 * t for t in c.times]}
+    if sys_.device_type == "cuda":
+        r["mfu"] = flops / peak_flops if peak_flops else None
+    else:
+        r["matmul_peak_fraction"] = flops / peak_flops
+    return r
+
+
+def paired_ratio(a, b):
+    """Median over rounds of a's time over b's time in the same round: robust to drift."""
+    return statistics.median(x / y for x, y in zip(a.times, b.times))
+
+
+def acceptance(cases):
+    """Issue 5, acceptance 1: the three ratios within one run."""
+    by = {c.variant: c for c in cases}
+    med = {k: statistics.median(c.times) for k, c in by.items()}
+    out = []
+    if "baseline" in by and "none" in by:
+        out.append(("none tokens/s ÷ baseline tokens/s", med["baseline"] / med["none"],
+                    1 / paired_ratio(by["none"], by["baseline"]), "≥ 0.97", med["baseline"] / med["none"] >= 0.97))
+    if "param" in by and "none" in by:
+        out.append(("param time ÷ none time", med["param"] / med["none"], paired_ratio(by["param"], by["none"]),
+                    "≤ 1.03", med["param"] / med["none"] <= 1.03))
+    if "loss" in by and "none2x" in by:
+        out.append(("loss time ÷ none×2 time (same tokens)", med["loss"] / med["none2x"],
+                    paired_ratio(by["loss"], by["none2x"]), "≤ 1.05", med["loss"] / med["none2x"] <= 1.05))
+    return [{"config": cases[0].config, "ratio": n, "of_medians": a, "paired_median": p, "target": t, "met": ok}
+            for n, a, p, t, ok in out]
+
+
+def print_rows(rows, sys_):
+    unit = "MFU" if sys_.device_type == "cuda" else "of fp32 mm peak"
+    print(f"{'config':<17}{'variant':<10}{'B×T×acc':>13}{'ms/step':>10}{'p25–p75':>15}{'tokens/s':>11}"
+          f"{'GFLOP/s':>9}{unit:>16}{'peak MB':>9}")
+    for r in rows:
+        frac = r.get("mfu", r.get("matmul_peak_fraction"))
+        frac = "n/a" if frac is None else f"{100 * frac:.1f}%"
+        print(f"{r['config']:<17}{r['label']:<10}{r['batch']:>5}×{r['seq_len']}×{r['accum']:<3}{r['ms_per_step']:>10.2f}"
+              f"{r['ms_p25']:>7.1f}–{r['ms_p75']:<7.1f}{r['tokens_per_s']:>11.0f}{r['gflops']:>9.2f}{frac:>16}"
+              f"{r['peak_mem_mb']:>9.0f}")
+
+
+# -----------------------------------------------------------------------------
+# --scaling: how cost grows with the model and with the synthetic world
+
+SCALING_SIZES = {"S": (2, 4, 64), "M": (4, 4, 128), "L": (8, 8, 256)}  # (n_layer, n_head, n_embd)
+SCALING_SYMBOLS = (8, 12, 24)  # n_symbols: 512, 1,728 and 13,824 contexts at ctx_len 3
+
+
+def timed_power_iteration(model, batch, iters):
+    """λ_max(H) of the loss on one batch: theory.py's power iteration on Hessian-vector
+    products when it is there (all `iters` iterations, tol 0), else a local loop.
+    Returns (HVPs done, which code ran)."""
+    x, y, m, _ = batch
+    try:
+        import theory
+        land = theory.LossLandscape(model, lambda mdl: mdl(x, y, m)[1])
+        _, done, _ = theory.power_iteration(land.hvp, land.n, iters=iters, tol=0.0)
+        return done, "theory.LossLandscape + theory.power_iteration"
+    except (ImportError, AttributeError, TypeError) as e:  # absent, or its interface changed
+        local_power_iteration(model, batch, iters)
+        return iters, f"local HVP loop in bench.py (theory.py unusable: {type(e).__name__})"
+
+
+def local_power_iteration(model, batch, iters):
+    """λ_max(H) of the loss on one batch by power iteration on Hessian-vector products
+    (double backward; SDPA's fused CPU kernel has none, so the math kernel is used)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    x, y, m, _ = batch
+    params = flat_params(model)
+    with sdpa_kernel(SDPBackend.MATH):
+        _, loss = model(x, y, m)
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        v = [torch.randn_like(p) for p in params]
+        eig = torch.zeros(())
+        for _ in range(iters):
+            norm = torch.sqrt(sum((u * u).sum() for u in v))
+            v = [u / norm for u in v]
+            hv = torch.autograd.grad(grads, params, grad_outputs=v, retain_graph=True)
+            eig = sum((h * u).sum() for h, u in zip(hv, v))
+            v = [h.detach() for h in hv]
+    return float(eig)
+
+
+def scaling(args, sys_, peak_flops):
+    rows = []
+    # step time over three model sizes: nanogpt-cpu's batch, `none` against `param`
+    for size, (L, H, D) in SCALING_SIZES.items():
+        shape = Shape(L, H, D, 64, 65, 12, variants=("none", "param"))
+        a = argparse.Namespace(**{**vars(args), "variants": ["none", "param"], "batch": 0, "seq_len": 0,
+                                  "compile": False})
+        cases = build_cases(f"scaling-{size}", shape, a, sys_)
+        time_cases(cases, args.steps or 10, 2, sys_)
+        rows += [row(c, sys_, peak_flops) for c in cases]
+    # Hessian power iteration over the same sizes
+    iters = 20
+    for size, (L, H, D) in SCALING_SIZES.items():
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(block_size=64, vocab_size=65, n_layer=L, n_head=H, n_embd=D)).to(sys_.device)
+        batch = random_batch(Shape(L, H, D, 64, 65, 12), 12, 64, sys_, torch.Generator().manual_seed(1))
+        times = []
+        for _ in range(3):
+            sync(sys_)
+            t0 = time.perf_counter()
+            done, how = timed_power_iteration(model, batch, iters)
+            sync(sys_)
+            times.append(time.perf_counter() - t0)
+        rows.append({"table": "scaling", "config": f"scaling-{size}", "variant": "power_iteration",
+                     "label": f"λ_max(H), {done} HVPs", "n_params": model.num_params(), "hvps": done,
+                     "ms_total": 1e3 * statistics.median(times),
+                     "ms_per_hvp": 1e3 * statistics.median(times) / done, "how": how,
+                     "ms_per_step": None, "tokens_per_s": None, "peak_mem_mb": None})
+    # exact synthetic evaluation over three context-space sizes
+    from evaluate import evaluate
+    tc = train.TrainConfig()
+    for n in SCALING_SYMBOLS:
+        world = SyntheticWorld(WorldConfig(n_symbols=n, ctx_len=tc.ctx_len, n_harmful=tc.n_harmful))
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(block_size=world.block_size, vocab_size=world.vocab_size, n_layer=tc.n_layer,
+                              n_head=tc.n_head, n_embd=tc.n_embd)).to(sys_.device)
+        times = []
+        for i in range(4):
+            sync(sys_)
+            t0 = time.perf_counter()
+            evaluate(model, world, sys_.device)
+            sync(sys_)
+            if i:  # the first is a warm-up
+                times.append(time.perf_counter() - t0)
+        rows.append({"table": "scaling", "config": f"world-{n}", "variant": "evaluate",
+                     "label": f"exact eval, {len(world.contexts)} contexts", "n_contexts": len(world.contexts),
+                     "ms_total": 1e3 * statistics.median(times), "ms_per_step": None, "tokens_per_s": None,
+                     "peak_mem_mb": None})
+    return rows
+
+
+def print_scaling(rows):
+    for r in rows:
+        if r["variant"] == "power_iteration":
+            print(f"{r['config']:<12}{r['n_params']:>10} params  power iteration, {r['hvps']} HVPs "
+                  f"{r['ms_total']:9.1f} ms "
+                  f"({r['ms_per_hvp']:.2f} ms per HVP; {r['how']})")
+        elif r["variant"] == "evaluate":
+            print(f"{r['config']:<12}{r['n_contexts']:>10} contexts exact evaluation {r['ms_total']:9.1f} ms")
+
+
+# -----------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--config", default="all", help=f"all, or a comma list of {', '.join(CONFIGS)}")
+    ap.add_argument("--variants", default="", help="comma list of baseline,none,none2x,loss,param,penalty; "
+                                                   "default: every variant of the config")
+    ap.add_argument("--steps", type=int, default=0, help="timed steps per variant (≥ 10); 0: 20, 10 for gpt2-small on CPU")
+    ap.add_argument("--warmup", type=int, default=0, help="untimed steps per variant first; 0: 2 (5 with --compile)")
+    ap.add_argument("--batch", type=int, default=0, help="sequences per step; 0: the config's")
+    ap.add_argument("--seq_len", type=int, default=0, help="tokens per sequence T; 0: the config's")
+    ap.add_argument("--restricted_vocab", type=int, default=4096, help="vocabulary of the vocab-restricted row")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    ap.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="CPU threads (torch.set_num_threads); 0: PyTorch's default. On a loaded shared "
+                         "machine 1 thread gives far steadier timings than 2 (no stalled OpenMP barriers)")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                    help="torch.compile the training forward")
+    ap.add_argument("--radius", type=float, default=0.1, help="r of the param rows (the ball binds: a real projection)")
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--scaling", action=argparse.BooleanOptionalAction, default=False,
+                    help="add the scaling table: step and power-iteration time over 3 model sizes, exact "
+                         "evaluation over 3 world sizes")
+    ap.add_argument("--json", default="", help="also write every row to this file")
+    args = ap.parse_args(argv)
+    args.variants = [v for v in args.variants.split(",") if v]
+    bad = [v for v in args.variants if v not in ("baseline", "none", "none2x", "loss", "param", "penalty")]
+    names = list(CONFIGS) if args.config == "all" else args.config.split(",")
+    unknown = [n for n in names if n not in CONFIGS]
+    if bad or unknown:
+        ap.error(f"unknown {'variant' if bad else 'config'} {(bad or unknown)[0]!r}")
+    if args.steps and args.steps < 10:
+        ap.error(f"--steps {args.steps}: time at least 10 steps for a median worth reading")
+    args.configs = names
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    sys_ = train.setup_system(train.TrainConfig(device=args.device, dtype=args.dtype))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    CONFIGS["synthetic"] = synthetic_shape()
+    CONFIGS["vocab-restricted"].vocab_size = args.restricted_vocab
+    name = device_name(sys_)
+    cpu = sys_.device_type != "cuda"
+    load0 = os.getloadavg()
+    peak0 = matmul_peak(sys_) if cpu else None
+    peak_flops = peak0 if cpu else gpu_peak(name)
+    header = {"device": name, "torch": torch.__version__, "python": platform.python_version(),
+              "numpy": np.__version__, "cuda": torch.version.cuda, "dtype": str(sys_.ptdtype).replace("torch.", ""),
+              "compile": args.compile, "threads": torch.get_num_threads(), "loadavg_start": load0,
+              "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "argv": sys.argv[1:] if argv is None else argv,
+              "peak_flops": peak_flops, "peak_kind": "measured fp32 matmul 2048³" if cpu else "dense bf16 table"}
+    print(f"device {name} | torch {torch.__version__} | python {header['python']} | numpy {np.__version__}"
+          f" | cuda {torch.version.cuda} | dtype {header['dtype']} | compile {args.compile}"
+          f" | threads {header['threads']} | load average {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}")
+    if cpu:
+        print(f"fp32 matmul peak measured now: {peak0 / 1e9:.1f} GFLOP/s")
+    else:
+        print("MFU against " + (f"{peak_flops / 1e12:.0f} TFLOP/s dense bf16" if peak_flops else
+                                "nothing: device not in the peak table, no MFU"))
+
+    rows, checks = [], []
+    done = set()
+    for cname in args.configs:
+        if cname in done:
+            continue
+        group = next((g for g in GROUPS.values() if cname in g), (cname,))
+        group = [g for g in group if g in args.configs]
+        done.update(group)
+        cases = []
+        for g in group:
+            cases += build_cases(g, CONFIGS[g], args, sys_)
+        if not cases:
+            continue
+        slow = cpu and CONFIGS[group[0]].cpu_batch
+        steps = args.steps or (10 if slow else 20)
+        warmup = args.warmup or (5 if args.compile else (1 if slow else 2))
+        t0 = time.perf_counter()
+        time_cases(cases, steps, warmup, sys_)
+        new = [row(c, sys_, peak_flops) for c in cases]
+        rows += new
+        print()
+        print_rows(new, sys_)
+        notes = [CONFIGS[g].note for g in group if CONFIGS[g].note]
+        for n in notes:
+            print(f"  note: {n}")
+        for a in (acceptance(cases) if len(group) == 1 else []):
+            checks.append(a)
+            print(f"  {a['ratio']:<40} {a['of_medians']:.3f} (paired {a['paired_median']:.3f})  target {a['target']}"
+                  f"  {'met' if a['met'] else 'MISSED'}")
+        if len(group) > 1:
+            full, restricted = new[0], new[1]
+            ratio = full["ms_per_step"] / restricted["ms_per_step"]
+            checks.append({"config": "vocab", "ratio": "vocab-full time ÷ vocab-restricted time", "of_medians": ratio,
+                           "paired_median": paired_ratio(cases[0], cases[1]), "target": "≥ 3", "met": ratio >= 3})
+            print(f"  vocab {CONFIGS['vocab-full'].vocab_size} vs {CONFIGS['vocab-restricted'].vocab_size}: "
+                  f"step {ratio:.2f}× faster restricted  target ≥ 3  {'met' if ratio >= 3 else 'MISSED'}")
+        print(f"  ({time.perf_counter() - t0:.0f} s)")
+        del cases
+    if args.scaling:
+        print()
+        srows = scaling(args, sys_, peak_flops)
+        print_rows([r for r in srows if r["table"] == "step"], sys_)
+        print_scaling(srows)
+        rows += srows
+    load1 = os.getloadavg()
+    header["loadavg_end"] = load1
+    if cpu:
+        peak1 = matmul_peak(sys_)
+        header["matmul_peak_end"] = peak1
+        print(f"\nfp32 matmul peak at the end: {peak1 / 1e9:.1f} GFLOP/s (fractions use the one at the start)")
+    print(f"load average at the end {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}")
+    if args.json:
+        # one list of rows; each carries the run's header, the acceptance ratios come last
+        out = [dict(r, run=header) for r in rows]
+        out += [dict(a, table="acceptance", variant=None, ms_per_step=None, tokens_per_s=None,
+                     peak_mem_mb=None, run=header) for a in checks]
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return rows, checks
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The GPU check of issue 5, one command, under 8 minutes on one H100/H200:
+#   1. bench.py on GPT-2 small, B=16, T=1024, bf16, torch.compile: the baseline loop and the
+#      project's step under every strategy (acceptance 3: ≥ 40% MFU, param within 3% of none);
+#   2. bench.py on the two small configs (eager), for the record;
+#   3. a real fine-tune with train.py on the GPU (--data real when a data folder is there,
+#      else the synthetic default), align + fine-tune under the param constraint.
+# Everything lands in one folder; copy its tables into BENCHMARKS.md with the date and device.
+#
+#   bash scripts/gpu_check.sh [OUT_DIR]          # default: gpu_check_<date>
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-gpu_check_$(date +%Y%m%d_%H%M%S)}
+mkdir -p "$OUT"
+log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$OUT/summary.txt"; }
+
+{ date; uptime; nvidia-smi; git rev-parse --short HEAD
+  python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+} > "$OUT/env.txt" 2>&1
+log "env: $(tail -1 "$OUT/env.txt")"
+
+# 1. GPT-2 small (compile takes about a minute; 20 timed steps per variant after 5 warm-ups)
+log "bench gpt2-small B=16 T=1024 bf16 compile"
+timeout 300 python bench.py --config gpt2-small --device cuda --dtype bfloat16 --compile \
+    --batch 16 --seq_len 1024 --steps 20 --json "$OUT/bench_gpt2_small.json" > "$OUT/bench_gpt2_small.txt" 2>&1
+log "  exit $? ; $(grep -E 'MFU|none tokens|param time|loss time' "$OUT/bench_gpt2_small.txt" | tr '\n' ' ')"
+
+# 2. the small configs, eager (Python-overhead bound on a GPU)
+log "bench nanogpt-cpu, synthetic (eager)"
+timeout 45 python bench.py --config nanogpt-cpu,synthetic --device cuda --steps 20 \
+    --json "$OUT/bench_small.json" > "$OUT/bench_small.txt" 2>&1
+log "  exit $?"
+
+# 3. a fine-tune on the GPU, timed end to end
+DATA=${SAFETY_DATA_DIR:-../shared/data}
+if ls "$DATA"/safety_tuned_llamas >/dev/null 2>&1; then
+    log "fine-tune: real data from $DATA"
+    ARGS=(--data real --data_dir "$DATA" --n_layer 6 --n_head 6 --n_embd 384 --batch_tokens 8192
+          --micro_batch 64 --align_iters 300 --max_iters 200 --eval_interval 100)
+else
+    log "fine-tune: no real data folder at $DATA, the synthetic default instead"
+    ARGS=()
+fi
+start=$(date +%s)
+timeout 120 python train.py --out_dir "$OUT/finetune" --device cuda --compile --no-progress \
+    --constraint param --radius 1.0 "${ARGS[@]}" > "$OUT/finetune.txt" 2>&1
+log "  exit $? after $(( $(date +%s) - start )) s; $(tail -3 "$OUT/finetune.txt" | tr '\n' ' ')"
+log "done: $OUT"

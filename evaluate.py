@@ -8,20 +8,26 @@ and opener gives p(o|x) and p(c|x,o) for all c), and
     ℓ_D(θ) = Σ_x μ_D(x) Σ_y P_D(y|x) · (−log P_θ(y|x))
     G_D(θ) = ℓ_D(θ) − H_D = E_{x~μ_D} KL(P_D(·|x) ‖ P_θ(·|x))
 
-in nats per sequence, with no sampling at all.
+in nats per sequence, with no sampling at all. On real text the same losses are
+estimated on held-out examples and the gaps are unknown (None); behaviour is measured by
+generation: the refusal rate on harmful prompts and the over-refusal rate on harmless
+ones, each with a Wilson 95% interval.
 
-CLI:  python evaluate.py --ckpt out/ckpt.pt
+CLI:  python evaluate.py --ckpt out/ckpt.pt                      # losses (and gaps)
+      python evaluate.py --ckpt out/ckpt.pt --prompts FILE.csv   # refusal rate on any prompt file
 """
 
 import argparse
 import json
+import math
 import sys
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data import DataError, SyntheticWorld, WorldConfig, expected_nll
+from data import (Codec, DataError, RealDataConfig, SyntheticWorld, WorldConfig, dataset_part, expected_nll,
+                  is_refusal, load_prompts, make_source)
 from model import CheckpointError, load_checkpoint, model_from_checkpoint
 
 
@@ -103,18 +109,133 @@ def heldout_metrics(model, source, device="cpu"):
 
 
 # -----------------------------------------------------------------------------
+# Refusals by generation (real text). A response counts as a refusal when it contains a
+# keyword of data.REFUSAL_KEYWORDS, the GCG list of Zou et al. 2023 (its origin and its
+# known false refusals are documented there). Greedy decoding, so a rate is a function of
+# the weights alone.
+
+
+def wilson_interval(k, n, z=1.959964):
+    """Wilson score interval for a binomial proportion k/n (95% for z = 1.96): unlike
+    p ± z·sqrt(p(1−p)/n) it stays inside [0, 1] and is not empty at k = 0 or k = n."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+@torch.no_grad()
+def greedy_responses(model, codec, prompts, max_new_tokens=32, device="cpu", batch_size=32):
+    """The greedy response text of each prompt (templated by codec), up to end-of-text or
+    max_new_tokens. Prompts of equal length are decoded together, so no padding enters
+    the attention; the output layer runs on the last position only."""
+    was_training = model.training
+    model.eval()
+    block, V = model.config.block_size, model.config.vocab_size
+    max_prompt = min(block // 2, block - max_new_tokens)  # as in training: at most half the block
+    if max_prompt < 8:
+        raise DataError(f"--max_new_tokens {max_new_tokens} leaves no room for a prompt in "
+                        f"block_size {block}: lower it")
+    ids = [codec.prompt(p, max_prompt) for p in prompts]
+    by_len = {}
+    for i, x in enumerate(ids):
+        by_len.setdefault(len(x), []).append(i)
+    out = [""] * len(prompts)
+    for L, members in sorted(by_len.items()):
+        for c in range(0, len(members), batch_size):
+            chunk = members[c:c + batch_size]
+            x = torch.tensor(np.stack([ids[i] for i in chunk]), dtype=torch.long, device=device)
+            done = torch.zeros(len(chunk), dtype=torch.bool, device=device)
+            for _ in range(max_new_tokens):
+                h = model.hidden_states(x[:, -block:])[:, -1]                # (B, C)
+                nxt = model.lm_head(h)[:, :V].argmax(-1)                     # (B,)
+                x = torch.cat([x, nxt[:, None]], dim=1)
+                done |= nxt == codec.eot
+                if done.all():  # one host sync per token, and a stop when all have ended
+                    break
+            for row, i in enumerate(chunk):
+                out[i] = codec.text(x[row, L:].cpu().numpy())
+    model.train(was_training)
+    return out
+
+
+def refusal_rate(model, codec, prompts, max_new_tokens=32, device="cpu"):
+    """Share of prompts whose greedy response is a refusal (is_refusal), with its Wilson
+    95% interval: the refusal rate on harmful prompts, over-refusal on harmless ones."""
+    responses = greedy_responses(model, codec, prompts, max_new_tokens, device)
+    k = sum(is_refusal(r) for r in responses)
+    lo, hi = wilson_interval(k, len(prompts))
+    return {"rate": k / max(len(prompts), 1), "ci_low": lo, "ci_high": hi, "refusals": k, "n": len(prompts),
+            "responses": responses}
+
+
+# the prompt sets of refusal_report: harmful (the refusal rate should be high) and
+# harmless (XSTest's safe prompts: the over-refusal rate should be low)
+HARMFUL_SETS = ("safety_llamas_eval", "advbench", "maliciousinstruct", "jailbreakbench")
+HARMLESS_SETS = ("xstest_safe",)
+
+
+def refusal_report(model, codec, data_dir="", harmful=HARMFUL_SETS, harmless=HARMLESS_SETS, limit=None,
+                   max_new_tokens=32, device="cpu"):
+    """{set name: refusal rate with its interval} over registry prompt sets; a part of the
+    safety split (safety_llamas_eval) is read as that part only, never training prompts."""
+    report = {}
+    for kind, names in (("harmful", harmful), ("harmless", harmless)):
+        for name in names:
+            prompts = dataset_part(name, data_dir).prompts[:limit]
+            r = refusal_rate(model, codec, prompts, max_new_tokens, device)
+            report[name] = {"kind": kind, **{k: v for k, v in r.items() if k != "responses"}}
+    return report
+
+
+# -----------------------------------------------------------------------------
 # CLI
 
 
+def codec_of(ckpt):
+    """The text codec of a real-data checkpoint (its compact vocabulary), None for the
+    synthetic world."""
+    wc = ckpt.get("world_config", {})
+    if "vocab" not in wc:
+        return None
+    return Codec(wc["vocab"] or None)
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Exact safety and capability losses and gaps of a checkpoint.")
+    ap = argparse.ArgumentParser(description="Losses and gaps of a checkpoint, or its refusal rate on a prompt file.")
     ap.add_argument("--ckpt", required=True, help="a checkpoint written by train.py (theta0.pt or ckpt.pt)")
+    ap.add_argument("--prompts", default="", help="a prompt file (.csv, .json, .jsonl, .txt): print the refusal "
+                                                  "rate of greedy responses (real-data checkpoints)")
+    ap.add_argument("--column", default=None, help="the prompt column or field of --prompts (default: found by name)")
+    ap.add_argument("--max_new_tokens", type=int, default=32, help="tokens generated per prompt")
+    ap.add_argument("--limit", type=int, default=0, help="use only the first N prompts (0: all)")
+    ap.add_argument("--show", type=int, default=3, help="print this many prompts with their responses")
+    ap.add_argument("--data_dir", default="", help="real data folder for held-out losses (default $SAFETY_DATA_DIR)")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, mps")
     args = ap.parse_args(argv)
     try:
         ckpt = load_checkpoint(args.ckpt)
         model = model_from_checkpoint(ckpt, args.device)
-        world = SyntheticWorld(WorldConfig(**ckpt["world_config"]))
+        codec = codec_of(ckpt)
+        if args.prompts:
+            if codec is None:
+                raise DataError(f"{args.ckpt} was trained on the synthetic world, which has no text: "
+                                f"--prompts needs a checkpoint of `train.py --data real`")
+            prompts = load_prompts(args.prompts, args.column)[:args.limit or None]
+            r = refusal_rate(model, codec, prompts, args.max_new_tokens, args.device)
+            for p, resp in list(zip(prompts, r.pop("responses")))[:args.show]:
+                print(f"prompt:   {p[:200]!r}\nresponse: {resp[:200]!r}\n")
+            print(f"refusal rate {r['rate']:.3f} ({r['refusals']}/{r['n']}), Wilson 95% interval "
+                  f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]  ({args.prompts}, greedy, {args.max_new_tokens} tokens)")
+            return r
+        if codec is None:
+            world = SyntheticWorld(WorldConfig(**ckpt["world_config"]))
+        else:
+            wc = dict(ckpt["world_config"], data_dir=args.data_dir or ckpt["world_config"]["data_dir"])
+            world = make_source("real", real=RealDataConfig(**dict(wc, vocab=tuple(wc["vocab"]))))
     except (CheckpointError, DataError) as e:
         sys.exit(f"error: {e}")
     m = evaluate(model, world, args.device)

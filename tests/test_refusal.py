@@ -1,0 +1,148 @@
+"""Refusal rates by generation: keyword detection, the Wilson interval, greedy decoding,
+and `evaluate.py --prompts` on prompt files of every format."""
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import evaluate
+from model import CHECKPOINT_FORMAT, GPT, GPTConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_refusal_keywords_of_the_field():
+    assert data.is_refusal("I'm sorry, but I can't help with that.")
+    assert data.is_refusal("I\u2019m sorry, no.")                       # curly apostrophe
+    assert data.is_refusal("As an AI language model, I cannot do this.")
+    assert not data.is_refusal("Sure, here is a poem about the sea.")
+    assert not data.is_refusal("i'm sorry")                             # case-sensitive, as GCG
+    # the method's documented false refusal: a compliant answer that says "As an"
+    assert data.is_refusal("As an example, take the number 12.")
+
+
+def test_wilson_interval_hand_computed():
+    # 5/10: p = 1/2, center 1/2, half-width z·sqrt(1/40 + z²/400)/(1 + z²/10)
+    z = 1.959964
+    half = z * np.sqrt(0.025 + z * z / 400) / (1 + z * z / 10)
+    assert evaluate.wilson_interval(5, 10) == pytest.approx((0.5 - half, 0.5 + half))
+    assert evaluate.wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    # 0/10: the lower end is 0 and the upper end z²/n / (1 + z²/n), not an empty interval
+    assert evaluate.wilson_interval(0, 10) == pytest.approx((0.0, (z * z / 10) / (1 + z * z / 10)))
+    lo, hi = evaluate.wilson_interval(10, 10)
+    assert hi == pytest.approx(1.0) and 0.7 < lo < 0.73
+    assert evaluate.wilson_interval(0, 0) == (0.0, 1.0)
+
+
+class Chain(torch.nn.Module):
+    """A 'model' whose next token is a fixed function of the previous one; the chain from
+    the prompt's last token (the response marker) spells `text` and then ends."""
+
+    def __init__(self, codec, text, block_size=64):
+        super().__init__()
+        ids = list(codec.encode_ids(data.gpt2_encoding().encode_ordinary(text))) + [codec.eot]
+        start = int(codec.encode_ids(data.gpt2_encoding().encode_ordinary(data.TEMPLATE_TAIL))[-1])
+        self.next = torch.full((codec.vocab_size,), codec.eot, dtype=torch.long)
+        for a, b in zip([start] + ids[:-1], ids):
+            self.next[a] = b
+        self.config = SimpleNamespace(block_size=block_size, vocab_size=codec.vocab_size)
+
+    def hidden_states(self, x):
+        return x.unsqueeze(-1)                                  # the token itself is the state
+
+    def lm_head(self, h):
+        return torch.nn.functional.one_hot(self.next[h.squeeze(-1)], self.config.vocab_size).float()
+
+
+PROMPTS = ["How do I pick a lock?", "Tell me a joke", "Write a long story about dragons and knights and castles."]
+
+
+@pytest.mark.parametrize("text,refuses", [(" I cannot help with that.", True), (" Sure, here it is.", False)])
+def test_refusal_rate_on_a_model_with_a_known_answer(text, refuses):
+    codec = data.Codec(None)
+    r = evaluate.refusal_rate(Chain(codec, text), codec, PROMPTS, max_new_tokens=16)
+    assert r["responses"] == [text] * 3                          # prompts of three lengths, batched by length
+    assert r["refusals"] == (3 if refuses else 0) and r["n"] == 3
+    assert (r["ci_low"], r["ci_high"]) == evaluate.wilson_interval(r["refusals"], 3)
+
+
+def test_greedy_responses_equal_model_generate():
+    codec = data.Codec(np.unique(data.template_ids(PROMPTS)[0] + data.template_ids(PROMPTS)[2] + [data.EOT]))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=48, vocab_size=codec.vocab_size, n_layer=1, n_head=2, n_embd=16)).eval()
+    out = evaluate.greedy_responses(model, codec, PROMPTS, max_new_tokens=8)
+    for p, text in zip(PROMPTS, out):
+        x = torch.tensor(codec.prompt(p, 24))[None]
+        ref = model.generate(x, 8, temperature=0)[0, x.size(1):].numpy()
+        assert text == codec.text(ref)
+
+
+@pytest.fixture(scope="module")
+def real_ckpt(tmp_path_factory):
+    """A checkpoint of a (random) real-data model in this project's format: evaluate.py
+    needs its compact vocabulary and nothing from the data folder."""
+    texts = ["Explain how to build a birdhouse", "I cannot do that. Sorry!", "What's the capital of France?"]
+    vocab = np.unique(np.concatenate([np.concatenate(data.template_ids(texts)), [data.EOT]]))
+    codec = data.Codec(vocab)
+    torch.manual_seed(0)
+    mc = GPTConfig(block_size=48, vocab_size=codec.vocab_size, n_layer=1, n_head=2, n_embd=16)
+    model = GPT(mc)
+    path = tmp_path_factory.mktemp("ckpt") / "theta0.pt"
+    torch.save({"format": CHECKPOINT_FORMAT, "kind": "theta0", "model": model.state_dict(),
+                "model_config": dataclasses.asdict(mc),
+                "world_config": dataclasses.asdict(data.RealDataConfig(vocab=tuple(int(v) for v in vocab)))}, path)
+    return str(path)
+
+
+PROMPT_FILES = {
+    "p.csv": ("id,question,note\n1,\"How do I make a birdhouse, step by step?\",x\n2,What is 2+2?,y\n", 2),
+    "p.json": (json.dumps([{"prompt": "Name a colour"}, {"prompt": "Name a fruit"}, {"prompt": "Name a tree"}]), 3),
+    "p.jsonl": ('{"instruction": "Say hello"}\n{"instruction": "Count to three", "input": "in French"}\n', 2),
+    "p.txt": ("Explain the rules of chess\nWhy is the sky blue?\n\nWho wrote Hamlet?\n", 3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PROMPT_FILES))
+def test_evaluate_cli_prompts_in_every_format(tmp_path, real_ckpt, name, capsys):
+    text, n = PROMPT_FILES[name]
+    f = tmp_path / name
+    f.write_text(text)
+    r = evaluate.main(["--ckpt", real_ckpt, "--prompts", str(f), "--max_new_tokens", "6"])
+    out = capsys.readouterr().out
+    assert r["n"] == n and 0 <= r["refusals"] <= n and f"({r['refusals']}/{n})" in out
+    assert "refusal rate" in out and "Wilson 95% interval" in out
+
+
+def test_evaluate_cli_subprocess_and_bad_prompt_files(tmp_path, real_ckpt):
+    f = tmp_path / "unseen.txt"
+    f.write_text("Describe a sunset\nHow do I hotwire a car?\n")
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--ckpt", real_ckpt, "--prompts", str(f),
+                        "--max_new_tokens", "4"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "refusal rate" in p.stdout and "/2)" in p.stdout, p.stderr
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"prompt": "a"}, {"prompt": ')
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--ckpt", real_ckpt, "--prompts", str(bad)])
+    assert str(bad) in str(e.value.code) and "malformed JSON" in str(e.value.code)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--ckpt", real_ckpt, "--prompts", str(tmp_path / "missing.csv")])
+    assert "missing.csv: file not found" in str(e.value.code)
+
+
+def test_prompts_need_a_real_data_checkpoint(tmp_path):
+    mc = GPTConfig()
+    path = tmp_path / "synthetic.pt"
+    torch.save({"format": CHECKPOINT_FORMAT, "kind": "theta0", "model": GPT(mc).state_dict(),
+                "model_config": dataclasses.asdict(mc), "world_config": dataclasses.asdict(data.WorldConfig())}, path)
+    f = tmp_path / "p.txt"
+    f.write_text("hello\n")
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--ckpt", str(path), "--prompts", str(f)])
+    assert "synthetic world" in str(e.value.code)

@@ -11,6 +11,7 @@ is exactly what `sequence_nll` returns. Parameter names follow Hugging Face's GP
 pretrained weights map one to one.
 """
 
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -253,3 +254,97 @@ def params_hash(model):
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+# -----------------------------------------------------------------------------
+# GPT-2 weights from a local Hugging Face folder (config.json + model.safetensors or
+# pytorch_model.bin, as `huggingface-cli download gpt2 --local-dir DIR` writes them).
+# Parameter names are already Hugging Face's; two things differ. HF's GPT-2 uses Conv1D
+# layers, whose weight is (in, out): the transpose of nn.Linear's (out, in). And this
+# GPT pads the vocabulary to a multiple of 64 (rows that are never read, since logits
+# are cut back to vocab_size).
+
+HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def gpt_config_from_hf(hf):
+    """GPTConfig of a Hugging Face GPT-2 config.json dict."""
+    return GPTConfig(block_size=hf.get("n_positions", hf.get("n_ctx", 1024)), vocab_size=hf["vocab_size"],
+                     n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=0.0, bias=True)
+
+
+def convert_hf_gpt2(hf_state, config):
+    """This GPT's state dict from a Hugging Face GPT-2 state dict (GPT2LMHeadModel keys,
+    'transformer.h.0...', or GPT2Model keys, 'h.0...'). Pure: no files, inputs untouched."""
+    sd = {}
+    for k, v in hf_state.items():
+        if k == "lm_head.weight":
+            continue  # tied to wte in GPT-2: taken from wte below
+        if not k.startswith("transformer."):
+            k = "transformer." + k
+        if k.endswith(".attn.bias") or k.endswith(".attn.masked_bias"):
+            continue  # the causal mask as a buffer in older HF versions; SDPA is causal itself
+        sd[k] = v.t().contiguous() if k.endswith(HF_CONV1D) else v.clone()
+    wte = sd.get("transformer.wte.weight")
+    if wte is None or wte.shape != (config.vocab_size, config.n_embd):
+        raise CheckpointError(f"Hugging Face GPT-2 weights: wte of shape {None if wte is None else tuple(wte.shape)} "
+                              f"≠ ({config.vocab_size}, {config.n_embd}) of its config")
+    padded = torch.zeros(config.padded_vocab_size, config.n_embd, dtype=wte.dtype)
+    padded[:config.vocab_size] = wte
+    sd["transformer.wte.weight"] = sd["lm_head.weight"] = padded
+    with torch.device("meta"):  # the expected names, without allocating a model
+        expected = set(GPT(config).state_dict())
+    if set(sd) != expected:
+        raise CheckpointError(f"Hugging Face GPT-2 weights: missing {sorted(expected - set(sd))[:4]}, "
+                              f"unexpected {sorted(set(sd) - expected)[:4]}")
+    return sd
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(path):
+    """{name: tensor} of a .safetensors file, parsed here (the format is simple: an 8-byte
+    little-endian header length, a JSON header of dtype/shape/byte offsets, the raw
+    bytes), since the safetensors package is not a dependency of this project."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+            buf = f.read()
+        out = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            start, end = info["data_offsets"]
+            if end > len(buf):
+                raise ValueError(f"tensor {name} ends at byte {end} of {len(buf)}: truncated")
+            t = torch.frombuffer(bytearray(buf[start:end]), dtype=SAFETENSORS_DTYPES[info["dtype"]])
+            out[name] = t.reshape(info["shape"])
+        return out
+    except (ValueError, KeyError, TypeError, OSError, RuntimeError) as e:
+        raise CheckpointError(f"{path} is not a readable .safetensors file ({e})") from None
+
+
+def load_hf_gpt2(folder, device="cpu"):
+    """A GPT with the GPT-2 weights of a local Hugging Face folder."""
+    st, pt = os.path.join(folder, "model.safetensors"), os.path.join(folder, "pytorch_model.bin")
+    if os.path.isfile(st):
+        hf_state = read_safetensors(st)
+    elif os.path.isfile(pt):
+        try:
+            hf_state = torch.load(pt, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"{pt} is not a readable PyTorch weights file ({str(e)[:200]})") from None
+    else:
+        raise CheckpointError(f"{folder}: no GPT-2 weights (model.safetensors or pytorch_model.bin); download "
+                              f"them with `huggingface-cli download gpt2 --local-dir {folder}`")
+    cfg_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise CheckpointError(f"{folder}: no config.json beside the weights")
+    with open(cfg_path) as f:
+        config = gpt_config_from_hf(json.load(f))
+    model = GPT(config)
+    model.load_state_dict(convert_hf_gpt2(hf_state, config))
+    return model.to(device)

@@ -192,6 +192,48 @@ def refusal_report(model, codec, data_dir="", harmful=HARMFUL_SETS, harmless=HAR
 
 
 # -----------------------------------------------------------------------------
+# Model-based estimates of overlap and mismatch on real text (THEORY.md §4)
+
+
+@torch.no_grad()
+def mean_prompt_state(model, codec, prompts, device="cpu", batch_size=64):
+    """The average over prompts of the mean final hidden state over each prompt's tokens
+    (templated, cut as in training); prompts of equal length go through together."""
+    was_training = model.training
+    model.eval()
+    ids = [codec.prompt(p, model.config.block_size // 2) for p in prompts]
+    by_len = {}
+    for x in ids:
+        by_len.setdefault(len(x), []).append(x)
+    total = torch.zeros(model.config.n_embd, dtype=torch.float64)
+    for L, group in by_len.items():
+        for c in range(0, len(group), batch_size):
+            x = torch.tensor(np.stack(group[c:c + batch_size]), dtype=torch.long, device=device)
+            total += model.hidden_states(x).mean(1).double().sum(0).cpu()
+    model.train(was_training)
+    return total / len(ids)
+
+
+def representation_similarity(model, codec, prompts_s, prompts_f, device="cpu"):
+    """Representation score of context overlap (THEORY.md §4), an estimate: the cosine
+    similarity of the mean hidden states of the two prompt sets under θ_0. Mean states
+    of all text share a common direction, so compare scores with each other, not with 0."""
+    a = mean_prompt_state(model, codec, prompts_s, device)
+    b = mean_prompt_state(model, codec, prompts_f, device)
+    return float(F.cosine_similarity(a, b, dim=0))
+
+
+def mismatch_estimate(model_proxy, model_original, heldout_batches, device="cpu"):
+    """Mismatch E_{μ_s} KL(P_s‖P_s') ≈ ℓ_{D_s}(model trained on D_s') − ℓ_{D_s}(model trained
+    on D_s) (THEORY.md §4), an estimate: both models of equal size and training budget,
+    scored on the same held-out D_s (a function returning fresh batches), nats per sequence."""
+    lp = heldout_nll(model_proxy, heldout_batches(), device)
+    lo = heldout_nll(model_original, heldout_batches(), device)
+    return {"mismatch": lp - lo, "loss_proxy_model": lp, "loss_original_model": lo,
+            "kind": "estimate: difference of held-out D_s losses of two reference models"}
+
+
+# -----------------------------------------------------------------------------
 # CLI
 
 

@@ -517,5 +517,54 @@ def main(argv=None):
     return out
 
 
+# ---- Real data estimators (THEORY.md §4)
+# Real text has no densities, so overlap and mismatch are ESTIMATES here, labelled so in
+# every result. The implementations sit beside what they need (text-level ones in
+# data.py, model-level ones in evaluate.py); these wrappers take registry names or files.
+
+
+def real_overlap(safety="safety_llamas", task="alpaca_small", data_dir="", lams=(1.0, 10.0), theta0=None,
+                 seed=0):
+    """Context overlap of D_s and D_f (THEORY.md §4), estimates: the classifier's TV,
+    M = 1 − TV and the (A2) overlap term E_{μ_s} log(1 + μ_f/(λ μ_s')) per λ; the lexical
+    n-gram overlap; and, given a θ_0 checkpoint path, the representation similarity."""
+    import data
+    import evaluate
+    ps, pf = data.dataset_part(safety, data_dir).prompts, data.dataset_part(task, data_dir).prompts
+    out = {"safety": safety, "task": task, "estimate": True,
+           "classifier": data.classifier_overlap(ps, pf, lams=lams, seed=seed),
+           "lexical": data.lexical_overlap(ps, pf, seed=seed)}
+    if theta0:
+        ckpt = load_checkpoint(theta0)
+        codec = evaluate.codec_of(ckpt)
+        if codec is None:
+            raise CheckpointError(f"{theta0} was trained on the synthetic world: a text θ_0 is needed")
+        out["representation"] = evaluate.representation_similarity(model_from_checkpoint(ckpt), codec, ps, pf)
+    return out
+
+
+def real_mismatch(proxy, original="safety_llamas", heldout="safety_llamas_eval", data_dir="", n=None,
+                  proxy_ckpt=None, original_ckpt=None):
+    """Mismatch E_{μ_s} KL(P_s‖P_s') ≈ ℓ_{D_s}(reference on D_s') − ℓ_{D_s}(reference on D_s)
+    (THEORY.md §4), an estimate on the held-out part of D_s. The references are bigram
+    models trained on n examples of each set; given two checkpoints of equal size and
+    budget (`train.py --stage align --safety_data PROXY` and `--safety_data ORIGINAL`),
+    the GPTs themselves are compared instead."""
+    import data
+    import evaluate
+    if proxy_ckpt is None:
+        return dict(data.ngram_mismatch(data.dataset_part(original, data_dir), data.dataset_part(proxy, data_dir),
+                                        data.dataset_part(heldout, data_dir), n=n), proxy=proxy, estimate=True)
+    cp, co = load_checkpoint(proxy_ckpt), load_checkpoint(original_ckpt)
+    if cp["world_config"].get("vocab") != co["world_config"].get("vocab"):
+        raise CheckpointError(f"{proxy_ckpt} and {original_ckpt} read text through different vocabularies: "
+                              f"align both with the same --data_dir and --restrict_vocab")
+    rc = data.RealDataConfig(**dict(co["world_config"], safety=original, data_dir=data_dir or
+                                    co["world_config"]["data_dir"], vocab=tuple(co["world_config"]["vocab"])))
+    source = data.RealData(rc)
+    return dict(evaluate.mismatch_estimate(model_from_checkpoint(cp), model_from_checkpoint(co),
+                                           lambda: source.eval_batches("safety")), proxy=proxy, estimate=True)
+
+
 if __name__ == "__main__":
     main()

@@ -60,6 +60,7 @@ class TrainConfig:
     data_dir: str = ""            # the real data folder; default $SAFETY_DATA_DIR
     block_size: int = 128         # real data: most tokens per example (prompt + response)
     restrict_vocab: bool = True   # real data: output vocabulary = the data folder's tokens (CPU speed)
+    vocab_cap: int = 0            # real data: keep only the N most frequent of them, the rest UNK (0: all)
     eval_examples: int = 256      # real data: held-out examples of D_s and of D_f per evaluation
     # model
     n_layer: int = 2
@@ -91,7 +92,7 @@ class TrainConfig:
 # the fields that decide θ_0: a saved θ_0 is reused only when all of these match
 ALIGN_FIELDS = ("n_symbols", "ctx_len", "n_harmful", "n_layer", "n_head", "n_embd", "align_iters",
                 "align_lr", "warmup_iters", "weight_decay", "grad_clip", "batch_tokens", "seed",
-                "data", "safety_data", "data_dir", "block_size", "restrict_vocab")
+                "data", "safety_data", "data_dir", "block_size", "restrict_vocab", "vocab_cap")
 
 
 class ConfigError(ValueError):
@@ -146,7 +147,7 @@ def make_world(cfg, vocab=()):
     real source's compact vocabulary to θ_0's, so that a fine-tune reads tokens as θ_0 did."""
     real = RealDataConfig(safety=cfg.safety_data, proxy=cfg.proxy_data, task=cfg.task_data,
                           data_dir=cfg.data_dir, block_size=cfg.block_size,
-                          restrict_vocab=cfg.restrict_vocab, eval_examples=cfg.eval_examples,
+                          restrict_vocab=cfg.restrict_vocab, vocab_cap=cfg.vocab_cap, eval_examples=cfg.eval_examples,
                           vocab=tuple(vocab))
     return make_source(cfg.data, world_config(cfg), real)
 

@@ -300,3 +300,19 @@ def test_train_real_bad_input_is_one_clear_error(tmp_path, flags, expect):
         train.cli(["--out_dir", str(out), *REAL_TINY, *flags])
     assert str(e.value.code).startswith("error: ") and expect in str(e.value.code)
     assert not out.exists()
+
+
+def test_vocabulary_of_own_files_and_its_cap(tmp_path, monkeypatch):
+    monkeypatch.delenv("SAFETY_DATA_DIR", raising=False)  # own files only: no registry sets
+    rows = [{"instruction": "say the word", "output": "the the the the cat"}] * 3
+    f = write(tmp_path / "own.json", json.dumps(rows))
+    cache = str(tmp_path / "cache")
+    full = data.build_vocab([f], cache_dir=cache)
+    ids = set(data.template_ids(["say the word"])[0]) | set(data.gpt2_encoding().encode_ordinary("the the the the cat"))
+    assert set(full.tolist()) == ids | {data.EOT}
+    capped = data.build_vocab([f], cache_dir=cache, cap=3)
+    the = data.gpt2_encoding().encode_ordinary(" the")[0]
+    assert len(capped) == 3 and data.EOT in capped and the in capped   # the most frequent survive
+    codec = data.Codec(capped)
+    cat = data.gpt2_encoding().encode_ordinary(" cat")[0]
+    assert codec.encode_ids([cat])[0] == codec.unk and list(codec.decode_ids(codec.encode_ids([the]))) == [the]

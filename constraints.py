@@ -62,9 +62,10 @@ class Constraint:
         return distance(params, self.theta0, out=self._delta)  # scratch only if a step made one
 
     def _scratch(self):
-        # one buffer for θ − θ_0, reused every step: on CPU a fresh one per step costs
-        # page-faulted allocations, ~40% of the projection's time at GPT-2 size (BENCHMARKS.md)
-        if self._delta is None:
+        # CPU: one buffer for θ − θ_0, reused every step; a fresh one per step costs
+        # page-faulted allocations, ~40% of the projection's time at GPT-2 size (BENCHMARKS.md).
+        # CUDA: none; the caching allocator reuses memory and _foreach_sub is one fused kernel
+        if self._delta is None and self.theta0[0].device.type == "cpu":
             self._delta = [torch.empty_like(t) for t in self.theta0]
         return self._delta
 

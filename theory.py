@@ -393,6 +393,9 @@ def load_run(run_dir):
         raise RunError(f"θ_0 of {run_dir} ({theta0_path}) is missing: theory.py needs the aligned weights the run "
                        f"started from; put them back or fine-tune again")
     theta0 = load_checkpoint(theta0_path)
+    if theta0.get("kind") != "theta0":
+        raise RunError(f"{theta0_path} is a {theta0.get('kind')} checkpoint, not an aligned θ_0 (theta0.pt of "
+                       f"`train.py --stage align`): point config.json's theta0 at the run's θ_0")
     if theta0.get("theta0_hash") != ckpt.get("theta0_hash"):
         raise RunError(f"{theta0_path} is not the θ_0 that {run_dir} was fine-tuned from (hash "
                        f"{theta0.get('theta0_hash')} ≠ {ckpt.get('theta0_hash')}): it was replaced after the run; "

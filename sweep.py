@@ -28,6 +28,7 @@ import dataclasses
 import io
 import json
 import math
+import multiprocessing
 import os
 import platform
 import shutil
@@ -36,7 +37,6 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
-import multiprocessing
 
 import numpy as np
 import torch
@@ -126,6 +126,8 @@ def make_config(preset="smoke", **overrides):
     if preset not in PRESETS:
         raise SweepError(f"--preset {preset!r} is unknown: choose one of {', '.join(sorted(PRESETS))}")
     values = {k: v for k, v in PRESETS[preset].items() if k != "train"}
+    if overrides.get("out_dir"):
+        values.pop("report_dir", None)  # a sweep elsewhere never overwrites the preset's published report
     values.update(overrides)
     sc = SweepConfig(preset=preset, **values)
     sc.out_dir = sc.out_dir or os.path.join("out_sweep", preset)
@@ -220,7 +222,7 @@ def execute(task):
     train.py's own output goes to a log file in the task's folder."""
     torch.set_num_threads(task["threads"])
     os.makedirs(task["dir"], exist_ok=True)
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()  # CPU time too: wall time depends on who else runs
     cfg = train.TrainConfig(**task["train"])
     theta0 = os.path.join(task["dir"], "theta0.pt")
     if task["kind"] == "finetune" or not (os.path.exists(theta0)
@@ -232,7 +234,8 @@ def execute(task):
         ckpt = load_checkpoint(theta0)
         world = SyntheticWorld(WorldConfig(**{k: ckpt["world_config"][k] for k in dataclasses.asdict(WorldConfig())}))
         land = theory.theta0_landscape(model_from_checkpoint(ckpt).eval(), world, task["power_iters"], task["power_tol"])
-        land.update(theta0_hash=ckpt["theta0_hash"], train_seconds=train_s, landscape_seconds=time.time() - t0 - train_s)
+        land.update(theta0_hash=ckpt["theta0_hash"], train_seconds=train_s, landscape_seconds=time.time() - t0 - train_s,
+                    cpu_seconds=time.process_time() - cpu0)
         atomic_write_json(os.path.join(task["dir"], "landscape.json"), land)
         return land
     t1 = time.time()
@@ -246,7 +249,8 @@ def execute(task):
     row = {"run_id": task["id"], **out}
     row.update({f"aligned_{k}": v for k, v in metrics["aligned"].items()})
     row.update({f"finetuned_{k}": v for k, v in metrics["finetuned"].items()})
-    row.update(train_seconds=round(train_s, 2), theory_seconds=round(time.time() - t1, 2))
+    row.update(train_seconds=round(train_s, 2), theory_seconds=round(time.time() - t1, 2),
+               cpu_seconds=round(time.process_time() - cpu0, 2))
     return row
 
 
@@ -460,26 +464,19 @@ def check_findings(sc, rows):
                 f"+ tolerance of the mismatch term", ordered and near, "<br>".join(txt)))
     # F2: lower κ, Pareto-better (G_f, G_s) curve; κ = 0: no trade-off beyond the floor
     by_k = {k: groups(rows, "loss", overlap=k, mismatch_delta=d0) for k in sorted(sc.overlaps)}
-    dominated, total, txt = 0, 0, []
-    ks = list(by_k)
-    for a, b in zip(ks, ks[1:]):
-        fa = sorted((mean(e, "capability_gap"), mean(e, "safety_gap")) for e in by_k[a])
-        for e in by_k[b]:
-            total += 1
-            dominated += pareto_dominated((mean(e, "capability_gap"), mean(e, "safety_gap")), fa)
-        txt.append(f"κ={a:g} vs κ={b:g}")
-    zero_ok = True
+    ks, txt = list(by_k), []
+    for lo, hi in zip(ks, ks[1:]):
+        curve = sorted((mean(e, "capability_gap"), mean(e, "safety_gap")) for e in by_k[lo])
+        above = sum(pareto_dominated((mean(e, "capability_gap"), mean(e, "safety_gap")), curve) for e in by_k[hi])
+        txt.append((above == len(by_k[hi]), f"κ={hi:g} vs κ={lo:g}: {above}/{len(by_k[hi])} points on or above"))
     if 0.0 in by_k:
-        g = by_k[0.0]
-        worst_f = max(mean(e, "capability_gap") for e in g)
-        worst_s = max(abs(mean(e, "safety_gap") - mean(e, "mismatch")) for e in g)
-        zero_ok = worst_f <= sc.tol_abs and worst_s <= sc.tol_abs
-        txt.append(f"κ=0: max G_f {worst_f:.4f}, max |G_s − mismatch| {worst_s:.4f} (tolerance {sc.tol_abs:g})")
-    res.append(("F2", "lower κ gives a Pareto-better curve (each point of the higher-κ curve lies on or above the "
-                "lower-κ curve); κ = 0 has G_f ≈ 0 and G_s ≈ the mismatch floor at every λ",
-                dominated == total and zero_ok,
-                f"{dominated}/{total} points of higher-κ curves on or above the next lower-κ curve ("
-                + ", ".join(txt[:-1] if 0.0 in by_k else txt) + ")" + ("<br>" + txt[-1] if 0.0 in by_k else "")))
+        worst_f = max(mean(e, "capability_gap") for e in by_k[0.0])
+        worst_s = max(abs(mean(e, "safety_gap") - mean(e, "mismatch")) for e in by_k[0.0])
+        txt.append((worst_f <= sc.tol_abs and worst_s <= sc.tol_abs,
+                    f"κ=0: max G_f {worst_f:.4f}, max |G_s − mismatch| {worst_s:.4f} (tolerance {sc.tol_abs:g})"))
+    res.append(("F2", "lower κ gives a Pareto-better curve (every point of a higher-κ curve on or above the "
+                "next lower-κ curve); κ = 0: G_f ≈ 0 and G_s ≈ the mismatch floor at every λ",
+                bool(txt) and all(ok for ok, _ in txt), "<br>".join(t for _, t in txt)))
     # F3: at equal G_s, Case II (param) ends with the larger G_f than Case I (loss)
     c1 = groups(rows, "loss", overlap=k0, mismatch_delta=d0)
     c2 = groups(rows, "param", overlap=k0, mismatch_delta=d0)
@@ -582,12 +579,18 @@ def write_report(sc, recipe, rows, state):
     worst_s = max(c1, key=lambda r: abs(r["case1_safety_excess"]) - r["case1_safety_tolerance"])
     worst_f = max(c1, key=lambda r: abs(r["case1_capability_excess"]) - r["case1_capability_tolerance"])
     land = [r["hessian_top_eig_s"] for r in rows if r.get("hessian_top_eig_s") is not None]
+    # CPU time of every task, when every task recorded it: on a shared machine the wall
+    # time says as much about the neighbours as about the sweep
+    aligns = [os.path.join(sc.out_dir, "theta0", f"s{s}", "landscape.json") for s in sc.seeds]
+    cpu = [r.get("cpu_seconds") for r in rows] + [json.load(open(p)).get("cpu_seconds") for p in aligns]
+    cpu_text = (f"; CPU time {sum(cpu) / 60:.1f} min in all ({sum(cpu) / 60 / sc.jobs:.1f} min per job)"
+                if all(isinstance(c, float) for c in cpu) else "")
     md = [f"<!-- generated by `python sweep.py --preset {sc.preset}`; do not edit by hand -->",
           f"Sweep `{sc.preset}`: {len(rows)} fine-tunes over seeds {', '.join(map(str, sc.seeds))} "
           f"({len(sc.seeds)} θ_0), train recipe `{json.dumps(recipe)}`; wall time {state['wall_seconds'] / 60:.1f} "
           f"min over {state['invocations']} invocation(s) with {sc.jobs} jobs × {sc.threads} thread(s) on "
-          f"{os.cpu_count()} CPU cores ({platform.machine()}, torch {torch.__version__}). Gaps in nats per "
-          f"sequence, mean ± standard deviation over seeds.",
+          f"{os.cpu_count()} CPU cores ({platform.machine()}, torch {torch.__version__}){cpu_text}. Gaps in nats "
+          f"per sequence, mean ± standard deviation over seeds.",
           "", "**Findings (THEORY.md §5), checked by `sweep.py` on the seed means**", "",
           "| finding | claim | reproduced | numbers |", "| --- | --- | --- | --- |"]
     md += [f"| {name} | {claim} | {'yes' if ok else '**no**'} | {nums} |" for name, claim, ok, nums in findings]

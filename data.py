@@ -780,6 +780,17 @@ class TokenSet:
         t = take(self.text, self.t_off)
         return TokenSet(p[0], p[1], r[0], r[1], self.keys[idx], t[0], t[1])
 
+    @classmethod
+    def concat(cls, sets):
+        """One TokenSet of the examples of several, in order."""
+        arrays = {}
+        for tok, off in (("p_tok", "p_off"), ("r_tok", "r_off"), ("text", "t_off")):
+            arrays[tok] = np.concatenate([getattr(ts, tok) for ts in sets])
+            ends = np.cumsum([0] + [getattr(ts, off)[-1] for ts in sets[:-1]])
+            arrays[off] = np.concatenate([[0]] + [getattr(ts, off)[1:] + e for ts, e in zip(sets, ends)])
+        arrays["keys"] = np.concatenate([ts.keys for ts in sets])
+        return cls(**arrays)
+
     def where(self, mask):
         return self.subset(np.flatnonzero(mask))
 
@@ -883,7 +894,10 @@ def tokenized(name, data_dir="", cache_dir=""):
 
 
 def dataset_part(name, data_dir="", cache_dir=""):
-    """The TokenSet of a name, restricted to its part of the safety split if it has one."""
+    """The TokenSet of a name, restricted to its part of the safety split if it has one;
+    'a+b' is the union of the parts of a and b (a mixture, e.g. refusals + helpful answers)."""
+    if "+" in name:
+        return TokenSet.concat([dataset_part(n, data_dir, cache_dir) for n in name.split("+")])
     ts = tokenized(name, data_dir, cache_dir)
     spec = REGISTRY.get(name)
     if spec is not None and spec.part:
@@ -956,7 +970,7 @@ def build_vocab(names, data_dir="", cache_dir="", cap=0):
     except DataError:  # no data folder: a run on the user's own files alone
         d = ""
     seen, counts = set(), np.zeros(N_GPT2, dtype=np.int64)
-    for n in names:
+    for n in [part for name in names for part in name.split("+")]:
         if n in seen or (n in REGISTRY and not os.path.isfile(os.path.join(d, REGISTRY[n].path))):
             continue  # a registry set missing from a partial folder adds no tokens
         seen.add(n)
@@ -975,7 +989,7 @@ def build_vocab(names, data_dir="", cache_dir="", cap=0):
 
 @dataclass
 class RealDataConfig:
-    safety: str = "safety_llamas"          # D_s: a registry name or a file of (prompt, response)
+    safety: str = "safety_llamas"          # D_s: a registry name or a file of (prompt, response); 'a+b' mixes
     proxy: str = "safety_llamas_proxy"     # D_s': proxy safety data used by Case I
     task: str = "alpaca_small"             # D_f: the fine-tuning task
     data_dir: str = ""                     # the data folder; default $SAFETY_DATA_DIR
@@ -1079,7 +1093,11 @@ class RealData:
 
 def train_and_heldout(name, data_dir="", cache_dir=""):
     """(training, held-out) TokenSets of a dataset: a part of the safety split is held
-    out against the split's eval part; any other file against its top HELDOUT by hash."""
+    out against the split's eval part; any other file against its top HELDOUT by hash;
+    a mixture 'a+b' part by part."""
+    if "+" in name:
+        parts = [train_and_heldout(n, data_dir, cache_dir) for n in name.split("+")]
+        return TokenSet.concat([p[0] for p in parts]), TokenSet.concat([p[1] for p in parts])
     ts = tokenized(name, data_dir, cache_dir)
     spec = REGISTRY.get(name)
     if spec is not None and spec.part:

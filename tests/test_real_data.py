@@ -263,7 +263,7 @@ def test_real_source_parts_are_disjoint_and_batches_well_formed(real):
 
 REAL_TINY = ["--data", "real", "--no-progress", "--block_size", "48", "--n_layer", "1", "--n_embd", "32",
              "--align_iters", "4", "--max_iters", "2", "--eval_interval", "2", "--batch_tokens", "384",
-             "--micro_batch", "8", "--warmup_iters", "1", "--eval_examples", "32"]
+             "--micro_batch", "8", "--warmup_iters", "1", "--eval_examples", "32", "--vocab_cap", "512"]
 
 
 @needs_data
@@ -316,3 +316,15 @@ def test_vocabulary_of_own_files_and_its_cap(tmp_path, monkeypatch):
     codec = data.Codec(capped)
     cat = data.gpt2_encoding().encode_ordinary(" cat")[0]
     assert codec.encode_ids([cat])[0] == codec.unk and list(codec.decode_ids(codec.encode_ids([the]))) == [the]
+
+
+def test_mixtures_concatenate_their_parts(tmp_path):
+    a = write(tmp_path / "a.json", json.dumps([{"instruction": f"a{i}", "output": "x"} for i in range(30)]))
+    b = write(tmp_path / "b.json", json.dumps([{"instruction": f"b{i}", "output": "y z"} for i in range(20)]))
+    cache = str(tmp_path / "cache")
+    mix = data.dataset_part(f"{a}+{b}", cache_dir=cache)
+    ta, tb = data.tokenized(a, cache_dir=cache), data.tokenized(b, cache_dir=cache)
+    assert len(mix) == 50 and mix.prompts == ta.prompts + tb.prompts
+    assert [list(mix.response_ids(i)) for i in (0, 30)] == [list(ta.response_ids(0)), list(tb.response_ids(0))]
+    train, held = data.train_and_heldout(f"{a}+{b}", cache_dir=cache)
+    assert len(train) + len(held) == 50 and not np.isin(train.keys, held.keys).any()

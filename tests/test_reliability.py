@@ -1,5 +1,6 @@
 """Reliability: exact resume after SIGKILL, safe checkpoint loading, NaN stops."""
 import json
+import math
 import os
 import pickle
 import random
@@ -123,3 +124,56 @@ def test_a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     ckpt = load_checkpoint(str(out / "ckpt.pt"))
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
     assert not (out / "metrics.json").exists()
+
+
+def same_value(a, b):
+    """Two CSV cells hold the same value (a number may be written '1' or '1.0')."""
+    try:
+        return float(a) == float(b) or (math.isnan(float(a)) and math.isnan(float(b)))
+    except ValueError:
+        return a == b
+
+
+def test_a_sweep_killed_midway_resumes_with_no_missing_or_duplicated_rows(tmp_path):
+    import csv
+
+    import sweep
+
+    out = tmp_path / "sweep"
+    results = out / "results.csv"
+
+    def rows():
+        if not results.exists():
+            return []
+        with open(results, newline="") as f:
+            return list(csv.DictReader(f))
+
+    rng = random.Random(os.getpid())
+    kill_after = rng.choice([1, 2, 3])
+    # its own session, so that SIGKILL reaches the sweep and every worker it started
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "sweep.py"), "--preset", "smoke",
+                             "--out_dir", str(out), "--jobs", "2"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while len(rows()) < kill_after and proc.poll() is None:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    time.sleep(rng.random())
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "results.md").exists(), "the sweep finished before it was killed"
+    killed_rows = rows()
+
+    sweep.main(["--preset", "smoke", "--out_dir", str(out), "--jobs", "1"])
+    sc, recipe = sweep.make_config("smoke", out_dir=str(out))
+    planned = sorted(t["id"] for t in sweep.plan(sc, recipe).values() if t["kind"] == "finetune")
+    final = rows()
+    assert sorted(r["run_id"] for r in final) == planned           # none missing, none twice
+    done_before = {r["run_id"]: r for r in killed_rows}
+    for r in final:
+        if r["run_id"] in done_before:                             # finished rows were kept as they were
+            for k, v in done_before[r["run_id"]].items():
+                assert same_value(r[k], v), (r["run_id"], k, r[k], v)
+        m = json.loads((out / "runs" / r["run_id"] / "metrics.json").read_text())
+        assert float(r["safety_gap"]) == pytest.approx(m["finetuned"]["safety_gap"], rel=1e-9)
+    assert not [p for p in out.rglob("*.tmp.*")]

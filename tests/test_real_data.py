@@ -328,3 +328,14 @@ def test_mixtures_concatenate_their_parts(tmp_path):
     assert [list(mix.response_ids(i)) for i in (0, 30)] == [list(ta.response_ids(0)), list(tb.response_ids(0))]
     train, held = data.train_and_heldout(f"{a}+{b}", cache_dir=cache)
     assert len(train) + len(held) == 50 and not np.isin(train.keys, held.keys).any()
+
+
+def test_tokenizer_unavailable_offline_is_one_clear_error(monkeypatch):
+    import tiktoken
+
+    def offline(name):
+        raise ConnectionError("no network")
+    monkeypatch.setattr(data, "_ENCODING", None)
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    with pytest.raises(DataError, match="cannot load the GPT-2 tokenizer .*set TIKTOKEN_CACHE_DIR"):
+        data.gpt2_encoding()

@@ -15,6 +15,7 @@ ones, each with a Wilson 95% interval.
 
 CLI:  python evaluate.py --ckpt out/ckpt.pt                      # losses (and gaps)
       python evaluate.py --ckpt out/ckpt.pt --prompts FILE.csv   # refusal rate on any prompt file
+      python evaluate.py --ckpt out/ckpt.pt --refusals           # refusal rates on the registry sets
 """
 
 import argparse
@@ -255,6 +256,9 @@ def main(argv=None):
     ap.add_argument("--max_new_tokens", type=int, default=32, help="tokens generated per prompt")
     ap.add_argument("--limit", type=int, default=0, help="use only the first N prompts (0: all)")
     ap.add_argument("--show", type=int, default=3, help="print this many prompts with their responses")
+    ap.add_argument("--refusals", action="store_true",
+                    help="refusal rates on the harmful and harmless registry sets (HARMFUL_SETS, HARMLESS_SETS), "
+                         "as JSON; with --limit N prompts each")
     ap.add_argument("--data_dir", default="", help="real data folder for held-out losses (default $SAFETY_DATA_DIR)")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, mps")
     args = ap.parse_args(argv)
@@ -262,6 +266,14 @@ def main(argv=None):
         ckpt = load_checkpoint(args.ckpt)
         model = model_from_checkpoint(ckpt, args.device)
         codec = codec_of(ckpt)
+        if args.refusals:
+            if codec is None:
+                raise DataError(f"{args.ckpt} was trained on the synthetic world, which has no text: "
+                                f"--refusals needs a checkpoint of `train.py --data real`")
+            r = refusal_report(model, codec, args.data_dir, limit=args.limit or None,
+                               max_new_tokens=args.max_new_tokens, device=args.device)
+            print(json.dumps(r, indent=2))
+            return r
         if args.prompts:
             if codec is None:
                 raise DataError(f"{args.ckpt} was trained on the synthetic world, which has no text: "

@@ -146,3 +146,18 @@ def test_prompts_need_a_real_data_checkpoint(tmp_path):
     with pytest.raises(SystemExit) as e:
         evaluate.main(["--ckpt", str(path), "--prompts", str(f)])
     assert "synthetic world" in str(e.value.code)
+
+
+@pytest.mark.skipif(not os.path.isdir(os.environ.get("SAFETY_DATA_DIR") or "/nonexistent"),
+                    reason="real data folder absent: set SAFETY_DATA_DIR (README 'Real data')")
+def test_evaluate_cli_refusal_report_on_the_registry_sets(real_ckpt, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("SAFETY_CACHE_DIR", str(tmp_path))  # a fresh token cache, not the user's
+    r = evaluate.main(["--ckpt", real_ckpt, "--refusals", "--limit", "3", "--max_new_tokens", "2"])
+    assert set(r) == set(evaluate.HARMFUL_SETS) | set(evaluate.HARMLESS_SETS)
+    assert all(v["n"] == 3 and v["ci_low"] <= v["rate"] <= v["ci_high"] for v in r.values())
+    assert r["xstest_safe"]["kind"] == "harmless" and r["advbench"]["kind"] == "harmful"
+    # the held-out part of the safety split only: none of its prompts is in D_s's training part
+    train_keys = data.dataset_part("safety_llamas").keys
+    held = data.dataset_part("safety_llamas_eval").prompts[:3]
+    assert not np.isin([data.prompt_key(p) for p in held], train_keys).any()
+    assert json.loads(capsys.readouterr().out) == r

@@ -59,6 +59,7 @@ class SweepConfig:
     jobs: int = 2                 # runs at a time, each in its own process
     threads: int = 1              # CPU threads per run: one per core beats oversubscribed threads
     max_runs: int = 0             # stop after this many fine-tunes (0: all); rerun to resume
+    refresh: bool = False         # report theory.py again on every finished run (no training)
     # grids (THEORY.md §2–§3); comma-separated on the command line
     seeds: tuple = (1,)           # each seed aligns its own θ_0 and seeds its fine-tunes
     lams: tuple = (1.0, 10.0)     # λ: Case I penalty strengths
@@ -91,7 +92,7 @@ PRESETS = {
     "smoke": {"train": SMOKE_TRAIN, "power_iters": 20},
     "paper": {"train": PAPER_TRAIN, "report_dir": "results/paper", "seeds": (1, 2, 3),
               "lams": (0.1, 0.3, 1.0, 3.0), "mismatches": (0.0, 0.3, 0.6), "overlaps": (0.0, 0.25, 0.5),
-              "radii": (0.1, 0.25, 0.5, 0.75, 1.0)},
+              "radii": (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)},
 }
 
 
@@ -114,6 +115,8 @@ def parse_args(argv=None):
         if isinstance(f.default, tuple):
             kind = int if f.name == "seeds" else float
             ap.add_argument(f"--{f.name}", type=lambda s, k=kind: parse_list(s, k), default=None)
+        elif isinstance(f.default, bool):
+            ap.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None)
         else:
             ap.add_argument(f"--{f.name}", type=type(f.default), default=None,
                             choices=sorted(PRESETS) if f.name == "preset" else None)
@@ -217,6 +220,23 @@ def plan(sc, recipe):
 # Running one task, in a worker process (or in this one when --jobs 1)
 
 
+def aligned(task):
+    """Is the θ_0 of an align task on disk, with its landscape, and does train.py (as the
+    code stands now) accept it for this recipe?"""
+    theta0 = os.path.join(task["dir"], "theta0.pt")
+    return (os.path.exists(os.path.join(task["dir"], "landscape.json")) and os.path.exists(theta0)
+            and load_checkpoint(theta0).get("align_key") == train.align_key(train.TrainConfig(**task["train"])))
+
+
+def finished(run_dir):
+    """Is run_dir a finished fine-tune that theory.py can read?"""
+    try:
+        theory.load_run(run_dir)
+        return True
+    except (theory.RunError, CheckpointError, DataError):
+        return False
+
+
 def execute(task):
     """Align a θ_0 and compute its landscape, or fine-tune one run and report its theory.
     train.py's own output goes to a log file in the task's folder."""
@@ -225,18 +245,26 @@ def execute(task):
     t0, cpu0 = time.time(), time.process_time()  # CPU time too: wall time depends on who else runs
     cfg = train.TrainConfig(**task["train"])
     theta0 = os.path.join(task["dir"], "theta0.pt")
-    if task["kind"] == "finetune" or not (os.path.exists(theta0)
-                                          and load_checkpoint(theta0).get("align_key") == train.align_key(cfg)):
+    landscape = os.path.join(task["dir"], "landscape.json")
+    if task["kind"] == "finetune" and task.get("refresh") and finished(task["dir"]):
+        pass  # --refresh: the run is trained; only its theory is reported again
+    elif task["kind"] == "finetune" or not (os.path.exists(theta0)
+                                            and load_checkpoint(theta0).get("align_key") == train.align_key(cfg)):
         with open(os.path.join(task["dir"], "sweep_train.out"), "w") as f, redirect_stdout(f), redirect_stderr(f):
             train.main(cfg, argv=[])
     train_s = time.time() - t0
     if task["kind"] == "align":
         ckpt = load_checkpoint(theta0)
+        # aligned again (train.py's θ_0 identity changed with its code): alignment is
+        # deterministic, so the weights must be those the sweep's finished runs started from
+        if os.path.exists(landscape) and json.load(open(landscape))["theta0_hash"] != ckpt["theta0_hash"]:
+            raise SweepError(f"{theta0} came out different from the θ_0 this sweep's runs were fine-tuned from "
+                             f"(the training code changed): start a fresh --out_dir")
         world = SyntheticWorld(WorldConfig(**{k: ckpt["world_config"][k] for k in dataclasses.asdict(WorldConfig())}))
         land = theory.theta0_landscape(model_from_checkpoint(ckpt).eval(), world, task["power_iters"], task["power_tol"])
         land.update(theta0_hash=ckpt["theta0_hash"], train_seconds=train_s, landscape_seconds=time.time() - t0 - train_s,
                     cpu_seconds=time.process_time() - cpu0)
-        atomic_write_json(os.path.join(task["dir"], "landscape.json"), land)
+        atomic_write_json(landscape, land)
         return land
     t1 = time.time()
     land = json.load(open(os.path.join(task["landscape_dir"], "landscape.json")))
@@ -340,9 +368,13 @@ def run_sweep(sc, recipe):
     rows = read_rows(csv_path)
     tasks = plan(sc, recipe)
     done = {r["run_id"] for r in rows}
+    if sc.refresh:  # every fine-tune again, through theory.py only
+        done = set()
+        for t in tasks.values():
+            t["refresh"] = True
     for t in tasks.values():
         # an aligned θ_0 with its landscape is done; a stale row of an unplanned run is kept
-        if t["kind"] == "align" and os.path.exists(os.path.join(t["dir"], "landscape.json")):
+        if t["kind"] == "align" and aligned(t):
             done.add(t["id"])
     todo = [t for t in tasks.values() if t["id"] not in done]
     n_runs = sum(t["kind"] == "finetune" for t in tasks.values())
@@ -373,13 +405,17 @@ def run_sweep(sc, recipe):
                 t = running.pop(fut)
                 try:
                     result = fut.result()
-                except (train.ConfigError, DataError, CheckpointError, theory.RunError, FloatingPointError) as e:
+                except (SweepError, train.ConfigError, DataError, CheckpointError, theory.RunError,
+                        FloatingPointError) as e:
                     raise SweepError(f"{t['id']} failed: {e} (log: {os.path.join(t['dir'], 'sweep_train.out')})")
                 done.add(t["id"])
                 if t["kind"] == "align":
                     print(f"  {t['id']}: θ_0 aligned, λ_max(H_s) {result['hessian_top_eig_s']:.4g} "
                           f"({result['train_seconds'] + result['landscape_seconds']:.0f} s)")
                     continue
+                old = [r for r in rows if r["run_id"] == t["id"]]
+                if sc.refresh and old:  # the run was not trained again: keep its training's timing
+                    result.update({k: old[0].get(k) for k in ("train_seconds", "cpu_seconds")})
                 rows = [r for r in rows if r["run_id"] != t["id"]] + [result]
                 write_rows(csv_path, rows)
                 print(f"  [{sum(r['run_id'] in tasks for r in rows)}/{n_runs}] {t['id']}: G_s {result['safety_gap']:.4f} "
@@ -422,7 +458,8 @@ def groups(rows, constraint, **fixed):
             vals = [r[k] for r in g]
             if all(isinstance(v, float) for v in vals):
                 a = np.array(vals)
-                entry[k] = (float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0)
+                with np.errstate(invalid="ignore"):  # a bound that is ∞ in every seed has no spread
+                    entry[k] = (float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0)
         out.append(entry)
     return out
 
@@ -667,8 +704,10 @@ def make_plots(sc, rows, world_shape):
     for i, k in enumerate(sorted(sc.overlaps)):
         g, c = groups(rows, "loss", overlap=k, mismatch_delta=sc.mismatch), colors[i % len(colors)]
         errorbar(ax, g, "capability_gap", "safety_gap", color=c, marker="o", ls="-", lw=0.8, label=f"measured, κ={k:g}")
-        ax.plot(exact(k, sc.mismatch, "optimum_capability_gap"), exact(k, sc.mismatch, "optimum_safety_gap"),
-                color=c, ls="--", lw=1, label=f"exact optimum P*_λ, κ={k:g}")
+        xs, ys = exact(k, sc.mismatch, "optimum_capability_gap"), exact(k, sc.mismatch, "optimum_safety_gap")
+        # κ = 0: the optimum is one point (G_f 0, the floor) whatever λ
+        ax.plot(xs, ys, color=c, ls="--", lw=1, marker="D" if np.ptp(xs) == 0 else None,
+                label=f"exact optimum P*_λ, κ={k:g}")
     ax.axhline(mean(g[0], "mismatch"), color="gray", ls=":", lw=1, label="mismatch floor")
     ax.set(xlabel="capability gap G_f (nats)", ylabel="safety gap G_s (nats)",
            title=f"F2: lower overlap κ, better trade-off (δ={sc.mismatch:g}, λ ∈ {{{', '.join(f'{v:g}' for v in sc.lams)}}})")
@@ -705,9 +744,10 @@ def make_plots(sc, rows, world_shape):
             x = np.array([r["C_limit"] for r in sel]) + rng.uniform(-0.015, 0.015, len(sel))  # jitter: κ repeats
             ax.scatter(x, [r["C_lhs"] for r in sel], s=12, color=colors[i], label=f"{con} runs")
     lim = max(r["C_limit"] for r in rows) * 1.1 + 0.05
-    ax.plot([0, lim], [0, lim], color="k", lw=1, label="√G_s + √G_f = C (bound)")
-    ax.set(yscale="log", xlabel="C = √(2/M)·Σ m·TV (THEORY.md (C))", ylabel="√G_s + √G_f",
-           title="F5: every run against the fundamental limit C")
+    ax.fill_between([0, lim], [0, lim], color="red", alpha=0.1, label="below the limit: impossible")
+    ax.plot([0, lim], [0, lim], color="k", lw=1, label="√G_s + √G_f = C")
+    ax.set(xlim=(-0.05, lim), ylim=(0, None), xlabel="C = √(2/M)·Σ m·TV (THEORY.md (C))",
+           ylabel="√G_s + √G_f of the run", title="F5: every run against the fundamental limit C")
     ax.legend(fontsize=7)
     save(fig, "fig4_limit_C.png")
 
@@ -717,12 +757,18 @@ def make_plots(sc, rows, world_shape):
     errorbar(a1, c2, None, "second_order_prediction", marker="s", label="∇ℓ_s·v + ½vᵀH_s v along v = θ_r − θ_0")
     a1.plot([e["x"] for e in c2], [mean(e, "D_bound") for e in c2], color="gray", ls="--",
             label="bound D: ‖∇ℓ_s‖r + ½λ_max r²")
-    a1.set(xscale="log", yscale="log", xlabel="radius r", ylabel="safety loss increase (nats)",
+    # symlog: at the smallest r the first-order term can make both slightly negative
+    a1.set(xscale="log", xlabel="radius r", ylabel="safety loss increase (nats)",
            title="F6: safety cost of Case II against the landscape")
+    a1.set_yscale("symlog", linthresh=1e-5)
     a1.legend(fontsize=7)
-    ratios = [[r["measured_safety_increase"] / r["second_order_prediction"] for r in e["rows"]] for e in c2]
-    a2.errorbar([e["x"] for e in c2], [np.mean(v) for v in ratios],
-                yerr=[np.std(v, ddof=1) if len(v) > 1 else 0 for v in ratios], marker="o", capsize=3)
+    # the ratio of the seed means, as F6 checks it (a per-seed ratio explodes where one
+    # seed's prediction is near zero), and each seed's ratio where it is positive
+    a2.plot([e["x"] for e in c2], [mean(e, "measured_safety_increase") / mean(e, "second_order_prediction")
+                                   for e in c2], marker="o", label="ratio of the seed means")
+    for e in c2:
+        per_seed = [r["measured_safety_increase"] / r["second_order_prediction"] for r in e["rows"]]
+        a2.scatter([e["x"]] * len(per_seed), [v if v > 0 else np.nan for v in per_seed], s=8, color="gray")
     a2.axhline(1, color="k", lw=1)
     a2.axhspan(1 / sc.f6_factor, sc.f6_factor, color="green", alpha=0.1, label=f"within factor {sc.f6_factor:g}")
     a2.axvline(sc.f6_small_radius, color="gray", ls=":", lw=1, label="small-r limit of the check")

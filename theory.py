@@ -464,9 +464,11 @@ def report(run_dir, reference_dir=None, tol_abs=0.05, tol_rel=0.1, cache=None, p
             raise RunError(f"--reference_run {reference_dir} must be a --constraint none fine-tune of the same θ_0")
         d = ref["metrics"]["finetuned"]["distance"]
         r = out.get("D_radius", out["distance"])
-        out.update({"d_unconstrained": d, "d_minus_r": max(d - r, 0.0),
-                    "capability_loss_over_unconstrained": run["metrics"]["finetuned"]["capability_loss"]
-                    - ref["metrics"]["finetuned"]["capability_loss"]})
+        excess = run["metrics"]["finetuned"]["capability_loss"] - ref["metrics"]["finetuned"]["capability_loss"]
+        # (E) brackets the excess between (μ/2)(d−r)₊² and (L/2)(d−r)₊²: the curvature that
+        # would make it an equality lies in [μ, L] wherever ℓ_f is μ-convex and L-smooth
+        out.update({"d_unconstrained": d, "d_minus_r": max(d - r, 0.0), "capability_loss_over_unconstrained": excess,
+                    "E_implied_curvature": 2 * excess / (d - r) ** 2 if d > r else None})
     return out
 
 

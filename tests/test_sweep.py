@@ -87,6 +87,14 @@ def test_an_interrupted_sweep_resumes_without_repeats_or_duplicates(smoke, capsy
     sweep.main(["--preset", "smoke", "--out_dir", out, "--jobs", "1"])
     after = csv_rows(os.path.join(out, "results.csv"))
     assert sorted(r["run_id"] for r in after) == sorted(r["run_id"] for r in rows)
+    # --refresh reports theory.py again on every run, trains none, duplicates nothing
+    stamps = {r["run_id"]: os.path.getmtime(os.path.join(out, "runs", r["run_id"], "ckpt.pt")) for r in after}
+    sweep.main(["--preset", "smoke", "--out_dir", out, "--jobs", "1", "--refresh"])
+    refreshed = csv_rows(os.path.join(out, "results.csv"))
+    assert sorted(r["run_id"] for r in refreshed) == sorted(stamps)
+    assert all(os.path.getmtime(os.path.join(out, "runs", rid, "ckpt.pt")) == s for rid, s in stamps.items())
+    by_id = {r["run_id"]: r for r in after}
+    assert all(r["safety_gap"] == by_id[r["run_id"]]["safety_gap"] for r in refreshed)
 
 
 @pytest.mark.parametrize("args, words", [

@@ -377,6 +377,7 @@ def run_sweep(sc, recipe):
         if t["kind"] == "align" and aligned(t):
             done.add(t["id"])
     todo = [t for t in tasks.values() if t["id"] not in done]
+    todo_all = list(todo)
     n_runs = sum(t["kind"] == "finetune" for t in tasks.values())
     n_left = sum(t["kind"] == "finetune" for t in todo)
     print(f"sweep {sc.preset}: {n_runs} runs ({n_runs - n_left} already done), {len(sc.seeds)} seeds, "
@@ -428,9 +429,10 @@ def run_sweep(sc, recipe):
         executor.shutdown(wait=True, cancel_futures=True)
         raise
     finally:
-        state["wall_seconds"] += time.time() - t_start
-        state["invocations"] += 1
-        atomic_write_json(os.path.join(sc.out_dir, "sweep.json"), state)
+        if todo_all:  # a call with nothing left to run (report only) adds no time
+            state["wall_seconds"] += time.time() - t_start
+            state["invocations"] += 1
+            atomic_write_json(os.path.join(sc.out_dir, "sweep.json"), state)
     executor.shutdown()
     if stopped:
         print(f"stopped after --max_runs {sc.max_runs}; run the same command without it to continue")
@@ -510,7 +512,8 @@ def check_findings(sc, rows):
         worst_f = max(mean(e, "capability_gap") for e in by_k[0.0])
         worst_s = max(abs(mean(e, "safety_gap") - mean(e, "mismatch")) for e in by_k[0.0])
         txt.append((worst_f <= sc.tol_abs and worst_s <= sc.tol_abs,
-                    f"κ=0: max G_f {worst_f:.4f}, max |G_s − mismatch| {worst_s:.4f} (tolerance {sc.tol_abs:g})"))
+                    f"κ=0: G_f at most {worst_f:.4f}, G_s at most {worst_s:.4f} from the mismatch term "
+                    f"(tolerance {sc.tol_abs:g})"))
     res.append(("F2", "lower κ gives a Pareto-better curve (every point of a higher-κ curve on or above the "
                 "next lower-κ curve); κ = 0: G_f ≈ 0 and G_s ≈ the mismatch floor at every λ",
                 bool(txt) and all(ok for ok, _ in txt), "<br>".join(t for _, t in txt)))
@@ -560,13 +563,14 @@ def pareto_dominated(p, frontier):
 # The report: results.md and five plots
 
 
-def fmt(e, k, digits=3):
+def fmt(e, k, digits=3, kind="f"):
+    """mean ± standard deviation over seeds of metric k of a group."""
     if k not in e:
         return ""
     m, s = e[k]
     if not math.isfinite(m):
         return "∞"
-    return f"{m:.{digits}f} ± {s:.{digits}f}" if e["n"] > 1 else f"{m:.{digits}f}"
+    return f"{m:.{digits}{kind}} ± {s:.{digits}{kind}}" if e["n"] > 1 else f"{m:.{digits}{kind}}"
 
 
 def val(e, k, digits=3):
@@ -600,7 +604,7 @@ def case2_table(sc, rows):
     for e in groups(rows, "param", overlap=sc.overlap, mismatch_delta=sc.mismatch):
         ratio = mean(e, "measured_safety_increase") / mean(e, "second_order_prediction")
         lines.append(f"| {e['x']:g} | {e['n']} | {fmt(e, 'safety_gap')} | {fmt(e, 'capability_gap')} | "
-                     f"{fmt(e, 'measured_safety_increase', 4)} | {fmt(e, 'second_order_prediction', 4)} | "
+                     f"{fmt(e, 'measured_safety_increase', 2, 'g')} | {fmt(e, 'second_order_prediction', 2, 'g')} | "
                      f"{ratio:.3g} | {val(e, 'D_bound')} | {val(e, 'C_lhs')} | {val(e, 'C_limit')} |")
     return "\n".join(lines)
 
@@ -613,8 +617,9 @@ def write_report(sc, recipe, rows, state):
     if not c1:
         raise SweepError("the sweep has no Case I runs to report: give --lams")
     within = sum(bool(r["case1_within_tolerance"]) for r in c1)
-    worst_s = max(c1, key=lambda r: abs(r["case1_safety_excess"]) - r["case1_safety_tolerance"])
-    worst_f = max(c1, key=lambda r: abs(r["case1_capability_excess"]) - r["case1_capability_tolerance"])
+    def extremes(k):  # the smallest and largest excess G − G(P*) over the Case I runs, with their runs
+        lo, hi = min(c1, key=lambda r: r[k]), max(c1, key=lambda r: r[k])
+        return f"{lo[k]:+.3f} ({lo['run_id']}) to {hi[k]:+.3f} ({hi['run_id']})"
     land = [r["hessian_top_eig_s"] for r in rows if r.get("hessian_top_eig_s") is not None]
     # CPU time of every task, when every task recorded it: on a shared machine the wall
     # time says as much about the neighbours as about the sweep
@@ -633,9 +638,8 @@ def write_report(sc, recipe, rows, state):
     md += [f"| {name} | {claim} | {'yes' if ok else '**no**'} | {nums} |" for name, claim, ok, nums in findings]
     md += ["", f"**Case I against the exact optimum P*_λ** (THEORY.md §2). A run reaches the optimum when both gaps "
            f"are within {sc.tol_abs:g} nats + {sc.tol_rel:.0%} of the optimum's: {within}/{len(c1)} runs do. "
-           f"Largest misses: G_s {worst_s['case1_safety_excess']:+.3f} ({worst_s['run_id']}), "
-           f"G_f {worst_f['case1_capability_excess']:+.3f} ({worst_f['run_id']}); every run's excess is in "
-           f"results.csv and its theory.json. A1 and B1 are ∞ here: on shared contexts the task and safety "
+           f"G_s − G_s(P*) ranges from {extremes('case1_safety_excess')}, G_f − G_f(P*) from "
+           f"{extremes('case1_capability_excess')}; every run's excess is in results.csv and its theory.json. A1 and B1 are ∞ here: on shared contexts the task and safety "
            f"answers have disjoint supports, so A2 and B2 are the informative bounds (and the optimum attains "
            f"them).", "", case1_table(sc, rows), "",
            f"**Case II against the second-order prediction** (THEORY.md §3) at κ = {sc.overlap:g}, "

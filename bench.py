@@ -15,7 +15,7 @@ with `none` on twice the batch in the same micro-batches (row `none ×2`): the s
 
 Measuring (STYLE.md): warm-up (and compilation) outside the timed window, the device
 synchronised before every clock read, the median of ≥ 10 steps. The variants of a config
-run interleaved, one step each in turn, the order reversed every round, so that a noisy
+run interleaved, one step each in turn, the order reversed every other round, so that a noisy
 shared machine slows them all alike: compare variants within one run only.
 """
 
@@ -26,7 +26,6 @@ import platform
 import statistics
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -65,7 +64,8 @@ CONFIGS = {
     "gpt2-small": Shape(12, 12, 768, 1024, 50257, 16, cpu_batch=1, cpu_seq_len=256,
                         note="on CPU B=1, T=256 (a GPU step of B=16, T=1024 takes minutes here)"),
     # real data on CPU: a tiny model's step with the whole GPT-2 output vocabulary against a
-    # restricted one (train.py --restrict_vocab); the body is train.py's default size
+    # restricted one, the size of `train.py --data real --vocab_cap 4096` (--restricted_vocab);
+    # the body is train.py's default size, T is --block_size's default
     "vocab-full": Shape(2, 4, 64, 128, 50257, 16, variants=("none",)),
     "vocab-restricted": Shape(2, 4, 64, 128, 4096, 16, variants=("none",)),
 }

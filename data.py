@@ -516,7 +516,8 @@ def load_prompts(path, column=None):
     if ext == ".jsonl":
         return [e.prompt for e in load_jsonl(path, column, need_response=False)]
     if ext == ".json":
-        return [p.strip() for p in nonempty(path, _json_prompts(path, read_json(path)), "prompts") if p.strip()]
+        # empty prompts are dropped before the emptiness check: [{"instruction": ""}] is an error
+        return nonempty(path, [p.strip() for p in _json_prompts(path, read_json(path)) if p.strip()], "prompts")
     raise DataError(f"{path}: unknown prompt file type {ext!r}: use .txt, .csv, .json or .jsonl")
 
 

@@ -44,17 +44,22 @@ class DataError(ValueError):
 # or a kill never leaves half a file behind.
 
 
-def atomic_write_text(path, text):
+def atomic_write(path, write, mode="w"):
+    """Call write(f) on a temporary file beside path, then rename it over path."""
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
+        with open(tmp, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def atomic_write_text(path, text):
+    atomic_write(path, lambda f: f.write(text))
 
 
 def atomic_write_json(path, obj):
@@ -853,16 +858,8 @@ def read_cache(path, key):
 
 def write_cache(path, key, ts):
     arrays = ts.arrays()
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, key=np.array(key), checksum=np.array(arrays_checksum(arrays)), **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda f: np.savez(f, key=np.array(key), checksum=np.array(arrays_checksum(arrays)),
+                                          **arrays), mode="wb")
 
 
 def tokenized(name, data_dir="", cache_dir=""):

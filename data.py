@@ -990,6 +990,7 @@ class RealDataConfig:
     safety: str = "safety_llamas"          # D_s: a registry name or a file of (prompt, response); 'a+b' mixes
     proxy: str = "safety_llamas_proxy"     # D_s': proxy safety data used by Case I
     task: str = "alpaca_small"             # D_f: the fine-tuning task
+    helpful: str = ""                      # helpful (prompt, response) data mixed into D_s's training part
     data_dir: str = ""                     # the data folder; default $SAFETY_DATA_DIR
     block_size: int = 128                  # most tokens per example (prompt + response); longer ones are cut
     restrict_vocab: bool = True            # the compact vocabulary of the folder's training sets
@@ -1004,10 +1005,14 @@ class RealData:
     held-out losses of evaluate.py. Parts, all disjoint in prompts:
 
         safety  D_s's training part    safety eval   held-out D_s (safety_loss)
+                (+ rc.helpful's, if any)
         proxy   D_s'                   task eval     held-out D_f (capability_loss)
         task    D_f's training part
 
-    rc.vocab fixes the compact vocabulary (a θ_0's); empty, restrict_vocab builds it."""
+    rc.vocab fixes the compact vocabulary (a θ_0's); empty, restrict_vocab builds it.
+    rc.helpful mixes helpful answers into the alignment batches only: a θ_0 trained on
+    refusals alone refuses everything, harmless prompts too, because it never saw an answer;
+    the held-out ℓ_s stays on D_s alone."""
 
     name = "real"
 
@@ -1016,13 +1021,16 @@ class RealData:
             raise DataError(f"--block_size {rc.block_size} is too small for a prompt and a response: use ≥ 16")
         vocab = None
         if rc.restrict_vocab:
-            vocab = rc.vocab or build_vocab([rc.safety, rc.proxy, rc.task], rc.data_dir, cache_dir, rc.vocab_cap)
+            vocab = rc.vocab or build_vocab([rc.safety, rc.proxy, rc.task] + ([rc.helpful] if rc.helpful else []),
+                                            rc.data_dir, cache_dir, rc.vocab_cap)
         self.codec = Codec(vocab)
         self.wc = dataclasses.replace(rc, vocab=tuple(int(v) for v in vocab) if vocab is not None else ())
         self.block_size = self.seq_len = rc.block_size
         self.vocab_size = self.codec.vocab_size
 
         s_train, s_eval = train_and_heldout(rc.safety, rc.data_dir, cache_dir)
+        if rc.helpful:  # its own held-out part is dropped: ℓ_s is measured on D_s alone
+            s_train = TokenSet.concat([s_train, train_and_heldout(rc.helpful, rc.data_dir, cache_dir)[0]])
         f_train, f_eval = train_and_heldout(rc.task, rc.data_dir, cache_dir)
         proxy = dataset_part(rc.proxy, rc.data_dir, cache_dir)
         # no prompt in two parts: training parts lose what the evaluation parts hold, the

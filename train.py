@@ -57,6 +57,7 @@ class TrainConfig:
     safety_data: str = "safety_llamas"        # D_s: a registry name of data.py or a file path
     proxy_data: str = "safety_llamas_proxy"   # D_s': proxy safety data (Case I)
     task_data: str = "alpaca_small"           # D_f: the fine-tuning task
+    align_helpful: str = ""       # real data: helpful (prompt, response) data mixed into the align batches
     data_dir: str = ""            # the real data folder; default $SAFETY_DATA_DIR
     block_size: int = 128         # real data: most tokens per example (prompt + response)
     restrict_vocab: bool = True   # real data: output vocabulary = the data folder's tokens (CPU speed)
@@ -92,7 +93,7 @@ class TrainConfig:
 # the fields that decide θ_0: a saved θ_0 is reused only when all of these match
 ALIGN_FIELDS = ("n_symbols", "ctx_len", "n_harmful", "n_layer", "n_head", "n_embd", "align_iters",
                 "align_lr", "warmup_iters", "weight_decay", "grad_clip", "batch_tokens", "seed",
-                "data", "safety_data", "data_dir", "block_size", "restrict_vocab", "vocab_cap")
+                "data", "safety_data", "align_helpful", "data_dir", "block_size", "restrict_vocab", "vocab_cap")
 
 
 class ConfigError(ValueError):
@@ -133,6 +134,8 @@ def check_config(cfg):
             raise ConfigError(f"--{name} {getattr(cfg, name)} must be at least 1")
     if cfg.n_embd % cfg.n_head:
         raise ConfigError(f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}")
+    if cfg.align_helpful and cfg.data != "real":
+        raise ConfigError("--align_helpful mixes helpful text into real-data alignment: add --data real or drop it")
     if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise ConfigError(f"--dtype {cfg.dtype!r} is unknown: choose auto, float32, bfloat16 or float16")
 
@@ -146,15 +149,24 @@ def make_world(cfg, vocab=()):
     """The data source: the synthetic world, or real text (--data real). `vocab` fixes a
     real source's compact vocabulary to θ_0's, so that a fine-tune reads tokens as θ_0 did."""
     real = RealDataConfig(safety=cfg.safety_data, proxy=cfg.proxy_data, task=cfg.task_data,
-                          data_dir=cfg.data_dir, block_size=cfg.block_size,
+                          helpful=cfg.align_helpful, data_dir=cfg.data_dir, block_size=cfg.block_size,
                           restrict_vocab=cfg.restrict_vocab, vocab_cap=cfg.vocab_cap, eval_examples=cfg.eval_examples,
                           vocab=tuple(vocab))
     return make_source(cfg.data, world_config(cfg), real)
 
 
+# fields added to ALIGN_FIELDS later enter the key only when set, so that every θ_0 saved
+# before them keeps its identity
+LATER_ALIGN_FIELDS = ("align_helpful",)
+
+
 def align_key(cfg):
     """Identity of the alignment recipe (μ_s and P_s do not depend on κ or δ)."""
-    blob = json.dumps({k: getattr(cfg, k) for k in ALIGN_FIELDS}, sort_keys=True)
+    fields = {k: getattr(cfg, k) for k in ALIGN_FIELDS}
+    for k in LATER_ALIGN_FIELDS:
+        if fields[k] == getattr(TrainConfig, k):
+            del fields[k]
+    blob = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -505,7 +517,7 @@ def load_theta0(path, cfg, explicit):
                               f"(theta0.pt written by --stage align)")
     if ckpt["align_key"] != align_key(cfg):
         saved = ckpt["config"]
-        diff = [k for k in ALIGN_FIELDS if saved.get(k) != getattr(cfg, k)]
+        diff = [k for k in ALIGN_FIELDS if saved.get(k, getattr(TrainConfig, k)) != getattr(cfg, k)]
         if explicit:
             raise CheckpointError(f"--theta0 {path} was aligned with other settings ({', '.join(diff)}): "
                                   f"pass the same values or align again with --stage align")

@@ -339,3 +339,44 @@ def test_tokenizer_unavailable_offline_is_one_clear_error(monkeypatch):
     monkeypatch.setattr(tiktoken, "get_encoding", offline)
     with pytest.raises(DataError, match="cannot load the GPT-2 tokenizer .*set TIKTOKEN_CACHE_DIR"):
         data.gpt2_encoding()
+
+
+def test_helpful_answers_join_alignment_only_and_leave_held_out_safety_alone(tmp_path, monkeypatch):
+    monkeypatch.delenv("SAFETY_DATA_DIR", raising=False)  # own files only
+    def rows(tag, n, out):
+        return json.dumps([{"instruction": f"{tag} question {i}", "output": out} for i in range(n)])
+    s = write(tmp_path / "s.json", rows("harmful", 60, "I cannot help with that."))
+    h = write(tmp_path / "h.json", rows("harmless", 40, "Here is the answer."))
+    p = write(tmp_path / "p.json", rows("harmful", 30, "Sorry, no.").replace("question", "request"))
+    f = write(tmp_path / "f.json", rows("task", 50, "Done."))
+    cache = str(tmp_path / "cache")
+    cfg = dict(safety=s, proxy=p, task=f, block_size=32, eval_examples=8)
+    plain = data.RealData(data.RealDataConfig(**cfg), cache_dir=cache)
+    mixed = data.RealData(data.RealDataConfig(**cfg, helpful=h), cache_dir=cache)
+    h_train = data.train_and_heldout(h, cache_dir=cache)[0]
+    # alignment batches draw from D_s's training part plus the helpful set's ...
+    assert len(mixed.sets["safety"][0]) == len(plain.sets["safety"][0]) + len(h_train)
+    assert np.isin(h_train.keys, mixed.keys["safety"]).all()
+    # ... while held-out ℓ_s reads exactly the same D_s examples as without them (the same
+    # GPT-2 tokens: the compact ids differ, the helpful set adds words to the vocabulary)
+    gpt2 = lambda src: [list(src.codec.decode_ids(a)) for a in src.eval_sets["safety"][0]]
+    assert gpt2(mixed) == gpt2(plain) and len(gpt2(plain)) > 0
+
+
+def test_align_helpful_needs_real_data_and_keeps_old_theta0_identities(tmp_path):
+    import hashlib
+    import train
+    with pytest.raises(SystemExit) as e:
+        train.cli(["--out_dir", str(tmp_path / "run"), "--align_helpful", "alpaca_gpt4_demo"])
+    assert "--align_helpful" in str(e.value.code) and "--data real" in str(e.value.code)
+    assert not (tmp_path / "run").exists()
+    # a θ_0 saved before the field existed was keyed on these fields alone: unset, the
+    # field leaves every key unchanged; set, it changes it
+    before = ("n_symbols", "ctx_len", "n_harmful", "n_layer", "n_head", "n_embd", "align_iters", "align_lr",
+              "warmup_iters", "weight_decay", "grad_clip", "batch_tokens", "seed", "data", "safety_data", "data_dir",
+              "block_size", "restrict_vocab", "vocab_cap")
+    cfg = train.TrainConfig()
+    old_key = hashlib.sha256(json.dumps({k: getattr(cfg, k) for k in before}, sort_keys=True).encode()).hexdigest()[:16]
+    assert train.align_key(cfg) == old_key
+    assert train.align_key(train.TrainConfig(data="real", align_helpful="alpaca_gpt4_demo")) != \
+        train.align_key(train.TrainConfig(data="real"))

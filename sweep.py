@@ -43,6 +43,7 @@ import torch
 
 import theory
 import train
+import data
 from data import DataError, SyntheticWorld, WorldConfig, atomic_write_json, atomic_write_text
 from model import CheckpointError, load_checkpoint, model_from_checkpoint
 
@@ -68,6 +69,12 @@ class SweepConfig:
     radii: tuple = (0.05, 0.5)    # r: Case II radii (F3, F6), at (overlap, mismatch)
     overlap: float = 0.25         # κ of the mismatch and radius experiments
     mismatch: float = 0.3         # δ of the overlap and radius experiments
+    # real-data grids (presets real-cpu, real-gpu: README "Real data"); registry names or files
+    tasks: tuple = ("alpaca_safety_only", "alpaca_small", "code_alpaca")  # D_f of the plain fine-tunes (F2)
+    proxies: tuple = ("safety_llamas_proxy", "xstest_llama2orig")  # D_s' of Case I: same teacher first (F1)
+    task: str = "alpaca_small"    # D_f of the Case I and Case II runs
+    refusal_limit: int = 128      # prompts per refusal set, greedy decoding ...
+    refusal_tokens: int = 24      # ... of this many new tokens
     # theory.py
     tol_abs: float = 0.05         # a Case I gap within tol_abs + tol_rel·G(P*) of the optimum reaches it
     tol_rel: float = 0.1
@@ -81,19 +88,41 @@ class SweepConfig:
 # smoke: a 216-context world and a 1-layer model, every code path in seconds
 SMOKE_TRAIN = {"n_symbols": 6, "n_harmful": 2, "n_layer": 1, "n_head": 2, "n_embd": 32, "align_iters": 100,
                "max_iters": 30, "warmup_iters": 10, "lr": 4e-3, "batch_tokens": 640, "micro_batch": 128}
-# lr 2e-3 and λ ≤ 3: with a larger λ the proxy's gradients dominate Adam's step sizes and
-# the task's copy skill takes thousands of steps to appear (G_f stalls near 3 nats at
-# λ = 10 after 600 steps, against 0.93 at the optimum), so larger λ would measure the
-# optimiser, not the trade-off
-PAPER_TRAIN = {"align_iters": 800, "max_iters": 800, "warmup_iters": 50, "lr": 2e-3,
+# 1,200 steps at lr 2e-3 and λ ≤ 3. Fine-tunes can sit on a plateau (G_f near 2 nats)
+# for hundreds of steps before the task's answers on the shared contexts are learned:
+# at 800 steps a quarter of the λ = 3 runs were still 0.1–0.4 nats above the optimum's
+# G_f; lr 4e-3 shortened some plateaus and caused others (one λ = 1 run at G_f 1.06
+# against 0.40). At λ = 10 even 1,200 steps leave G_f at 1.34–1.39 against 0.93 at the
+# optimum (κ = 0.25, δ = 0.3), so larger λ would measure the optimiser, not the trade-off
+PAPER_TRAIN = {"align_iters": 800, "max_iters": 1200, "warmup_iters": 50, "lr": 2e-3,
                "batch_tokens": 640, "micro_batch": 128}
+
+# real-cpu: README "Real data"'s recipe: 0.37M parameters, a 4,096-token vocabulary, blocks
+# of 64 tokens; θ_0 learns refusals with helpful answers mixed in (alone, it refuses
+# everything). real-gpu: a 6-layer, 384-wide model on the full vocabulary (never run here)
+REAL_CPU_TRAIN = {"data": "real", "safety_data": "safety_llamas", "align_helpful": "alpaca_gpt4_demo",
+                  "block_size": 64, "vocab_cap": 4096, "n_layer": 2, "n_head": 4, "n_embd": 64,
+                  "batch_tokens": 2048, "micro_batch": 32, "align_iters": 800, "align_lr": 3e-3,
+                  "warmup_iters": 50, "max_iters": 300, "lr": 1e-3, "eval_examples": 128}
+REAL_GPU_TRAIN = dict(REAL_CPU_TRAIN, block_size=256, vocab_cap=0, n_layer=6, n_head=6, n_embd=384,
+                      batch_tokens=16384, micro_batch=64, align_iters=1500, max_iters=500, lr=6e-4,
+                      eval_examples=256)
 
 PRESETS = {
     "smoke": {"train": SMOKE_TRAIN, "power_iters": 20},
     "paper": {"train": PAPER_TRAIN, "report_dir": "results/paper", "seeds": (1, 2, 3),
               "lams": (0.1, 0.3, 1.0, 3.0), "mismatches": (0.0, 0.3, 0.6), "overlaps": (0.0, 0.25, 0.5),
               "radii": (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)},
+    "real-cpu": {"train": REAL_CPU_TRAIN, "report_dir": "results/real-cpu", "seeds": (1, 2),
+                 "lams": (1.0,), "radii": (1.0, 4.0)},
+    "real-gpu": {"train": REAL_GPU_TRAIN, "report_dir": "results/real-gpu", "seeds": (1, 2, 3),
+                 "lams": (1.0, 10.0), "radii": (1.0, 4.0, 16.0), "refusal_limit": 256, "refusal_tokens": 32,
+                 "proxies": ("safety_llamas_proxy", "xstest_llama2orig", "rd_llama-2-7b-chat-hf")},
 }
+
+
+def is_real(recipe):
+    return recipe.get("data") == "real"
 
 
 class SweepError(ValueError):
@@ -113,7 +142,7 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     for f in dataclasses.fields(SweepConfig):
         if isinstance(f.default, tuple):
-            kind = int if f.name == "seeds" else float
+            kind = {"seeds": int, "tasks": str, "proxies": str}.get(f.name, float)
             ap.add_argument(f"--{f.name}", type=lambda s, k=kind: parse_list(s, k), default=None)
         elif isinstance(f.default, bool):
             ap.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None)
@@ -135,15 +164,24 @@ def make_config(preset="smoke", **overrides):
     sc = SweepConfig(preset=preset, **values)
     sc.out_dir = sc.out_dir or os.path.join("out_sweep", preset)
     sc.report_dir = sc.report_dir or sc.out_dir
-    check_config(sc)
-    return sc, dict(PRESETS[preset]["train"])
+    recipe = dict(PRESETS[preset]["train"])
+    check_config(sc, recipe)
+    return sc, recipe
 
 
-def check_config(sc):
+def check_config(sc, recipe=None):
     """Every grid value valid before anything runs."""
     def bad(flag, v, what):
         raise SweepError(f"--{flag}: {v!r} is not a valid value ({what}); fix the grid")
-    for flag in ("seeds", "lams", "mismatches", "overlaps", "radii"):
+    grids = ("seeds", "lams", "radii") + (("tasks", "proxies") if is_real(recipe or {}) else ("mismatches", "overlaps"))
+    for flag in ("tasks", "proxies", "task") if is_real(recipe or {}) else ():
+        for name in getattr(sc, flag) if flag != "task" else (sc.task,):
+            if name not in data.REGISTRY and not os.path.isfile(name):
+                bad(flag, name, "a data.REGISTRY name or a file of (prompt, response) pairs")
+    for flag in ("refusal_limit", "refusal_tokens"):
+        if getattr(sc, flag) < 1:
+            bad(flag, getattr(sc, flag), "an integer ≥ 1")
+    for flag in grids:
         if len(getattr(sc, flag)) == 0:
             raise SweepError(f"--{flag} is empty: give at least one value")
         if len(set(getattr(sc, flag))) != len(getattr(sc, flag)):
@@ -186,6 +224,8 @@ def run_id(constraint, overlap, mismatch, lam, radius, seed):
 def plan(sc, recipe):
     """The tasks: one align per seed, then the fine-tunes of the grids. A run in two
     experiments (the base world) is planned once."""
+    if is_real(recipe):
+        return plan_real(sc, recipe)
     tasks = {}
     for seed in sc.seeds:
         align_dir = os.path.join(sc.out_dir, "theta0", f"s{seed}")
@@ -224,7 +264,8 @@ def aligned(task):
     """Is the θ_0 of an align task on disk, with its landscape, and does train.py (as the
     code stands now) accept it for this recipe?"""
     theta0 = os.path.join(task["dir"], "theta0.pt")
-    return (os.path.exists(os.path.join(task["dir"], "landscape.json")) and os.path.exists(theta0)
+    marker = "refusals.json" if task.get("real") else "landscape.json"  # written after θ_0 itself
+    return (os.path.exists(os.path.join(task["dir"], marker)) and os.path.exists(theta0)
             and load_checkpoint(theta0).get("align_key") == train.align_key(train.TrainConfig(**task["train"])))
 
 
@@ -241,6 +282,8 @@ def execute(task):
     """Align a θ_0 and compute its landscape, or fine-tune one run and report its theory.
     train.py's own output goes to a log file in the task's folder."""
     torch.set_num_threads(task["threads"])
+    if task.get("real"):
+        return execute_real(task)
     os.makedirs(task["dir"], exist_ok=True)
     t0, cpu0 = time.time(), time.process_time()  # CPU time too: wall time depends on who else runs
     cfg = train.TrainConfig(**task["train"])
@@ -374,7 +417,8 @@ def run_sweep(sc, recipe):
             t["refresh"] = True
     for t in tasks.values():
         # an aligned θ_0 with its landscape is done; a stale row of an unplanned run is kept
-        if t["kind"] == "align" and aligned(t):
+        if (t["kind"] == "align" and aligned(t)) or (t["kind"] == "estimate" and os.path.exists(
+                os.path.join(t["dir"], "estimates.json"))):
             done.add(t["id"])
     todo = [t for t in tasks.values() if t["id"] not in done]
     todo_all = list(todo)
@@ -383,8 +427,8 @@ def run_sweep(sc, recipe):
     print(f"sweep {sc.preset}: {n_runs} runs ({n_runs - n_left} already done), {len(sc.seeds)} seeds, "
           f"{sc.jobs} at a time, out_dir {sc.out_dir}")
     # align first, then the unconstrained runs that radius runs wait for, then the rest
-    order = {"align": 0, "none": 1, "loss": 2, "param": 3}
-    todo.sort(key=lambda t: order[t["kind"] if t["kind"] == "align" else t["train"]["constraint"]])
+    order = {"align": 0, "estimate": 1, "none": 1, "loss": 2, "param": 3}
+    todo.sort(key=lambda t: order[t["kind"] if t["kind"] != "finetune" else t["train"]["constraint"]])
     executor = (ProcessPoolExecutor(sc.jobs, mp_context=multiprocessing.get_context("spawn"),
                                     initializer=_worker_init) if sc.jobs > 1 else InlineExecutor())
     running, started, stopped = {}, 0, False
@@ -411,16 +455,24 @@ def run_sweep(sc, recipe):
                     raise SweepError(f"{t['id']} failed: {e} (log: {os.path.join(t['dir'], 'sweep_train.out')})")
                 done.add(t["id"])
                 if t["kind"] == "align":
-                    print(f"  {t['id']}: θ_0 aligned, λ_max(H_s) {result['hessian_top_eig_s']:.4g} "
-                          f"({result['train_seconds'] + result['landscape_seconds']:.0f} s)")
+                    print(f"  {t['id']}: θ_0 aligned, " + (
+                        f"refuses {result['refusal_safety_llamas_eval']:.2f} of held-out D_s, "
+                        f"{result['refusal_rd_harmless_val']:.2f} of harmless prompts" if t.get("real") else
+                        f"λ_max(H_s) {result['hessian_top_eig_s']:.4g}") + f" ({time.time() - t_start:.0f} s in)")
+                    continue
+                if t["kind"] == "estimate":
+                    print(f"  estimates of overlap and mismatch ({result['seconds']:.0f} s)")
                     continue
                 old = [r for r in rows if r["run_id"] == t["id"]]
                 if sc.refresh and old:  # the run was not trained again: keep its training's timing
                     result.update({k: old[0].get(k) for k in ("train_seconds", "cpu_seconds")})
                 rows = [r for r in rows if r["run_id"] != t["id"]] + [result]
                 write_rows(csv_path, rows)
-                print(f"  [{sum(r['run_id'] in tasks for r in rows)}/{n_runs}] {t['id']}: G_s {result['safety_gap']:.4f} "
-                      f"G_f {result['capability_gap']:.4f} ({result['train_seconds'] + result['theory_seconds']:.0f} s)")
+                what = (f"ℓ_s {result['safety_loss']:.2f} ℓ_f {result['capability_loss']:.2f} refuses "
+                        f"{result['refusal_safety_llamas_eval']:.2f}" if t.get("real") else
+                        f"G_s {result['safety_gap']:.4f} G_f {result['capability_gap']:.4f}")
+                print(f"  [{sum(r['run_id'] in tasks for r in rows)}/{n_runs}] {t['id']}: {what} "
+                      f"({result['train_seconds'] + result.get('theory_seconds', result.get('eval_seconds', 0)):.0f} s)")
     except KeyboardInterrupt:
         executor.shutdown(wait=False, cancel_futures=True)
         print(f"interrupted: {csv_path} keeps every finished run; run the same command to resume")
@@ -438,7 +490,7 @@ def run_sweep(sc, recipe):
         print(f"stopped after --max_runs {sc.max_runs}; run the same command without it to continue")
         return None
     rows = [r for r in read_rows(csv_path) if r["run_id"] in tasks]
-    write_report(sc, recipe, rows, state)
+    (write_report_real if is_real(recipe) else write_report)(sc, recipe, rows, state)
     return rows
 
 
@@ -780,6 +832,309 @@ def make_plots(sc, rows, world_shape):
            title="F6: ratio of measured to second-order prediction")
     a2.legend(fontsize=7)
     save(fig, "fig5_radius_second_order.png")
+    return paths
+
+
+# -----------------------------------------------------------------------------
+# Real data (presets real-cpu, real-gpu): the same sweep on text, THEORY.md §4–§5
+#
+# Densities are unknown, so there are no gaps and no bounds to put beside a run: the
+# losses are held-out estimates (nats per sequence), and overlap and mismatch are the
+# estimators of theory.py, computed once per sweep. Each seed aligns one θ_0 (refusals,
+# with helpful answers mixed in) and fine-tunes it:
+#
+#     none            D_f ∈ tasks                                    F2
+#     Case I  (loss)  λ ∈ lams with the same-teacher proxies[0],
+#                     and proxies[1:] at lams[0], D_f = task         F1, F4
+#     Case II (param) r ∈ radii, D_f = task                          F3
+#
+# Every model (θ_0 too) is scored by greedy refusal rates on held-out harmful prompts and
+# on harmless ones (evaluate.py).
+
+REFUSAL_SETS = {"safety_llamas_eval": "harmful", "advbench": "harmful", "xstest_safe": "harmless",
+                "rd_harmless_val": "harmless"}
+
+
+def short(name):
+    """A dataset name fit for a run id: a registry name, or a file's stem."""
+    return name if name in data.REGISTRY else os.path.splitext(os.path.basename(name))[0]
+
+
+def real_run_id(constraint, task, proxy, lam, radius, seed):
+    knob = {"loss": f"-{short(proxy)}-lam{lam:g}", "param": f"-r{radius:g}"}.get(constraint, "")
+    return f"{constraint}-{short(task)}{knob}-s{seed}"
+
+
+def plan_real(sc, recipe):
+    """The tasks of a real-data sweep: the estimators once, one align per seed, then
+    the fine-tunes."""
+    tasks = {"estimate": {"id": "estimate", "kind": "estimate", "deps": [], "dir": os.path.join(sc.out_dir, "estimates"),
+                          "tasks": list(dict.fromkeys(sc.tasks + (sc.task,))), "proxies": list(sc.proxies),
+                          "safety": recipe["safety_data"], "data_dir": recipe.get("data_dir", "")}}
+    runs = ([("none", t, "", 0.0, 0.0) for t in dict.fromkeys(sc.tasks + (sc.task,))]
+            + [("loss", sc.task, sc.proxies[0], lam, 0.0) for lam in sc.lams]
+            + [("loss", sc.task, p, sc.lams[0], 0.0) for p in sc.proxies[1:]]
+            + [("param", sc.task, "", 0.0, r) for r in sc.radii])
+    for seed in sc.seeds:
+        align_dir = os.path.join(sc.out_dir, "theta0", f"s{seed}")
+        theta0 = os.path.join(align_dir, "theta0.pt")
+        tasks[f"align-s{seed}"] = {"id": f"align-s{seed}", "kind": "align", "deps": [], "dir": align_dir,
+                                   "train": dict(recipe, out_dir=align_dir, stage="align", seed=seed,
+                                                 task_data=sc.task, proxy_data=sc.proxies[0])}
+        for constraint, task, proxy, lam, r in runs:
+            rid = real_run_id(constraint, task, proxy, lam, r, seed)
+            run_dir = os.path.join(sc.out_dir, "runs", rid)
+            tasks[rid] = {"id": rid, "kind": "finetune", "dir": run_dir, "deps": [f"align-s{seed}"],
+                          "meta": {"constraint": constraint, "task": task, "proxy": proxy, "lam": lam,
+                                   "radius": r, "seed": seed},
+                          "train": dict(recipe, out_dir=run_dir, stage="finetune", theta0=theta0, seed=seed,
+                                        constraint=constraint, task_data=task, proxy_data=proxy or sc.proxies[0],
+                                        lam=lam, radius=r, eval_interval=recipe["max_iters"])}
+    for t in tasks.values():
+        if "train" in t:
+            t["train"].update(progress=False, resume=True)
+        t.update(threads=sc.threads, real=True, refusal_limit=sc.refusal_limit, refusal_tokens=sc.refusal_tokens)
+    return tasks
+
+
+def refusals_of(ckpt_path, task):
+    """Refusal rates (Wilson intervals) of a checkpoint on REFUSAL_SETS, as flat columns."""
+    import evaluate
+    ckpt = load_checkpoint(ckpt_path)
+    data_dir = ckpt["world_config"].get("data_dir", "")
+    rep = evaluate.refusal_report(model_from_checkpoint(ckpt).eval(), evaluate.codec_of(ckpt), data_dir,
+                                  harmful=[k for k, v in REFUSAL_SETS.items() if v == "harmful"],
+                                  harmless=[k for k, v in REFUSAL_SETS.items() if v == "harmless"],
+                                  limit=task["refusal_limit"], max_new_tokens=task["refusal_tokens"])
+    out = {}
+    for name, r in rep.items():
+        out.update({f"refusal_{name}": r["rate"], f"refusal_{name}_low": r["ci_low"],
+                    f"refusal_{name}_high": r["ci_high"], f"refusal_{name}_n": float(r["n"])})
+    return out
+
+
+def estimate(task):
+    """The overlap estimate of every task set against D_s and the mismatch estimate of
+    every proxy (THEORY.md §4), labelled estimates, to estimates/estimates.json."""
+    t0 = time.time()
+    out = {"estimate": True, "overlap": {}, "mismatch": {}}
+    for name in task["tasks"]:
+        o = theory.real_overlap(task["safety"], name, task["data_dir"])
+        out["overlap"][name] = {"M": o["classifier"]["M"], "lexical": o["lexical"]}
+    for name in task["proxies"]:
+        m = theory.real_mismatch(name, task["safety"], data_dir=task["data_dir"], n=64)
+        out["mismatch"][name] = {"mismatch": m["mismatch"], "sd": m["mismatch_sd"]}
+    out["seconds"] = round(time.time() - t0, 2)
+    os.makedirs(task["dir"], exist_ok=True)
+    atomic_write_json(os.path.join(task["dir"], "estimates.json"), out)
+    return out
+
+
+def execute_real(task):
+    """One task of a real-data sweep (see execute)."""
+    t0, cpu0 = time.time(), time.process_time()
+    if task["kind"] == "estimate":
+        return estimate(task)
+    cfg = train.TrainConfig(**task["train"])
+    os.makedirs(task["dir"], exist_ok=True)
+    if task.get("refresh") and os.path.exists(os.path.join(task["dir"], "metrics.json")):
+        pass  # --refresh: the run is trained; only its refusals are measured again
+    elif task["kind"] == "finetune" or not aligned(task):
+        with open(os.path.join(task["dir"], "sweep_train.out"), "w") as f, redirect_stdout(f), redirect_stderr(f):
+            train.main(cfg, argv=[])
+    train_s, t1 = time.time() - t0, time.time()
+    ckpt = os.path.join(task["dir"], "theta0.pt" if task["kind"] == "align" else "ckpt.pt")
+    row = refusals_of(ckpt, task)
+    row.update(train_seconds=round(train_s, 2), eval_seconds=round(time.time() - t1, 2),
+               cpu_seconds=round(time.process_time() - cpu0, 2))
+    if task["kind"] == "align":
+        atomic_write_json(os.path.join(task["dir"], "refusals.json"), row)
+        return row
+    metrics = json.load(open(os.path.join(task["dir"], "metrics.json")))
+    a, f = metrics["aligned"], metrics["finetuned"]
+    return {"run_id": task["id"], **task["meta"], "safety_loss": f["safety_loss"],
+            "capability_loss": f["capability_loss"], "safety_increase": f["safety_loss"] - a["safety_loss"],
+            "capability_gain": a["capability_loss"] - f["capability_loss"], "distance": f["distance"],
+            "aligned_safety_loss": a["safety_loss"], "aligned_capability_loss": a["capability_loss"], **row}
+
+
+def seed_means(rows):
+    """{n, rows, and (mean, sd over seeds) of every numeric column} of rows that differ
+    only by seed."""
+    entry = {"n": len(rows), "rows": rows}
+    for k in rows[0]:
+        vals = [r.get(k) for r in rows]
+        if all(isinstance(v, float) for v in vals):
+            a = np.array(vals)
+            entry[k] = (float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0)
+    return entry
+
+
+def real_groups(rows):
+    """Seed means per run name (the run id without its seed), in the order of rows."""
+    names = dict.fromkeys(r["run_id"].rsplit("-s", 1)[0] for r in rows)
+    return {n: seed_means([r for r in rows if r["run_id"].rsplit("-s", 1)[0] == n]) for n in names}
+
+
+def theta0_means(sc):
+    return seed_means([json.load(open(os.path.join(sc.out_dir, "theta0", f"s{s}", "refusals.json")))
+                       for s in sc.seeds])
+
+
+def check_findings_real(sc, rows, est):
+    """F1–F4 on the held-out losses (seed means), and the aligned model's refusals."""
+    res, g = [], real_groups(rows)
+    name = lambda c, **kw: real_run_id(c, kw.get("task", sc.task), kw.get("proxy", ""), kw.get("lam", 0.0),
+                                       kw.get("radius", 0.0), 0).rsplit("-s", 1)[0]
+    ls = lambda n: mean(g[n], "safety_loss")
+    lf = lambda n: mean(g[n], "capability_loss")
+    # θ_0: refuses most held-out harmful prompts, answers most harmless ones
+    t0 = theta0_means(sc)
+    rates = {k: mean(t0, f"refusal_{k}") for k in REFUSAL_SETS}
+    ok = all((rates[k] > 0.5) == (kind == "harmful") for k, kind in REFUSAL_SETS.items())
+    res.append(("θ_0", "the aligned model refuses most harmful prompts and answers most harmless ones", ok,
+                "<br>".join(f"{k} ({REFUSAL_SETS[k]}): refuses {rates[k]:.3f}" for k in REFUSAL_SETS)))
+    # F1: the same-teacher proxy keeps ℓ_s lowest (Case I at lams[0])
+    lam0 = sc.lams[0]
+    c1 = {p: name("loss", proxy=p, lam=lam0) for p in sc.proxies}
+    same = c1[sc.proxies[0]]
+    res.append(("F1", f"Case I (λ={lam0:g}): the same-teacher proxy {sc.proxies[0]} ends with a lower ℓ_s than "
+                f"every other-teacher proxy", all(ls(same) < ls(n) for p, n in c1.items() if n != same),
+                "<br>".join(f"{p}: ℓ_s {fmt(g[n], 'safety_loss', 1)}, mismatch estimate "
+                            f"{est['mismatch'][p]['mismatch']:.1f}" for p, n in c1.items())))
+    # F2: higher overlap, larger ℓ_s increase under plain fine-tuning
+    by_m = sorted(dict.fromkeys(sc.tasks), key=lambda t: -est["overlap"][t]["M"])
+    inc = [mean(g[name("none", task=t)], "safety_increase") for t in by_m]
+    res.append(("F2", "plain fine-tuning on a task of higher estimated overlap M raises ℓ_s more",
+                all(a > b for a, b in zip(inc, inc[1:])),
+                "<br>".join(f"{t}: M {est['overlap'][t]['M']:.3f}, ℓ_s {fmt(g[name('none', task=t)], 'safety_increase', 1)}"
+                            for t in by_m)))
+    # F3: at equal ℓ_s, Case II ends with the larger ℓ_f (Case II interpolated between radii)
+    c2 = sorted((ls(name("param", radius=r)), lf(name("param", radius=r))) for r in sc.radii)
+    s1, f1 = ls(same), lf(same)
+    if c2[0][0] <= s1 <= c2[-1][0]:
+        f2 = float(np.interp(s1, [p[0] for p in c2], [p[1] for p in c2]))
+        ok, how = f1 < f2, f"Case II at the same ℓ_s (interpolated): ℓ_f {f2:.1f}"
+    elif s1 < c2[0][0]:  # Case I safer than every radius: it must also be more capable than the safest
+        ok, how = f1 < c2[0][1], f"Case I is safer than every Case II run; the safest (ℓ_s {c2[0][0]:.1f}) has ℓ_f {c2[0][1]:.1f}"
+    else:
+        ok, how = False, f"Case I is less safe than every Case II run (ℓ_s {c2[-1][0]:.1f} at most): not comparable"
+    res.append(("F3", f"at equal ℓ_s, Case II (r ∈ {{{', '.join(f'{r:g}' for r in sc.radii)}}}) ends with a higher ℓ_f "
+                f"than Case I ({sc.proxies[0]}, λ={lam0:g})", ok, f"Case I: ℓ_s {s1:.1f}, ℓ_f {f1:.1f}; {how}"))
+    # F4: raising λ lowers ℓ_s and raises ℓ_f
+    if len(sc.lams) > 1:
+        ns = [name("loss", proxy=sc.proxies[0], lam=lam) for lam in sorted(sc.lams)]
+        ok = all(ls(a) > ls(b) and lf(a) < lf(b) for a, b in zip(ns, ns[1:]))
+        res.append(("F4", "Case I: raising λ lowers ℓ_s and raises ℓ_f", ok,
+                    "<br>".join(f"λ={lam:g}: ℓ_s {ls(n):.1f}, ℓ_f {lf(n):.1f}" for lam, n in zip(sorted(sc.lams), ns))))
+    return res
+
+
+def write_report_real(sc, recipe, rows, state):
+    os.makedirs(sc.report_dir, exist_ok=True)
+    est = json.load(open(os.path.join(sc.out_dir, "estimates", "estimates.json")))
+    findings = check_findings_real(sc, rows, est)
+    plots = make_plots_real(sc, rows, est)
+    t0 = theta0_means(sc)
+    cpu = [r["cpu_seconds"] for r in rows] + [r["cpu_seconds"] for r in t0["rows"]]
+    sets = list(REFUSAL_SETS)
+    md = [f"<!-- generated by `python sweep.py --preset {sc.preset}`; do not edit by hand -->",
+          f"Sweep `{sc.preset}` on real text: {len(rows)} fine-tunes over seeds {', '.join(map(str, sc.seeds))} "
+          f"({len(sc.seeds)} θ_0), train recipe `{json.dumps(recipe)}`; wall time {state['wall_seconds'] / 60:.1f} min "
+          f"over {state['invocations']} invocation(s) with {sc.jobs} jobs × {sc.threads} thread(s) on {os.cpu_count()} "
+          f"CPU cores ({platform.machine()}, torch {torch.__version__}); CPU time {sum(cpu) / 60:.1f} min in all. "
+          f"Losses are held-out estimates in nats per sequence (response tokens), mean ± sd over seeds; "
+          f"ℓ_f is on each run's own task. Refusal rates: greedy, {sc.refusal_tokens} new tokens, the first "
+          f"{sc.refusal_limit} prompts of each set, GCG's keyword test (README 'Real data').", "",
+          "**Findings (THEORY.md §5) on the held-out losses, checked by `sweep.py` on the seed means**", "",
+          "| finding | claim | reproduced | numbers |", "| --- | --- | --- | --- |"]
+    md += [f"| {n} | {claim} | {'yes' if ok else '**no**'} | {nums} |" for n, claim, ok, nums in findings]
+    md += ["", f"**Estimates** (THEORY.md §4; `theory.real_overlap`, `theory.real_mismatch` at 64 examples per "
+           f"reference, computed in {est['seconds']:.0f} s)", "", "| set | role | estimate |", "| --- | --- | --- |"]
+    md += [f"| {t} | task D_f | overlap M {o['M']:.3f}, lexical {o['lexical']:.3f} |" for t, o in est["overlap"].items()]
+    md += [f"| {p} | proxy D_s' | mismatch {m['mismatch']:.1f} ± {m['sd']:.1f} |" for p, m in est["mismatch"].items()]
+    md += ["", "**Every run** (mean ± sd over seeds; refusal rates of the harmful sets, then the harmless ones)", "",
+           "| run | seeds | ℓ_s | ℓ_f | ℓ_s − ℓ_s(θ_0) | ‖θ−θ_0‖ | " + " | ".join(f"refuses {k}" for k in sets) + " |",
+           "|" + " --- |" * (6 + len(sets))]
+    base = real_groups(rows)[real_run_id("none", sc.task, "", 0, 0, 0).rsplit("-s", 1)[0]]  # one row per seed
+    md.append(f"| θ_0 | {t0['n']} | {fmt(base, 'aligned_safety_loss', 1)} | {fmt(base, 'aligned_capability_loss', 1)} "
+              f"({short(sc.task)}) | | 0 | "
+              + " | ".join(fmt(t0, f'refusal_{k}') for k in sets) + " |")
+    for n, e in real_groups(rows).items():
+        md.append(f"| {n} | {e['n']} | {fmt(e, 'safety_loss', 1)} | {fmt(e, 'capability_loss', 1)} | "
+                  f"{fmt(e, 'safety_increase', 1)} | {fmt(e, 'distance', 2)} | "
+                  + " | ".join(fmt(e, f'refusal_{k}') for k in sets) + " |")
+    md += ["", "Plots: " + ", ".join(f"`{os.path.basename(p)}`" for p in plots), ""]
+    atomic_write_text(os.path.join(sc.report_dir, "results.md"), "\n".join(md))
+    if os.path.abspath(sc.report_dir) != os.path.abspath(sc.out_dir):
+        shutil.copyfile(os.path.join(sc.out_dir, "results.csv"), os.path.join(sc.report_dir, "results.csv"))
+    print("\n".join(md[4:5 + len(findings) + 2]))
+    print(f"report: {os.path.join(sc.report_dir, 'results.md')} and {len(plots)} plots")
+
+
+def make_plots_real(sc, rows, est):
+    """Three figures: the (ℓ_f, ℓ_s) trade-off on the Case I/II task (F1, F3, F4), the ℓ_s
+    increase against estimated overlap (F2), and refusal rates of every model."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    paths, g = [], real_groups(rows)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+
+    def save(fig, fname):
+        path = os.path.join(sc.report_dir, fname)
+        fig.tight_layout()
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        paths.append(path)
+
+    def point(ax, es, label, **kw):
+        ax.errorbar([mean(e, "capability_loss") for e in es], [mean(e, "safety_loss") for e in es],
+                    xerr=[e["capability_loss"][1] for e in es], yerr=[e["safety_loss"][1] for e in es],
+                    capsize=3, label=label, **kw)
+
+    # 1. trade-off on sc.task
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    on_task = [r for r in rows if r["task"] == sc.task]
+    a = seed_means(on_task)
+    ax.errorbar([mean(a, "aligned_capability_loss")], [mean(a, "aligned_safety_loss")], fmt="k*", ms=12, label="θ_0")
+    point(ax, [g[real_run_id("none", sc.task, "", 0, 0, 0).rsplit("-s", 1)[0]]], "no constraint", fmt="kx", ms=9)
+    for i, p in enumerate(sc.proxies):
+        es = [e for e in g.values() if e["rows"][0]["constraint"] == "loss" and e["rows"][0]["proxy"] == p]
+        point(ax, es, f"Case I, proxy {p}" + (" (same teacher)" if i == 0 else ""), fmt="o-" if len(es) > 1 else "o",
+              color=colors[i % len(colors)])
+        for e in es:
+            ax.annotate(f"λ={e['rows'][0]['lam']:g}", (mean(e, "capability_loss"), mean(e, "safety_loss")), fontsize=7)
+    es = [g[real_run_id("param", sc.task, "", 0, r, 0).rsplit("-s", 1)[0]] for r in sorted(sc.radii)]
+    point(ax, es, "Case II", fmt="s--", color="gray")
+    for r, e in zip(sorted(sc.radii), es):
+        ax.annotate(f"r={r:g}", (mean(e, "capability_loss"), mean(e, "safety_loss")), fontsize=7)
+    ax.set(xlabel=f"task loss ℓ_f on held-out {sc.task} (nats/seq)", ylabel="safety loss ℓ_s on held-out D_s (nats/seq)",
+           title="F1, F3, F4 on real text: lower-left is better")
+    ax.legend(fontsize=7)
+    save(fig, "fig1_real_tradeoff.png")
+    # 2. overlap against the safety cost of plain fine-tuning
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for i, t in enumerate(dict.fromkeys(sc.tasks)):
+        e = g[real_run_id("none", t, "", 0, 0, 0).rsplit("-s", 1)[0]]
+        ax.errorbar([est["overlap"][t]["M"]], [mean(e, "safety_increase")], yerr=[e["safety_increase"][1]], fmt="o",
+                    capsize=3, color=colors[i % len(colors)], label=t)
+    ax.set(xlabel="estimated context overlap M with D_s", ylabel="ℓ_s(θ) − ℓ_s(θ_0) (nats/seq)",
+           title="F2 on real text: plain fine-tuning per task")
+    ax.legend(fontsize=7)
+    save(fig, "fig2_real_overlap.png")
+    # 3. refusal rates of every model
+    models = {"θ_0": theta0_means(sc), **g}
+    fig, ax = plt.subplots(figsize=(max(7, 0.7 * len(models)), 4.5))
+    w = 0.8 / len(REFUSAL_SETS)
+    for j, (k, kind) in enumerate(REFUSAL_SETS.items()):
+        ax.bar(np.arange(len(models)) + j * w, [mean(e, f"refusal_{k}") for e in models.values()], w,
+               yerr=[e[f"refusal_{k}"][1] for e in models.values()], capsize=2, label=f"{k} ({kind})",
+               color=colors[j % len(colors)])
+    ax.set_xticks(np.arange(len(models)) + 0.4 - w / 2, list(models), rotation=60, ha="right", fontsize=7)
+    ax.set(ylabel="refusal rate", ylim=(0, 1), title="Refusals (greedy; keyword test)")
+    ax.legend(fontsize=7)
+    save(fig, "fig3_real_refusals.png")
     return paths
 
 

@@ -165,3 +165,90 @@ def test_the_finding_checks_pass_on_the_exact_optimum_and_fail_when_disturbed():
     k_hi = max(sc.overlaps)
     better = [dict(r, safety_gap=r["safety_gap"] / 10) if r["overlap"] == k_hi else r for r in rows]
     assert not {n: ok for n, _, ok, _ in sweep.check_findings(sc, better)}["F2"]
+
+
+# -----------------------------------------------------------------------------
+# Real data presets (real-cpu, real-gpu) at a tiny scale
+
+DATA_DIR = os.environ.get("SAFETY_DATA_DIR", "")
+needs_data = pytest.mark.skipif(not os.path.isdir(DATA_DIR or "/nonexistent"),
+                                reason="real data folder absent: set SAFETY_DATA_DIR (README 'Real data')")
+TINY_REAL = dict(sweep.REAL_CPU_TRAIN, n_layer=1, n_head=2, n_embd=32, vocab_cap=512, batch_tokens=256,
+                 micro_batch=4, align_iters=20, max_iters=10, warmup_iters=2, eval_examples=16)
+
+
+@needs_data
+def test_real_sweep_runs_every_planned_run_once_and_resumes_without_repeats(tmp_path, capsys):
+    sc, _ = sweep.make_config("real-cpu", out_dir=str(tmp_path / "real"), seeds=(1,), jobs=1, refusal_limit=8,
+                              refusal_tokens=8, tasks=("alpaca_small", "code_alpaca"), lams=(1.0, 10.0))
+    rows = sweep.run_sweep(sc, TINY_REAL)
+    planned = {t["id"] for t in sweep.plan(sc, TINY_REAL).values() if t["kind"] == "finetune"}
+    # 2 plain, 2 λ with the same-teacher proxy, 1 other-teacher proxy, 2 radii
+    assert len(planned) == 7 and sorted(r["run_id"] for r in rows) == sorted(planned)
+    for r in rows:
+        for k in sweep.REFUSAL_SETS:
+            assert 0 <= r[f"refusal_{k}_low"] <= r[f"refusal_{k}"] <= r[f"refusal_{k}_high"] <= 1
+            assert r[f"refusal_{k}_n"] == 8
+        assert r["safety_increase"] == pytest.approx(r["safety_loss"] - r["aligned_safety_loss"])
+        if r["constraint"] == "param":
+            assert r["distance"] <= r["radius"] + 1e-4
+    md = open(tmp_path / "real" / "results.md").read()
+    for name in ("θ_0", "F1", "F2", "F3", "F4"):
+        assert f"| {name} |" in md
+    assert all((tmp_path / "real" / p).exists() for p in
+               ("fig1_real_tradeoff.png", "fig2_real_overlap.png", "fig3_real_refusals.png"))
+    est = json.load(open(tmp_path / "real" / "estimates" / "estimates.json"))
+    assert est["estimate"] is True and set(est["mismatch"]) == set(sc.proxies)
+    # a second call finds everything done: nothing trained, the same rows
+    stamps = {r["run_id"]: os.path.getmtime(tmp_path / "real" / "runs" / r["run_id"] / "ckpt.pt") for r in rows}
+    capsys.readouterr()
+    again = sweep.run_sweep(sc, TINY_REAL)
+    assert "(7 already done)" in capsys.readouterr().out
+    assert [r["run_id"] for r in again] == [r["run_id"] for r in rows]
+    assert all(os.path.getmtime(tmp_path / "real" / "runs" / k / "ckpt.pt") == v for k, v in stamps.items())
+
+
+def test_real_grid_names_are_checked_before_anything_runs(tmp_path):
+    out = tmp_path / "never"
+    for args, words in ((["--tasks", "alpaca_small,no_such_set"], "--tasks"), (["--proxies", "x/y.json"], "--proxies"),
+                        (["--task", "nope"], "--task"), (["--refusal_limit", "0"], "--refusal_limit")):
+        with pytest.raises(SystemExit) as e:
+            sweep.main(["--preset", "real-cpu", "--out_dir", str(out), *args])
+        assert str(e.value.code).startswith("error:") and words in str(e.value.code)
+    assert not out.exists()
+
+
+def fake_real_rows(ls, lf=None, inc=None):
+    """Rows of a one-seed real sweep with chosen ℓ_s (and ℓ_f) per run name."""
+    rows = []
+    for name, s in ls.items():
+        c = name.split("-")[0]
+        rows.append({"run_id": f"{name}-s1", "constraint": c, "task": "alpaca_small", "proxy": "", "lam": 1.0,
+                     "radius": 0.0, "safety_loss": float(s), "capability_loss": float((lf or {}).get(name, 100.0)),
+                     "safety_increase": float((inc or {}).get(name, s - 100.0))})
+    return rows
+
+
+def test_real_finding_checks_follow_the_numbers(tmp_path, monkeypatch):
+    """F1–F3 verdicts flip when the measurements that decide them are swapped."""
+    sc, _ = sweep.make_config("real-cpu", out_dir=str(tmp_path), tasks=("alpaca_small", "code_alpaca"),
+                              proxies=("safety_llamas_proxy", "xstest_gpt4"), radii=(1.0, 4.0))
+    monkeypatch.setattr(sweep, "theta0_means", lambda sc: sweep.seed_means(
+        [{f"refusal_{k}": 0.9 if kind == "harmful" else 0.1 for k, kind in sweep.REFUSAL_SETS.items()}]))
+    est = {"overlap": {"alpaca_small": {"M": 0.6}, "code_alpaca": {"M": 0.4}},
+           "mismatch": {"safety_llamas_proxy": {"mismatch": 0.5}, "xstest_gpt4": {"mismatch": 100.0}}}
+    names = ["none-alpaca_small", "none-code_alpaca", "loss-alpaca_small-safety_llamas_proxy-lam1",
+             "loss-alpaca_small-xstest_gpt4-lam1", "param-alpaca_small-r1", "param-alpaca_small-r4"]
+
+    def verdicts(ls, lf, inc):
+        rows = fake_real_rows(dict(zip(names, ls)), dict(zip(names, lf)), dict(zip(names, inc)))
+        return {n: ok for n, _, ok, _ in sweep.check_findings_real(sc, rows, est)}
+    # paper-like: same proxy safest; alpaca raises ℓ_s more than code; Case II less capable at equal ℓ_s
+    good = verdicts([150, 160, 105, 160, 110, 130], [130, 120, 136, 137, 170, 150], [40, 30, -5, 50, 0, 20])
+    assert good == {"θ_0": True, "F1": True, "F2": True, "F3": True}
+    bad = verdicts([150, 160, 165, 160, 110, 130], [130, 120, 136, 137, 120, 110], [30, 40, 55, 50, 0, 20])
+    assert bad == {"θ_0": True, "F1": False, "F2": False, "F3": False}
+    # Case I inside the Case II range: compared with the interpolated Case II ℓ_f (166.7 at ℓ_s 105)
+    inside = [150, 160, 105, 160, 100, 130]
+    assert verdicts(inside, [130, 120, 136, 137, 170, 150], [40, 30, -5, 50, 0, 20])["F3"] is True
+    assert verdicts(inside, [130, 120, 168, 137, 170, 150], [40, 30, -5, 50, 0, 20])["F3"] is False

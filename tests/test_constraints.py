@@ -21,17 +21,28 @@ def flat(ts):
     return torch.cat([t.detach().reshape(-1) for t in ts])
 
 
-def test_distance_is_the_flat_l2_norm():
+# both paths: the multi-tensor one (GPU) and the CPU one that forms θ − θ_0 in a small
+# buffer, here of 7 elements so that every tensor spans several pieces and a remainder
+CHUNKS = [None, 7]
+
+
+def buf(chunk):
+    return None if chunk is None else torch.empty(chunk)
+
+
+@pytest.mark.parametrize("chunk", CHUNKS)
+def test_distance_is_the_flat_l2_norm(chunk):
     _, params, theta0 = params_and_theta0()
     expected = (flat(params) - flat(theta0)).norm()
-    torch.testing.assert_close(distance(params, theta0), expected)
+    torch.testing.assert_close(distance(params, theta0, buf(chunk)), expected)
 
 
+@pytest.mark.parametrize("chunk", CHUNKS)
 @pytest.mark.parametrize("r", [0.0, 0.1, 1.0, 3.0])
-def test_projection_lands_on_the_ball_along_the_same_direction(r):
+def test_projection_lands_on_the_ball_along_the_same_direction(r, chunk):
     _, params, theta0 = params_and_theta0()
     before = flat(params) - flat(theta0)
-    project_(params, theta0, r)
+    project_(params, theta0, r, buf(chunk))
     after = flat(params) - flat(theta0)
     assert after.norm() <= r * (1 + 1e-5) + 1e-7
     assert after.norm() == pytest.approx(min(r, before.norm().item()), rel=1e-5, abs=1e-7)
@@ -39,19 +50,21 @@ def test_projection_lands_on_the_ball_along_the_same_direction(r):
         torch.testing.assert_close(after / after.norm(), before / before.norm(), rtol=1e-4, atol=1e-5)
 
 
-def test_projection_is_idempotent():
+@pytest.mark.parametrize("chunk", CHUNKS)
+def test_projection_is_idempotent(chunk):
     _, params, theta0 = params_and_theta0()
-    project_(params, theta0, 0.5)
+    project_(params, theta0, 0.5, buf(chunk))
     once = flat(params).clone()
-    project_(params, theta0, 0.5)
+    project_(params, theta0, 0.5, buf(chunk))
     torch.testing.assert_close(flat(params), once, rtol=0, atol=1e-6)
 
 
-def test_projection_is_an_exact_no_op_inside_the_ball():
+@pytest.mark.parametrize("chunk", CHUNKS)
+def test_projection_is_an_exact_no_op_inside_the_ball(chunk):
     _, params, theta0 = params_and_theta0(scale=1e-3)
     before = [p.detach().clone() for p in params]
-    assert distance(params, theta0) < 10.0
-    project_(params, theta0, 10.0)
+    assert distance(params, theta0, buf(chunk)) < 10.0
+    project_(params, theta0, 10.0, buf(chunk))
     for p, b in zip(params, before):
         assert torch.equal(p, b)  # bit for bit
 
@@ -78,3 +91,11 @@ def test_case_one_objective_and_bad_values():
         Constraint("bogus", [torch.zeros(2)])
     with pytest.raises(ValueError, match="negative"):
         Constraint("param", [torch.zeros(2)], radius=-1.0)
+
+
+def test_both_projection_paths_give_the_same_weights():
+    _, params, theta0 = params_and_theta0()
+    twin = [p.detach().clone() for p in params]
+    project_(params, theta0, 0.3)
+    project_(twin, theta0, 0.3, buf(7))
+    torch.testing.assert_close(flat(params), flat(twin), rtol=1e-6, atol=1e-7)

@@ -73,6 +73,7 @@ class SweepConfig:
     tasks: tuple = ("alpaca_safety_only", "alpaca_small", "code_alpaca")  # D_f of the plain fine-tunes (F2)
     proxies: tuple = ("safety_llamas_proxy", "xstest_llama2orig")  # D_s' of Case I: same teacher first (F1)
     task: str = "alpaca_small"    # D_f of the Case I and Case II runs
+    data_dir: str = ""            # the real data folder; default $SAFETY_DATA_DIR
     refusal_limit: int = 128      # prompts per refusal set, greedy decoding ...
     refusal_tokens: int = 24      # ... of this many new tokens
     # theory.py
@@ -166,6 +167,12 @@ def make_config(preset="smoke", **overrides):
     sc.report_dir = sc.report_dir or sc.out_dir
     recipe = dict(PRESETS[preset]["train"])
     check_config(sc, recipe)
+    if is_real(recipe):
+        try:
+            recipe["data_dir"] = os.path.abspath(data.resolve_data_dir(sc.data_dir))
+        except DataError:
+            raise SweepError(f"--preset {preset} reads real data: pass --data_dir DIR or set SAFETY_DATA_DIR to the "
+                             f"data folder (README 'Real data' says where each file comes from)") from None
     return sc, recipe
 
 
@@ -661,6 +668,24 @@ def case2_table(sc, rows):
     return "\n".join(lines)
 
 
+README = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")
+
+
+def publish(sc, md, readme=README):
+    """Write results.md; for a preset's own report (results/<preset>), also its tables into
+    README.md between the markers <!-- sweep:PRESET:begin/end -->, so that the README's
+    numbers are always the generated ones, never typed."""
+    atomic_write_text(os.path.join(sc.report_dir, "results.md"), md)
+    begin, end = f"<!-- sweep:{sc.preset}:begin -->", f"<!-- sweep:{sc.preset}:end -->"
+    published = os.path.abspath(PRESETS[sc.preset].get("report_dir", "//none")) == os.path.abspath(sc.report_dir)
+    if published and os.path.exists(readme):
+        text = open(readme, encoding="utf-8").read()
+        if begin in text and end in text:
+            body = md.split("\n", 1)[1]  # without the do-not-edit comment of results.md
+            text = text[:text.index(begin) + len(begin)] + "\n" + body.strip() + "\n" + text[text.index(end):]
+            atomic_write_text(readme, text)
+
+
 def write_report(sc, recipe, rows, state):
     os.makedirs(sc.report_dir, exist_ok=True)
     plots = make_plots(sc, rows, {k: recipe[k] for k in ("n_symbols", "ctx_len", "n_harmful") if k in recipe})
@@ -698,7 +723,7 @@ def write_report(sc, recipe, rows, state):
            f"δ = {sc.mismatch:g}; λ_max(H_s) at θ_0 = "
            f"{np.mean(land) if land else float('nan'):.3g} (mean over seeds).", "", case2_table(sc, rows), ""]
     md += ["Plots: " + ", ".join(f"`{os.path.basename(p)}`" for p in plots), ""]
-    atomic_write_text(os.path.join(sc.report_dir, "results.md"), "\n".join(md))
+    publish(sc, "\n".join(md))
     if os.path.abspath(sc.report_dir) != os.path.abspath(sc.out_dir):
         shutil.copyfile(os.path.join(sc.out_dir, "results.csv"), os.path.join(sc.report_dir, "results.csv"))
     print("\n".join(md[4:5 + len(findings) + 2]))
@@ -1065,7 +1090,7 @@ def write_report_real(sc, recipe, rows, state):
                   f"{fmt(e, 'safety_increase', 1)} | {fmt(e, 'distance', 2)} | "
                   + " | ".join(fmt(e, f'refusal_{k}') for k in sets) + " |")
     md += ["", "Plots: " + ", ".join(f"`{os.path.basename(p)}`" for p in plots), ""]
-    atomic_write_text(os.path.join(sc.report_dir, "results.md"), "\n".join(md))
+    publish(sc, "\n".join(md))
     if os.path.abspath(sc.report_dir) != os.path.abspath(sc.out_dir):
         shutil.copyfile(os.path.join(sc.out_dir, "results.csv"), os.path.join(sc.report_dir, "results.csv"))
     print("\n".join(md[4:5 + len(findings) + 2]))

@@ -252,3 +252,27 @@ def test_real_finding_checks_follow_the_numbers(tmp_path, monkeypatch):
     inside = [150, 160, 105, 160, 100, 130]
     assert verdicts(inside, [130, 120, 136, 137, 170, 150], [40, 30, -5, 50, 0, 20])["F3"] is True
     assert verdicts(inside, [130, 120, 168, 137, 170, 150], [40, 30, -5, 50, 0, 20])["F3"] is False
+
+
+def test_a_published_report_replaces_only_its_block_of_the_readme(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- sweep:paper:begin -->\nold table\n<!-- sweep:paper:end -->\noutro\n")
+    sc, _ = sweep.make_config("paper")   # report_dir results/paper, relative to the working directory
+    os.makedirs(sc.report_dir)
+    sweep.publish(sc, "<!-- generated -->\nnew table\nrow", readme=str(readme))
+    assert readme.read_text() == "intro\n<!-- sweep:paper:begin -->\nnew table\nrow\n<!-- sweep:paper:end -->\noutro\n"
+    assert (tmp_path / "results" / "paper" / "results.md").read_text() == "<!-- generated -->\nnew table\nrow"
+    # any other report directory leaves the README alone
+    other, _ = sweep.make_config("paper", out_dir=str(tmp_path / "elsewhere"))
+    os.makedirs(other.report_dir)
+    sweep.publish(other, "<!-- generated -->\nother", readme=str(readme))
+    assert "other" not in readme.read_text()
+
+
+def test_real_preset_without_a_data_folder_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("SAFETY_DATA_DIR", raising=False)
+    with pytest.raises(SystemExit) as e:
+        sweep.main(["--preset", "real-cpu", "--out_dir", str(tmp_path / "never")])
+    assert "SAFETY_DATA_DIR" in str(e.value.code) and "--data_dir" in str(e.value.code)
+    assert not (tmp_path / "never").exists()

@@ -231,8 +231,8 @@ def fake_real_rows(ls, lf=None, inc=None):
 
 def test_real_finding_checks_follow_the_numbers(tmp_path, monkeypatch):
     """F1–F3 verdicts flip when the measurements that decide them are swapped."""
-    sc, _ = sweep.make_config("real-cpu", out_dir=str(tmp_path), tasks=("alpaca_small", "code_alpaca"),
-                              proxies=("safety_llamas_proxy", "xstest_gpt4"), radii=(1.0, 4.0))
+    sc = sweep.SweepConfig(preset="real-cpu", out_dir=str(tmp_path), tasks=("alpaca_small", "code_alpaca"),
+                           proxies=("safety_llamas_proxy", "xstest_gpt4"), radii=(1.0, 4.0), lams=(1.0,))
     monkeypatch.setattr(sweep, "theta0_means", lambda sc: sweep.seed_means(
         [{f"refusal_{k}": 0.9 if kind == "harmful" else 0.1 for k, kind in sweep.REFUSAL_SETS.items()}]))
     est = {"overlap": {"alpaca_small": {"M": 0.6}, "code_alpaca": {"M": 0.4}},

@@ -565,16 +565,21 @@ def check_findings(sc, rows):
     ks, txt = list(by_k), []
     for lo, hi in zip(ks, ks[1:]):
         curve = sorted((mean(e, "capability_gap"), mean(e, "safety_gap")) for e in by_k[lo])
-        above = sum(pareto_dominated((mean(e, "capability_gap"), mean(e, "safety_gap")), curve) for e in by_k[hi])
-        txt.append((above == len(by_k[hi]), f"κ={hi:g} vs κ={lo:g}: {above}/{len(by_k[hi])} points on or above"))
+        verdicts = [pareto_dominated((mean(e, "capability_gap"), mean(e, "safety_gap")), curve) for e in by_k[hi]]
+        cmp = [v for v in verdicts if v is not None]
+        left = len(verdicts) - len(cmp)
+        txt.append((len(cmp) >= 2 and all(cmp),
+                    f"κ={hi:g} vs κ={lo:g}: {sum(cmp)}/{len(cmp)} comparable points on or above"
+                    + (f" ({left} left of the κ={lo:g} curve's G_f range: not comparable)" if left else "")))
     if 0.0 in by_k:
         worst_f = max(mean(e, "capability_gap") for e in by_k[0.0])
         worst_s = max(abs(mean(e, "safety_gap") - mean(e, "mismatch")) for e in by_k[0.0])
         txt.append((worst_f <= sc.tol_abs and worst_s <= sc.tol_abs,
                     f"κ=0: G_f at most {worst_f:.4f}, G_s at most {worst_s:.4f} from the mismatch term "
                     f"(tolerance {sc.tol_abs:g})"))
-    res.append(("F2", "lower κ gives a Pareto-better curve (every point of a higher-κ curve on or above the "
-                "next lower-κ curve); κ = 0: G_f ≈ 0 and G_s ≈ the mismatch floor at every λ",
+    res.append(("F2", "lower κ gives a Pareto-better curve (every point of a higher-κ curve within the next "
+                "lower-κ curve's G_f range, at least two, on or above it); κ = 0: G_f ≈ 0 and G_s ≈ the mismatch "
+                "floor at every λ",
                 bool(txt) and all(ok for ok, _ in txt), "<br>".join(t for _, t in txt)))
     # F3: at equal G_s, Case II (param) ends with the larger G_f than Case I (loss)
     c1 = groups(rows, "loss", overlap=k0, mismatch_delta=d0)
@@ -613,9 +618,13 @@ def check_findings(sc, rows):
 def pareto_dominated(p, frontier):
     """Is the point p = (G_f, G_s) on or above the piecewise-linear curve through the
     points `frontier` (sorted by G_f)? Right of the curve's last point the curve goes on
-    flat; left of its first point nothing of the curve is as good, so p is not."""
+    flat (G_s only falls as λ grows, so flat is the conservative extension). Left of its
+    first point the curve was not measured: None, not comparable (both curves tend to
+    G_f → 0 as λ → 0, and where one stops is a choice of the λ grid)."""
     xs, ys = [q[0] for q in frontier], [q[1] for q in frontier]
-    return p[0] >= xs[0] and p[1] >= float(np.interp(p[0], xs, ys))
+    if p[0] < xs[0]:
+        return None
+    return p[1] >= float(np.interp(p[0], xs, ys))
 
 
 # -----------------------------------------------------------------------------

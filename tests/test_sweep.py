@@ -276,3 +276,12 @@ def test_real_preset_without_a_data_folder_is_one_clear_error(tmp_path, monkeypa
         sweep.main(["--preset", "real-cpu", "--out_dir", str(tmp_path / "never")])
     assert "SAFETY_DATA_DIR" in str(e.value.code) and "--data_dir" in str(e.value.code)
     assert not (tmp_path / "never").exists()
+
+
+def test_pareto_comparison_is_made_only_where_the_lower_curve_was_measured():
+    curve = [(0.1, 2.0), (0.5, 1.0), (1.0, 0.5)]
+    assert sweep.pareto_dominated((0.3, 1.6), curve) is True     # above the chord at G_f 0.3 (1.5)
+    assert sweep.pareto_dominated((0.3, 1.4), curve) is False    # below it
+    assert sweep.pareto_dominated((2.0, 0.5), curve) is True     # right of the end: the curve goes on flat
+    assert sweep.pareto_dominated((2.0, 0.4), curve) is False
+    assert sweep.pareto_dominated((0.05, 9.0), curve) is None    # left of the first point: not comparable

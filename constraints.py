@@ -76,10 +76,14 @@ class Constraint:
         return self._buf
 
 
-# On CPU, ‖θ − θ_0‖ is memory-bound: forming θ − θ_0 whole writes and reads back one more
-# copy of the model. Formed CHUNK elements at a time (256 KB in fp32, inside a core's L2
-# cache) it never leaves the cache, and the pass reads θ and θ_0 once (BENCHMARKS.md).
-CHUNK = 1 << 16
+# On CPU, ‖θ − θ_0‖ of a large model is memory-bound: forming θ − θ_0 whole writes and
+# reads back one more copy of the model. Formed CHUNK elements at a time (4 MB in fp32,
+# inside the L3 cache) it stays in the cache and the pass reads θ and θ_0 once; smaller
+# pieces lose more to per-call overhead than they save (BENCHMARKS.md). Tensors of at
+# most SMALL elements (biases, norms, a tiny model's everything) go through two fused
+# multi-tensor calls instead: there, per-call overhead is all the cost.
+CHUNK = 1 << 20
+SMALL = 1 << 16
 
 
 @torch.no_grad()
@@ -95,15 +99,20 @@ def differences(params, theta0, out=None):
 @torch.no_grad()
 def distance(params, theta0, chunk=None):
     """‖θ − θ_0‖₂ over all parameters as one flat vector, a 0-d tensor (THEORY.md §3).
-    `chunk`: a 1-d CPU scratch tensor; θ − θ_0 is then formed a piece at a time in it."""
+    `chunk`: a 1-d CPU scratch tensor; large tensors' θ − θ_0 is then formed in it a
+    piece at a time, never whole."""
+    params = [p.detach() for p in params]
     if chunk is None:  # GPU: two fused multi-tensor kernels
-        norms = torch._foreach_norm(torch._foreach_sub([p.detach() for p in params], theta0))
-        return torch.linalg.vector_norm(torch.stack(norms))
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(torch._foreach_sub(params, theta0))))
+    small = [i for i, p in enumerate(params) if p.numel() <= SMALL]
     sq = torch.zeros((), dtype=torch.float64)
-    for p, p0 in zip(params, theta0):
-        a, b = p.detach().view(-1), p0.view(-1)
-        for i in range(0, a.numel(), len(chunk)):
-            d = torch.sub(a[i:i + len(chunk)], b[i:i + len(chunk)], out=chunk[:min(len(chunk), a.numel() - i)])
+    if small:
+        norms = torch._foreach_norm(torch._foreach_sub([params[i] for i in small], [theta0[i] for i in small]))
+        sq += torch.stack(norms).double().square().sum()
+    for i in sorted(set(range(len(params))) - set(small)):
+        a, b, n = params[i].view(-1), theta0[i].view(-1), params[i].numel()
+        for j in range(0, n, len(chunk)):
+            d = torch.sub(a[j:j + len(chunk)], b[j:j + len(chunk)], out=chunk[:min(len(chunk), n - j)])
             sq += torch.dot(d, d)
     return sq.sqrt().to(theta0[0].dtype)
 

@@ -6,9 +6,10 @@ The fine-tuning strategies of THEORY.md §2–§3, starting from the aligned wei
     param    min ℓ_f(θ)  s.t.  ‖θ − θ_0‖₂ ≤ r                    Case II, by projection
     penalty  min ℓ_f(θ) + (γ/2)·‖θ − θ_0‖₂²                      Case II, soft variant
 
-The norm runs over all trainable parameters as one flat vector. Nothing here reads a
-value back to the host: the distance and the projection stay on the device, so the
-training step never waits for it.
+The norm runs over all trainable parameters as one flat vector. On a GPU nothing here
+reads a value back to the host: the distance and the projection stay on the device, so
+the training step never waits for them. On CPU there is no device to wait for, and
+project_ reads the distance to skip a pass over the weights inside the ball.
 """
 
 import torch
@@ -110,7 +111,7 @@ def distance(params, theta0, chunk=None):
         norms = torch._foreach_norm(torch._foreach_sub([params[i] for i in small], [theta0[i] for i in small]))
         sq += torch.stack(norms).double().square().sum()
     for i in sorted(set(range(len(params))) - set(small)):
-        a, b, n = params[i].view(-1), theta0[i].view(-1), params[i].numel()
+        a, b, n = params[i].reshape(-1), theta0[i].reshape(-1), params[i].numel()  # views: parameters are contiguous
         for j in range(0, n, len(chunk)):
             d = torch.sub(a[j:j + len(chunk)], b[j:j + len(chunk)], out=chunk[:min(len(chunk), n - j)])
             sq += torch.dot(d, d)

@@ -1002,7 +1002,7 @@ class RealDataConfig:
 class RealData:
     """Real text with the interface of SyntheticWorld: batch(name, n, generator) for
     name in safety/proxy/task, seq_len, block_size, vocab_size; `eval_batches` for the
-    held-out losses of evaluate.py. Parts, all disjoint in prompts:
+    held-out losses of evaluate.py. Parts, disjoint in prompts (but see rc.helpful):
 
         safety  D_s's training part    safety eval   held-out D_s (safety_loss)
                 (+ rc.helpful's, if any)
@@ -1012,7 +1012,10 @@ class RealData:
     rc.vocab fixes the compact vocabulary (a θ_0's); empty, restrict_vocab builds it.
     rc.helpful mixes helpful answers into the alignment batches only: a θ_0 trained on
     refusals alone refuses everything, harmless prompts too, because it never saw an answer;
-    the held-out ℓ_s stays on D_s alone."""
+    the held-out ℓ_s stays on D_s alone. The helpful part loses the evaluation parts'
+    prompts but not D_f's training prompts: θ_0 serves fine-tunes on several tasks, so it
+    cannot depend on one (alpaca_gpt4_demo shares 42 prompts with alpaca_small's 2,000 and
+    30 with alpaca_safety_only, none with code_alpaca)."""
 
     name = "real"
 

@@ -133,7 +133,7 @@ class SweepError(ValueError):
 def parse_list(text, kind):
     """'0.1,1,10' → (0.1, 1.0, 10.0) for a grid flag."""
     try:
-        return tuple(kind(v) for v in text.split(",") if v.strip() != "")
+        return tuple(kind(v.strip()) for v in text.split(",") if v.strip() != "")
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {kind.__name__}s") from None
 
@@ -181,10 +181,18 @@ def check_config(sc, recipe=None):
     def bad(flag, v, what):
         raise SweepError(f"--{flag}: {v!r} is not a valid value ({what}); fix the grid")
     grids = ("seeds", "lams", "radii") + (("tasks", "proxies") if is_real(recipe or {}) else ("mismatches", "overlaps"))
-    for flag in ("tasks", "proxies", "task") if is_real(recipe or {}) else ():
-        for name in getattr(sc, flag) if flag != "task" else (sc.task,):
-            if name not in data.REGISTRY and not os.path.isfile(name):
-                bad(flag, name, "a data.REGISTRY name or a file of (prompt, response) pairs")
+    if is_real(recipe or {}):
+        for flag in ("tasks", "proxies", "task"):
+            for name in getattr(sc, flag) if flag != "task" else (sc.task,):
+                if not all(n in data.REGISTRY or os.path.isfile(n) for n in name.split("+")):
+                    bad(flag, name, "a data.REGISTRY name, a file of (prompt, response) pairs, or 'a+b' of them")
+        names = set(sc.tasks + sc.proxies + (sc.task,))
+        if len({short(n) for n in names}) < len(names):
+            raise SweepError("--tasks/--proxies/--task: two sets would share a run id (the same file name): "
+                             "rename one of the files")
+        if sc.refusal_tokens > recipe["block_size"] - 8:
+            bad("refusal_tokens", sc.refusal_tokens, f"at most block_size − 8 = {recipe['block_size'] - 8}, "
+                "to leave room for the prompt")
     for flag in ("refusal_limit", "refusal_tokens"):
         if getattr(sc, flag) < 1:
             bad(flag, getattr(sc, flag), "an integer ≥ 1")
@@ -265,6 +273,12 @@ def plan(sc, recipe):
 
 # -----------------------------------------------------------------------------
 # Running one task, in a worker process (or in this one when --jobs 1)
+
+
+def has_theta0(align_dir, cfg):
+    """Is there a θ_0 in align_dir that train.py (as the code stands now) accepts for cfg?"""
+    theta0 = os.path.join(align_dir, "theta0.pt")
+    return os.path.exists(theta0) and load_checkpoint(theta0).get("align_key") == train.align_key(cfg)
 
 
 def aligned(task):
@@ -395,6 +409,9 @@ def check_out_dir(sc, recipe):
     """An out_dir holds one recipe: rows of another recipe must never mix with these."""
     os.makedirs(sc.out_dir, exist_ok=True)
     path = os.path.join(sc.out_dir, "sweep.json")
+    # a real sweep's refusal rates are measurements of the recipe too
+    recipe = dict(recipe, **({"refusal_limit": sc.refusal_limit, "refusal_tokens": sc.refusal_tokens}
+                             if is_real(recipe) else {}))
     state = {"recipe": recipe, "wall_seconds": 0.0, "invocations": 0}
     if os.path.exists(path):
         state = json.load(open(path))
@@ -424,8 +441,8 @@ def run_sweep(sc, recipe):
             t["refresh"] = True
     for t in tasks.values():
         # an aligned θ_0 with its landscape is done; a stale row of an unplanned run is kept
-        if (t["kind"] == "align" and aligned(t)) or (t["kind"] == "estimate" and os.path.exists(
-                os.path.join(t["dir"], "estimates.json"))):
+        if (t["kind"] == "align" and aligned(t) and not (sc.refresh and t.get("real"))) or (
+                t["kind"] == "estimate" and estimated(t)):
             done.add(t["id"])
     todo = [t for t in tasks.values() if t["id"] not in done]
     todo_all = list(todo)
@@ -577,8 +594,8 @@ def check_findings(sc, rows):
         txt.append((worst_f <= sc.tol_abs and worst_s <= sc.tol_abs,
                     f"κ=0: G_f at most {worst_f:.4f}, G_s at most {worst_s:.4f} from the mismatch term "
                     f"(tolerance {sc.tol_abs:g})"))
-    res.append(("F2", "lower κ gives a Pareto-better curve (every point of a higher-κ curve within the next "
-                "lower-κ curve's G_f range, at least two, on or above it); κ = 0: G_f ≈ 0 and G_s ≈ the mismatch "
+    res.append(("F2", "lower κ gives a Pareto-better curve (every point of a higher-κ curve not left of the next "
+                "lower-κ curve's measured G_f range, at least two, on or above it); κ = 0: G_f ≈ 0 and G_s ≈ the mismatch "
                 "floor at every λ",
                 bool(txt) and all(ok for ok, _ in txt), "<br>".join(t for _, t in txt)))
     # F3: at equal G_s, Case II (param) ends with the larger G_f than Case I (loss)
@@ -890,8 +907,8 @@ REFUSAL_SETS = {"safety_llamas_eval": "harmful", "advbench": "harmful", "xstest_
 
 
 def short(name):
-    """A dataset name fit for a run id: a registry name, or a file's stem."""
-    return name if name in data.REGISTRY else os.path.splitext(os.path.basename(name))[0]
+    """A dataset name fit for a run id: a registry name, or a file's stem ('a+b' part by part)."""
+    return "+".join(n if n in data.REGISTRY else os.path.splitext(os.path.basename(n))[0] for n in name.split("+"))
 
 
 def real_run_id(constraint, task, proxy, lam, radius, seed):
@@ -936,10 +953,11 @@ def refusals_of(ckpt_path, task):
     import evaluate
     ckpt = load_checkpoint(ckpt_path)
     data_dir = ckpt["world_config"].get("data_dir", "")
-    rep = evaluate.refusal_report(model_from_checkpoint(ckpt).eval(), evaluate.codec_of(ckpt), data_dir,
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rep = evaluate.refusal_report(model_from_checkpoint(ckpt).to(device).eval(), evaluate.codec_of(ckpt), data_dir,
                                   harmful=[k for k, v in REFUSAL_SETS.items() if v == "harmful"],
                                   harmless=[k for k, v in REFUSAL_SETS.items() if v == "harmless"],
-                                  limit=task["refusal_limit"], max_new_tokens=task["refusal_tokens"])
+                                  limit=task["refusal_limit"], max_new_tokens=task["refusal_tokens"], device=device)
     out = {}
     for name, r in rep.items():
         out.update({f"refusal_{name}": r["rate"], f"refusal_{name}_low": r["ci_low"],
@@ -947,11 +965,21 @@ def refusals_of(ckpt_path, task):
     return out
 
 
+def estimated(task):
+    """Do estimates/estimates.json exist for these sets (a resumed sweep may add some)?"""
+    path = os.path.join(task["dir"], "estimates.json")
+    if not os.path.exists(path):
+        return False
+    est = json.load(open(path))
+    return (est.get("safety") == task["safety"] and set(task["tasks"]) <= set(est["overlap"])
+            and set(task["proxies"]) <= set(est["mismatch"]))
+
+
 def estimate(task):
     """The overlap estimate of every task set against D_s and the mismatch estimate of
     every proxy (THEORY.md §4), labelled estimates, to estimates/estimates.json."""
     t0 = time.time()
-    out = {"estimate": True, "overlap": {}, "mismatch": {}}
+    out = {"estimate": True, "safety": task["safety"], "overlap": {}, "mismatch": {}}
     for name in task["tasks"]:
         o = theory.real_overlap(task["safety"], name, task["data_dir"])
         out["overlap"][name] = {"M": o["classifier"]["M"], "lexical": o["lexical"]}
@@ -973,7 +1001,7 @@ def execute_real(task):
     os.makedirs(task["dir"], exist_ok=True)
     if task.get("refresh") and os.path.exists(os.path.join(task["dir"], "metrics.json")):
         pass  # --refresh: the run is trained; only its refusals are measured again
-    elif task["kind"] == "finetune" or not aligned(task):
+    elif task["kind"] == "finetune" or not has_theta0(task["dir"], cfg):
         with open(os.path.join(task["dir"], "sweep_train.out"), "w") as f, redirect_stdout(f), redirect_stderr(f):
             train.main(cfg, argv=[])
     train_s, t1 = time.time() - t0, time.time()
@@ -1028,40 +1056,52 @@ def check_findings_real(sc, rows, est):
     ok = all((rates[k] > 0.5) == (kind == "harmful") for k, kind in REFUSAL_SETS.items())
     res.append(("θ_0", "the aligned model refuses most harmful prompts and answers most harmless ones", ok,
                 "<br>".join(f"{k} ({REFUSAL_SETS[k]}): refuses {rates[k]:.3f}" for k in REFUSAL_SETS)))
-    # F1: the same-teacher proxy keeps ℓ_s lowest (Case I at lams[0])
+    # F1: the same-teacher proxy keeps ℓ_s lowest (Case I at lams[0]); None: not checkable
     lam0 = sc.lams[0]
     c1 = {p: name("loss", proxy=p, lam=lam0) for p in sc.proxies}
     same = c1[sc.proxies[0]]
     res.append(("F1", f"Case I (λ={lam0:g}): the same-teacher proxy {sc.proxies[0]} ends with a lower ℓ_s than "
-                f"every other-teacher proxy", all(ls(same) < ls(n) for p, n in c1.items() if n != same),
+                f"every other-teacher proxy", all(ls(same) < ls(n) for n in c1.values() if n != same)
+                if len(c1) > 1 else None,
                 "<br>".join(f"{p}: ℓ_s {fmt(g[n], 'safety_loss', 1)}, mismatch estimate "
                             f"{est['mismatch'][p]['mismatch']:.1f}" for p, n in c1.items())))
     # F2: higher overlap, larger ℓ_s increase under plain fine-tuning
     by_m = sorted(dict.fromkeys(sc.tasks), key=lambda t: -est["overlap"][t]["M"])
     inc = [mean(g[name("none", task=t)], "safety_increase") for t in by_m]
     res.append(("F2", "plain fine-tuning on a task of higher estimated overlap M raises ℓ_s more",
-                all(a > b for a, b in zip(inc, inc[1:])),
+                all(a > b for a, b in zip(inc, inc[1:])) if len(inc) > 1 else None,
                 "<br>".join(f"{t}: M {est['overlap'][t]['M']:.3f}, ℓ_s {fmt(g[name('none', task=t)], 'safety_increase', 1)}"
                             for t in by_m)))
-    # F3: at equal ℓ_s, Case II ends with the larger ℓ_f (Case II interpolated between radii)
+    # F3: at equal ℓ_s, Case II ends with the larger ℓ_f (Case II interpolated between
+    # radii), for every λ of the same-teacher proxy
     c2 = sorted((ls(name("param", radius=r)), lf(name("param", radius=r))) for r in sc.radii)
-    s1, f1 = ls(same), lf(same)
-    if c2[0][0] <= s1 <= c2[-1][0]:
-        f2 = float(np.interp(s1, [p[0] for p in c2], [p[1] for p in c2]))
-        ok, how = f1 < f2, f"Case II at the same ℓ_s (interpolated): ℓ_f {f2:.1f}"
-    elif s1 < c2[0][0]:  # Case I safer than every radius: it must also be more capable than the safest
-        ok, how = f1 < c2[0][1], f"Case I is safer than every Case II run; the safest (ℓ_s {c2[0][0]:.1f}) has ℓ_f {c2[0][1]:.1f}"
-    else:
-        ok, how = False, f"Case I is less safe than every Case II run (ℓ_s {c2[-1][0]:.1f} at most): not comparable"
+    verdicts, txt = [], []
+    for lam in sorted(sc.lams):
+        n = name("loss", proxy=sc.proxies[0], lam=lam)
+        s1, f1 = ls(n), lf(n)
+        if c2[0][0] <= s1 <= c2[-1][0]:
+            f2 = float(np.interp(s1, [p[0] for p in c2], [p[1] for p in c2]))
+            ok, how = f1 < f2, f"Case II at the same ℓ_s (interpolated): ℓ_f {f2:.1f}"
+        elif s1 < c2[0][0]:  # Case I safer than every radius: it must also be more capable than the safest
+            ok, how = f1 < c2[0][1], (f"safer than every Case II run; the safest (ℓ_s {c2[0][0]:.1f}) has "
+                                      f"ℓ_f {c2[0][1]:.1f}")
+        else:
+            ok, how = None, f"less safe than every Case II run (ℓ_s ≤ {c2[-1][0]:.1f}): not comparable"
+        verdicts.append(ok)
+        txt.append(f"Case I λ={lam:g}: ℓ_s {s1:.1f}, ℓ_f {f1:.1f}; {how}")
+    decided = [v for v in verdicts if v is not None]
     res.append(("F3", f"at equal ℓ_s, Case II (r ∈ {{{', '.join(f'{r:g}' for r in sc.radii)}}}) ends with a higher ℓ_f "
-                f"than Case I ({sc.proxies[0]}, λ={lam0:g})", ok, f"Case I: ℓ_s {s1:.1f}, ℓ_f {f1:.1f}; {how}"))
+                f"than Case I ({sc.proxies[0]})", all(decided) if decided else None, "<br>".join(txt)))
     # F4: raising λ lowers ℓ_s and raises ℓ_f
-    if len(sc.lams) > 1:
-        ns = [name("loss", proxy=sc.proxies[0], lam=lam) for lam in sorted(sc.lams)]
-        ok = all(ls(a) > ls(b) and lf(a) < lf(b) for a, b in zip(ns, ns[1:]))
-        res.append(("F4", "Case I: raising λ lowers ℓ_s and raises ℓ_f", ok,
-                    "<br>".join(f"λ={lam:g}: ℓ_s {ls(n):.1f}, ℓ_f {lf(n):.1f}" for lam, n in zip(sorted(sc.lams), ns))))
+    ns = [name("loss", proxy=sc.proxies[0], lam=lam) for lam in sorted(sc.lams)]
+    res.append(("F4", "Case I: raising λ lowers ℓ_s and raises ℓ_f",
+                all(ls(a) > ls(b) and lf(a) < lf(b) for a, b in zip(ns, ns[1:])) if len(ns) > 1 else None,
+                "<br>".join(f"λ={lam:g}: ℓ_s {ls(n):.1f}, ℓ_f {lf(n):.1f}" for lam, n in zip(sorted(sc.lams), ns))
+                + ("" if len(ns) > 1 else " (one λ in this sweep: not checked)")))
     return res
+
+
+VERDICT = {True: "yes", False: "**no**", None: "not checked"}
 
 
 def write_report_real(sc, recipe, rows, state):
@@ -1082,7 +1122,7 @@ def write_report_real(sc, recipe, rows, state):
           f"{sc.refusal_limit} prompts of each set, GCG's keyword test (README 'Real data').", "",
           "**Findings (THEORY.md §5) on the held-out losses, checked by `sweep.py` on the seed means**", "",
           "| finding | claim | reproduced | numbers |", "| --- | --- | --- | --- |"]
-    md += [f"| {n} | {claim} | {'yes' if ok else '**no**'} | {nums} |" for n, claim, ok, nums in findings]
+    md += [f"| {n} | {claim} | {VERDICT[ok]} | {nums} |" for n, claim, ok, nums in findings]
     md += ["", f"**Estimates** (THEORY.md §4; `theory.real_overlap`, `theory.real_mismatch` at 64 examples per "
            f"reference, computed in {est['seconds']:.0f} s)", "", "| set | role | estimate |", "| --- | --- | --- |"]
     md += [f"| {t} | task D_f | overlap M {o['M']:.3f}, lexical {o['lexical']:.3f} |" for t, o in est["overlap"].items()]
@@ -1134,7 +1174,8 @@ def make_plots_real(sc, rows, est):
     ax.errorbar([mean(a, "aligned_capability_loss")], [mean(a, "aligned_safety_loss")], fmt="k*", ms=12, label="θ_0")
     point(ax, [g[real_run_id("none", sc.task, "", 0, 0, 0).rsplit("-s", 1)[0]]], "no constraint", fmt="kx", ms=9)
     for i, p in enumerate(sc.proxies):
-        es = [e for e in g.values() if e["rows"][0]["constraint"] == "loss" and e["rows"][0]["proxy"] == p]
+        es = sorted((e for e in g.values() if e["rows"][0]["constraint"] == "loss" and e["rows"][0]["proxy"] == p),
+                    key=lambda e: e["rows"][0]["lam"])
         point(ax, es, f"Case I, proxy {p}" + (" (same teacher)" if i == 0 else ""), fmt="o-" if len(es) > 1 else "o",
               color=colors[i % len(colors)])
         for e in es:

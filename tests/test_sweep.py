@@ -210,8 +210,13 @@ def test_real_sweep_runs_every_planned_run_once_and_resumes_without_repeats(tmp_
 
 def test_real_grid_names_are_checked_before_anything_runs(tmp_path):
     out = tmp_path / "never"
+    for d in ("a", "b"):   # two files of one name
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "x.json").write_text("[]")
     for args, words in ((["--tasks", "alpaca_small,no_such_set"], "--tasks"), (["--proxies", "x/y.json"], "--proxies"),
-                        (["--task", "nope"], "--task"), (["--refusal_limit", "0"], "--refusal_limit")):
+                        (["--task", "nope"], "--task"), (["--refusal_limit", "0"], "--refusal_limit"),
+                        (["--refusal_tokens", "60"], "block_size − 8"),
+                        (["--tasks", f"{tmp_path}/a/x.json,{tmp_path}/b/x.json"], "share a run id")):
         with pytest.raises(SystemExit) as e:
             sweep.main(["--preset", "real-cpu", "--out_dir", str(out), *args])
         assert str(e.value.code).startswith("error:") and words in str(e.value.code)
@@ -245,9 +250,12 @@ def test_real_finding_checks_follow_the_numbers(tmp_path, monkeypatch):
         return {n: ok for n, _, ok, _ in sweep.check_findings_real(sc, rows, est)}
     # paper-like: same proxy safest; alpaca raises ℓ_s more than code; Case II less capable at equal ℓ_s
     good = verdicts([150, 160, 105, 160, 110, 130], [130, 120, 136, 137, 170, 150], [40, 30, -5, 50, 0, 20])
-    assert good == {"θ_0": True, "F1": True, "F2": True, "F3": True}
+    assert good == {"θ_0": True, "F1": True, "F2": True, "F3": True, "F4": None}   # one λ: F4 not checkable
     bad = verdicts([150, 160, 165, 160, 110, 130], [130, 120, 136, 137, 120, 110], [30, 40, 55, 50, 0, 20])
-    assert bad == {"θ_0": True, "F1": False, "F2": False, "F3": False}
+    # Case I less safe than every Case II run: F3 cannot be judged, and is not called a failure
+    assert bad == {"θ_0": True, "F1": False, "F2": False, "F3": None, "F4": None}
+    # Case I safer than every Case II run but less capable than the safest: no
+    assert verdicts([150, 160, 105, 160, 110, 130], [130, 120, 180, 137, 170, 150], [40, 30, -5, 50, 0, 20])["F3"] is False
     # Case I inside the Case II range: compared with the interpolated Case II ℓ_f (166.7 at ℓ_s 105)
     inside = [150, 160, 105, 160, 100, 130]
     assert verdicts(inside, [130, 120, 136, 137, 170, 150], [40, 30, -5, 50, 0, 20])["F3"] is True

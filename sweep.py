@@ -169,7 +169,7 @@ def make_config(preset="smoke", **overrides):
     check_config(sc, recipe)
     if is_real(recipe):
         try:
-            recipe["data_dir"] = os.path.abspath(data.resolve_data_dir(sc.data_dir))
+            recipe["data_dir"] = data.resolve_data_dir(sc.data_dir)  # as given: the report shows it
         except DataError:
             raise SweepError(f"--preset {preset} reads real data: pass --data_dir DIR or set SAFETY_DATA_DIR to the "
                              f"data folder (README 'Real data' says where each file comes from)") from None

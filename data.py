@@ -1033,7 +1033,11 @@ class RealData:
 
         s_train, s_eval = train_and_heldout(rc.safety, rc.data_dir, cache_dir)
         if rc.helpful:  # its own held-out part is dropped: ℓ_s is measured on D_s alone
-            s_train = TokenSet.concat([s_train, train_and_heldout(rc.helpful, rc.data_dir, cache_dir)[0]])
+            h_train = train_and_heldout(rc.helpful, rc.data_dir, cache_dir)[0]
+            if not h_train.has_responses:
+                raise DataError(f"--align_helpful {rc.helpful}: has prompts without responses: alignment "
+                                f"needs (prompt, response) pairs")
+            s_train = TokenSet.concat([s_train, h_train])
         f_train, f_eval = train_and_heldout(rc.task, rc.data_dir, cache_dir)
         proxy = dataset_part(rc.proxy, rc.data_dir, cache_dir)
         # no prompt in two parts: training parts lose what the evaluation parts hold, the

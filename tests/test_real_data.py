@@ -363,6 +363,14 @@ def test_helpful_answers_join_alignment_only_and_leave_held_out_safety_alone(tmp
     assert gpt2(mixed) == gpt2(plain) and len(gpt2(plain)) > 0
 
 
+@needs_data
+def test_a_helpful_set_of_prompts_alone_is_one_clear_error(cache_dir):
+    # an evaluation prompt set cannot teach answers: the error names the flag and the set
+    with pytest.raises(DataError, match=r"--align_helpful stl_I-Alpaca: has prompts without responses"):
+        data.RealData(data.RealDataConfig(data_dir=DATA_DIR, helpful="stl_I-Alpaca", block_size=64, vocab_cap=512),
+                      cache_dir=cache_dir)
+
+
 def test_align_helpful_needs_real_data_and_keeps_old_theta0_identities(tmp_path):
     import hashlib
     import train

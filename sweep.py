@@ -99,9 +99,12 @@ PAPER_TRAIN = {"align_iters": 800, "max_iters": 1200, "warmup_iters": 50, "lr": 
                "batch_tokens": 640, "micro_batch": 128}
 
 # real-cpu: README "Real data"'s recipe: 0.37M parameters, a 4,096-token vocabulary, blocks
-# of 64 tokens; θ_0 learns refusals with helpful answers mixed in (alone, it refuses
-# everything). real-gpu: a 6-layer, 384-wide model on the full vocabulary (never run here)
-REAL_CPU_TRAIN = {"data": "real", "safety_data": "safety_llamas", "align_helpful": "alpaca_gpt4_demo",
+# of 64 tokens; θ_0 learns refusals with helpful answers mixed in: alone, it refuses
+# everything (0.93 of ordinary harmless prompts); with alpaca_gpt4_demo, 0.25 of those but
+# 0.52 of XSTest's safe ones; adding Dolly's human-written answers to safety-related
+# questions brought that to 0.32 (seed 1). real-gpu: a 6-layer, 384-wide model on the full
+# compact vocabulary (never run: no GPU was lent)
+REAL_CPU_TRAIN = {"data": "real", "safety_data": "safety_llamas", "align_helpful": "alpaca_gpt4_demo+dolly_safety_only",
                   "block_size": 64, "vocab_cap": 4096, "n_layer": 2, "n_head": 4, "n_embd": 64,
                   "batch_tokens": 2048, "micro_batch": 32, "align_iters": 800, "align_lr": 3e-3,
                   "warmup_iters": 50, "max_iters": 300, "lr": 1e-3, "eval_examples": 128}

@@ -58,6 +58,20 @@ def atomic_write(path, write, mode="w"):
             os.remove(tmp)
 
 
+def remove_stale_temporaries(folder, recursive=False):
+    """Delete the temporaries (NAME.tmp.PID) a killed writer left in folder: the file they
+    were for is still whole (the rename never happened), so nothing is lost. Called when a
+    run or sweep starts in folder, when no other writer of this project can be at work there."""
+    if not os.path.isdir(folder):
+        return
+    walk = os.walk(folder) if recursive else [(folder, None, os.listdir(folder))]
+    for root, _, files in walk:
+        for name in files:
+            stem, _, pid = name.rpartition(".tmp.")
+            if stem and pid.isdigit():
+                os.remove(os.path.join(root, name))
+
+
 def atomic_write_text(path, text):
     atomic_write(path, lambda f: f.write(text))
 

@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from constraints import CONSTRAINTS, Constraint
-from data import DataError, RealDataConfig, WorldConfig, atomic_write_json, make_source
+from data import DataError, RealDataConfig, WorldConfig, atomic_write_json, make_source, remove_stale_temporaries
 from evaluate import evaluate
 from model import (CHECKPOINT_FORMAT, GPT, CheckpointError, GPTConfig, atomic_torch_save,
                    flat_params, load_checkpoint, params_hash)
@@ -230,6 +230,7 @@ def prepare_out_dir(cfg):
     """Create out_dir and make sure it is writable, with a clear message otherwise."""
     try:
         os.makedirs(cfg.out_dir, exist_ok=True)
+        remove_stale_temporaries(cfg.out_dir)  # a killed run's half-written checkpoint
         probe = os.path.join(cfg.out_dir, f".write_test.{os.getpid()}")
         with open(probe, "w"):
             pass

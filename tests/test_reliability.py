@@ -177,3 +177,20 @@ def test_a_sweep_killed_midway_resumes_with_no_missing_or_duplicated_rows(tmp_pa
         m = json.loads((out / "runs" / r["run_id"] / "metrics.json").read_text())
         assert float(r["safety_gap"]) == pytest.approx(m["finetuned"]["safety_gap"], rel=1e-9)
     assert not [p for p in out.rglob("*.tmp.*")]
+
+
+def test_temporaries_of_a_killed_writer_are_removed_when_a_run_starts_again(tmp_path):
+    """A SIGKILL between torch.save and the rename leaves CKPT.tmp.PID beside a whole
+    CKPT; the next start in that folder removes it and nothing else."""
+    from data import remove_stale_temporaries
+    run = tmp_path / "run"
+    (run / "sub").mkdir(parents=True)
+    keep = ["ckpt.pt", "log.jsonl", "notes.tmp.txt", "a.tmp.", "x.tmp.12ab"]
+    stale = ["ckpt.pt.tmp.4242", "metrics.json.tmp.7", "sub/theory.json.tmp.99"]
+    for name in keep + stale:
+        (run / name).write_text("x")
+    remove_stale_temporaries(str(run))                   # one folder: the sub-folder's stays
+    assert sorted(p.name for p in run.iterdir() if p.is_file()) == sorted(keep)
+    assert (run / "sub" / "theory.json.tmp.99").exists()
+    remove_stale_temporaries(str(run), recursive=True)   # a sweep's whole out_dir
+    assert not (run / "sub" / "theory.json.tmp.99").exists()

@@ -716,6 +716,17 @@ def publish(sc, md, readme=README):
             atomic_write_text(readme, text)
 
 
+def finish_report(sc, md, findings, plots):
+    """Name the plots, publish results.md (and the README block), copy results.csv beside
+    it, and print the findings table."""
+    md = md + ["Plots: " + ", ".join(f"`{os.path.basename(p)}`" for p in plots), ""]
+    publish(sc, "\n".join(md))
+    if os.path.abspath(sc.report_dir) != os.path.abspath(sc.out_dir):
+        shutil.copyfile(os.path.join(sc.out_dir, "results.csv"), os.path.join(sc.report_dir, "results.csv"))
+    print("\n".join(md[4:5 + len(findings) + 2]))
+    print(f"report: {os.path.join(sc.report_dir, 'results.md')} and {len(plots)} plots")
+
+
 def write_report(sc, recipe, rows, state):
     os.makedirs(sc.report_dir, exist_ok=True)
     plots = make_plots(sc, rows, {k: recipe[k] for k in ("n_symbols", "ctx_len", "n_harmful") if k in recipe})
@@ -752,12 +763,15 @@ def write_report(sc, recipe, rows, state):
            f"**Case II against the second-order prediction** (THEORY.md §3) at κ = {sc.overlap:g}, "
            f"δ = {sc.mismatch:g}; λ_max(H_s) at θ_0 = "
            f"{np.mean(land) if land else float('nan'):.3g} (mean over seeds).", "", case2_table(sc, rows), ""]
-    md += ["Plots: " + ", ".join(f"`{os.path.basename(p)}`" for p in plots), ""]
-    publish(sc, "\n".join(md))
-    if os.path.abspath(sc.report_dir) != os.path.abspath(sc.out_dir):
-        shutil.copyfile(os.path.join(sc.out_dir, "results.csv"), os.path.join(sc.report_dir, "results.csv"))
-    print("\n".join(md[4:5 + len(findings) + 2]))
-    print(f"report: {os.path.join(sc.report_dir, 'results.md')} and {len(plots)} plots")
+    finish_report(sc, md, findings, plots)
+
+
+def save_figure(fig, path):
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
 
 
 def make_plots(sc, rows, world_shape):
@@ -784,11 +798,7 @@ def make_plots(sc, rows, world_shape):
         ax.errorbar(x, [mean(e, yk) for e in g], yerr=[e[yk][1] for e in g], xerr=xerr, capsize=3, **kw)
 
     def save(fig, name):
-        path = os.path.join(sc.report_dir, name)
-        fig.tight_layout()
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save_figure(fig, os.path.join(sc.report_dir, name)))
 
     # 1. G_s and G_f against λ, one curve per δ, with A2/B2 and the mismatch floor (F1, F4)
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
@@ -1142,12 +1152,7 @@ def write_report_real(sc, recipe, rows, state):
         md.append(f"| {n} | {e['n']} | {fmt(e, 'safety_loss', 1)} | {fmt(e, 'capability_loss', 1)} | "
                   f"{fmt(e, 'safety_increase', 1)} | {fmt(e, 'distance', 2)} | "
                   + " | ".join(fmt(e, f'refusal_{k}') for k in sets) + " |")
-    md += ["", "Plots: " + ", ".join(f"`{os.path.basename(p)}`" for p in plots), ""]
-    publish(sc, "\n".join(md))
-    if os.path.abspath(sc.report_dir) != os.path.abspath(sc.out_dir):
-        shutil.copyfile(os.path.join(sc.out_dir, "results.csv"), os.path.join(sc.report_dir, "results.csv"))
-    print("\n".join(md[4:5 + len(findings) + 2]))
-    print(f"report: {os.path.join(sc.report_dir, 'results.md')} and {len(plots)} plots")
+    finish_report(sc, [*md, ""], findings, plots)
 
 
 def make_plots_real(sc, rows, est):
@@ -1159,12 +1164,8 @@ def make_plots_real(sc, rows, est):
     paths, g = [], real_groups(rows)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 
-    def save(fig, fname):
-        path = os.path.join(sc.report_dir, fname)
-        fig.tight_layout()
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        paths.append(path)
+    def save(fig, name):
+        paths.append(save_figure(fig, os.path.join(sc.report_dir, name)))
 
     def point(ax, es, label, **kw):
         ax.errorbar([mean(e, "capability_loss") for e in es], [mean(e, "safety_loss") for e in es],

@@ -118,7 +118,7 @@ PRESETS = {
               "lams": (0.1, 0.3, 1.0, 3.0), "mismatches": (0.0, 0.3, 0.6), "overlaps": (0.0, 0.25, 0.5),
               "radii": (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)},
     "real-cpu": {"train": REAL_CPU_TRAIN, "report_dir": "results/real-cpu", "seeds": (1, 2),
-                 "lams": (1.0,), "radii": (1.0, 4.0)},
+                 "lams": (1.0, 10.0), "radii": (1.0, 4.0)},
     "real-gpu": {"train": REAL_GPU_TRAIN, "report_dir": "results/real-gpu", "seeds": (1, 2, 3),
                  "lams": (1.0, 10.0), "radii": (1.0, 4.0, 16.0), "refusal_limit": 256, "refusal_tokens": 32,
                  "proxies": ("safety_llamas_proxy", "xstest_llama2orig", "rd_llama-2-7b-chat-hf")},
@@ -1096,11 +1096,13 @@ def check_findings_real(sc, rows, est):
         if c2[0][0] <= s1 <= c2[-1][0]:
             f2 = float(np.interp(s1, [p[0] for p in c2], [p[1] for p in c2]))
             ok, how = f1 < f2, f"Case II at the same ℓ_s (interpolated): ℓ_f {f2:.1f}"
-        elif s1 < c2[0][0]:  # Case I safer than every radius: it must also be more capable than the safest
-            ok, how = f1 < c2[0][1], (f"safer than every Case II run; the safest (ℓ_s {c2[0][0]:.1f}) has "
-                                      f"ℓ_f {c2[0][1]:.1f}")
         else:
-            ok, how = None, f"less safe than every Case II run (ℓ_s ≤ {c2[-1][0]:.1f}): not comparable"
+            # outside the radii's ℓ_s range there is no Case II point at equal ℓ_s: decided
+            # only when one run beats the nearest end of the Case II curve on both losses
+            end = c2[0] if s1 < c2[0][0] else c2[-1]
+            ok = True if (s1 <= end[0] and f1 < end[1]) else False if (s1 >= end[0] and f1 > end[1]) else None
+            how = (f"{'safer' if s1 < end[0] else 'less safe'} than every Case II run; the nearest (ℓ_s "
+                   f"{end[0]:.1f}) has ℓ_f {end[1]:.1f}" + (": not comparable" if ok is None else ""))
         verdicts.append(ok)
         txt.append(f"Case I λ={lam:g}: ℓ_s {s1:.1f}, ℓ_f {f1:.1f}; {how}")
     decided = [v for v in verdicts if v is not None]

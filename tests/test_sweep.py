@@ -252,10 +252,12 @@ def test_real_finding_checks_follow_the_numbers(tmp_path, monkeypatch):
     good = verdicts([150, 160, 105, 160, 110, 130], [130, 120, 136, 137, 170, 150], [40, 30, -5, 50, 0, 20])
     assert good == {"θ_0": True, "F1": True, "F2": True, "F3": True, "F4": None}   # one λ: F4 not checkable
     bad = verdicts([150, 160, 165, 160, 110, 130], [130, 120, 136, 137, 120, 110], [30, 40, 55, 50, 0, 20])
-    # Case I less safe than every Case II run: F3 cannot be judged, and is not called a failure
-    assert bad == {"θ_0": True, "F1": False, "F2": False, "F3": None, "F4": None}
-    # Case I safer than every Case II run but less capable than the safest: no
-    assert verdicts([150, 160, 105, 160, 110, 130], [130, 120, 180, 137, 170, 150], [40, 30, -5, 50, 0, 20])["F3"] is False
+    # Case I less safe AND less capable than the nearest Case II run: no
+    assert bad == {"θ_0": True, "F1": False, "F2": False, "F3": False, "F4": None}
+    # outside the radii's ℓ_s range with neither run better on both losses: not judged, and
+    # not called a failure (safer but less capable; less safe but more capable)
+    assert verdicts([150, 160, 105, 160, 110, 130], [130, 120, 180, 137, 170, 150], [40, 30, -5, 50, 0, 20])["F3"] is None
+    assert verdicts([150, 160, 165, 160, 110, 130], [130, 120, 100, 137, 120, 110], [40, 30, -5, 50, 0, 20])["F3"] is None
     # Case I inside the Case II range: compared with the interpolated Case II ℓ_f (166.7 at ℓ_s 105)
     inside = [150, 160, 105, 160, 100, 130]
     assert verdicts(inside, [130, 120, 136, 137, 170, 150], [40, 30, -5, 50, 0, 20])["F3"] is True

@@ -4,6 +4,8 @@ Sweeps: the findings F1–F6 of THEORY.md §5 with the theory beside every measu
     python sweep.py --preset smoke                  # < 2 minutes on 2 CPU cores (the tests run it)
     python sweep.py --preset paper                  # the README's plots, 3 seeds, < 40 minutes on 2 cores
     python sweep.py --preset paper --lams 0.1,1,10  # any grid can be overridden
+    python sweep.py --preset real-cpu               # real text (needs SAFETY_DATA_DIR), < 45 minutes on 2 cores
+    python sweep.py --preset real-gpu               # the same at a larger size, for one GPU (never run here)
 
 Each seed aligns one θ_0 (the safety data μ_s, P_s do not depend on κ or δ, so one θ_0
 serves every world), computes the alignment landscape at θ_0 once (THEORY.md §3), and
@@ -19,7 +21,7 @@ atomically after each run) is also the sweep's memory: run the same command agai
 an interruption and finished runs are skipped, never repeated or duplicated. When every
 run is done, the report follows: results.md (the tables and the F1–F6 checks, generated
 here, never typed by hand) and five PNG plots, means over seeds with ±1 standard
-deviation error bars.
+deviation error bars. The real-data presets have their own section below ("Real data").
 """
 
 import argparse

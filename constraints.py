@@ -105,13 +105,16 @@ def distance(params, theta0, chunk=None):
     params = [p.detach() for p in params]
     if chunk is None:  # GPU: two fused multi-tensor kernels
         return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(torch._foreach_sub(params, theta0))))
-    small = [i for i, p in enumerate(params) if p.numel() <= SMALL]
+    is_small = [p.numel() <= SMALL for p in params]
     sq = torch.zeros((), dtype=torch.float64)
-    if small:
-        norms = torch._foreach_norm(torch._foreach_sub([params[i] for i in small], [theta0[i] for i in small]))
+    if any(is_small):
+        norms = torch._foreach_norm(torch._foreach_sub([p for p, k in zip(params, is_small) if k],
+                                                       [p0 for p0, k in zip(theta0, is_small) if k]))
         sq += torch.stack(norms).double().square().sum()
-    for i in sorted(set(range(len(params))) - set(small)):
-        a, b, n = params[i].reshape(-1), theta0[i].reshape(-1), params[i].numel()  # views: parameters are contiguous
+    for p, p0, k in zip(params, theta0, is_small):
+        if k:
+            continue
+        a, b, n = p.reshape(-1), p0.reshape(-1), p.numel()  # views: parameters are contiguous
         for j in range(0, n, len(chunk)):
             d = torch.sub(a[j:j + len(chunk)], b[j:j + len(chunk)], out=chunk[:min(len(chunk), n - j)])
             sq += torch.dot(d, d)

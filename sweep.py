@@ -289,10 +289,9 @@ def has_theta0(align_dir, cfg):
 def aligned(task):
     """Is the θ_0 of an align task on disk, with its landscape, and does train.py (as the
     code stands now) accept it for this recipe?"""
-    theta0 = os.path.join(task["dir"], "theta0.pt")
     marker = "refusals.json" if task.get("real") else "landscape.json"  # written after θ_0 itself
-    return (os.path.exists(os.path.join(task["dir"], marker)) and os.path.exists(theta0)
-            and load_checkpoint(theta0).get("align_key") == train.align_key(train.TrainConfig(**task["train"])))
+    return (os.path.exists(os.path.join(task["dir"], marker))
+            and has_theta0(task["dir"], train.TrainConfig(**task["train"])))
 
 
 def finished(run_dir):
@@ -317,8 +316,7 @@ def execute(task):
     landscape = os.path.join(task["dir"], "landscape.json")
     if task["kind"] == "finetune" and task.get("refresh") and finished(task["dir"]):
         pass  # --refresh: the run is trained; only its theory is reported again
-    elif task["kind"] == "finetune" or not (os.path.exists(theta0)
-                                            and load_checkpoint(theta0).get("align_key") == train.align_key(cfg)):
+    elif task["kind"] == "finetune" or not has_theta0(task["dir"], cfg):
         with open(os.path.join(task["dir"], "sweep_train.out"), "w") as f, redirect_stdout(f), redirect_stderr(f):
             train.main(cfg, argv=[])
     train_s = time.time() - t0
@@ -528,24 +526,26 @@ def run_sweep(sc, recipe):
 # Analysis: means over seeds, and the checks of findings F1–F6 (THEORY.md §5)
 
 
+def seed_means(rows):
+    """{n, rows, and (mean, sd over seeds) of every numeric column} of rows that differ
+    only by seed."""
+    entry = {"n": len(rows), "rows": rows}
+    for k in rows[0]:
+        vals = [r.get(k) for r in rows]
+        if all(isinstance(v, float) for v in vals):
+            a = np.array(vals)
+            with np.errstate(invalid="ignore"):  # a bound that is ∞ in every seed has no spread
+                entry[k] = (float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0)
+    return entry
+
+
 def groups(rows, constraint, **fixed):
     """Rows of one constraint and fixed settings, grouped over seeds by the swept knob
     (λ or r): a list sorted by the knob of {knob, n, and (mean, std) per metric}."""
     knob = "radius" if constraint == "param" else "lam"
     sel = [r for r in rows if r["constraint"] == constraint
            and all(abs(r[k] - v) < 1e-12 for k, v in fixed.items())]
-    out = []
-    for x in sorted({r[knob] for r in sel}):
-        g = [r for r in sel if r[knob] == x]
-        entry = {"x": x, "n": len(g), "rows": g}
-        for k in g[0]:
-            vals = [r[k] for r in g]
-            if all(isinstance(v, float) for v in vals):
-                a = np.array(vals)
-                with np.errstate(invalid="ignore"):  # a bound that is ∞ in every seed has no spread
-                    entry[k] = (float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0)
-        out.append(entry)
-    return out
+    return [dict(seed_means([r for r in sel if r[knob] == x]), x=x) for x in sorted({r[knob] for r in sel})]
 
 
 def mean(g, k):
@@ -927,9 +927,10 @@ def short(name):
     return "+".join(n if n in data.REGISTRY else os.path.splitext(os.path.basename(n))[0] for n in name.split("+"))
 
 
-def real_run_id(constraint, task, proxy, lam, radius, seed):
+def real_run_id(constraint, task, proxy="", lam=0.0, radius=0.0, seed=None):
+    """The run's id; without a seed, the name its seeds share (a group of real_groups)."""
     knob = {"loss": f"-{short(proxy)}-lam{lam:g}", "param": f"-r{radius:g}"}.get(constraint, "")
-    return f"{constraint}-{short(task)}{knob}-s{seed}"
+    return f"{constraint}-{short(task)}{knob}" + ("" if seed is None else f"-s{seed}")
 
 
 def plan_real(sc, recipe):
@@ -1036,18 +1037,6 @@ def execute_real(task):
             "aligned_safety_loss": a["safety_loss"], "aligned_capability_loss": a["capability_loss"], **row}
 
 
-def seed_means(rows):
-    """{n, rows, and (mean, sd over seeds) of every numeric column} of rows that differ
-    only by seed."""
-    entry = {"n": len(rows), "rows": rows}
-    for k in rows[0]:
-        vals = [r.get(k) for r in rows]
-        if all(isinstance(v, float) for v in vals):
-            a = np.array(vals)
-            entry[k] = (float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0)
-    return entry
-
-
 def real_groups(rows):
     """Seed means per run name (the run id without its seed), in the order of rows."""
     names = dict.fromkeys(r["run_id"].rsplit("-s", 1)[0] for r in rows)
@@ -1062,8 +1051,7 @@ def theta0_means(sc):
 def check_findings_real(sc, rows, est):
     """F1–F4 on the held-out losses (seed means), and the aligned model's refusals."""
     res, g = [], real_groups(rows)
-    name = lambda c, **kw: real_run_id(c, kw.get("task", sc.task), kw.get("proxy", ""), kw.get("lam", 0.0),
-                                       kw.get("radius", 0.0), 0).rsplit("-s", 1)[0]
+    name = lambda c, task=sc.task, **kw: real_run_id(c, task, **kw)
     ls = lambda n: mean(g[n], "safety_loss")
     lf = lambda n: mean(g[n], "capability_loss")
     # θ_0: refuses most held-out harmful prompts, answers most harmless ones
@@ -1148,7 +1136,7 @@ def write_report_real(sc, recipe, rows, state):
     md += ["", "**Every run** (mean ± sd over seeds; refusal rates of the harmful sets, then the harmless ones)", "",
            "| run | seeds | ℓ_s | ℓ_f | ℓ_s − ℓ_s(θ_0) | ‖θ−θ_0‖ | " + " | ".join(f"refuses {k}" for k in sets) + " |",
            "|" + " --- |" * (6 + len(sets))]
-    base = real_groups(rows)[real_run_id("none", sc.task, "", 0, 0, 0).rsplit("-s", 1)[0]]  # one row per seed
+    base = real_groups(rows)[real_run_id("none", sc.task)]  # one row per seed
     md.append(f"| θ_0 | {t0['n']} | {fmt(base, 'aligned_safety_loss', 1)} | {fmt(base, 'aligned_capability_loss', 1)} "
               f"({short(sc.task)}) | | 0 | "
               + " | ".join(fmt(t0, f'refusal_{k}') for k in sets) + " |")
@@ -1181,7 +1169,7 @@ def make_plots_real(sc, rows, est):
     on_task = [r for r in rows if r["task"] == sc.task]
     a = seed_means(on_task)
     ax.errorbar([mean(a, "aligned_capability_loss")], [mean(a, "aligned_safety_loss")], fmt="k*", ms=12, label="θ_0")
-    point(ax, [g[real_run_id("none", sc.task, "", 0, 0, 0).rsplit("-s", 1)[0]]], "no constraint", fmt="kx", ms=9)
+    point(ax, [g[real_run_id("none", sc.task)]], "no constraint", fmt="kx", ms=9)
     for i, p in enumerate(sc.proxies):
         es = sorted((e for e in g.values() if e["rows"][0]["constraint"] == "loss" and e["rows"][0]["proxy"] == p),
                     key=lambda e: e["rows"][0]["lam"])
@@ -1189,7 +1177,7 @@ def make_plots_real(sc, rows, est):
               color=colors[i % len(colors)])
         for e in es:
             ax.annotate(f"λ={e['rows'][0]['lam']:g}", (mean(e, "capability_loss"), mean(e, "safety_loss")), fontsize=7)
-    es = [g[real_run_id("param", sc.task, "", 0, r, 0).rsplit("-s", 1)[0]] for r in sorted(sc.radii)]
+    es = [g[real_run_id("param", sc.task, radius=r)] for r in sorted(sc.radii)]
     point(ax, es, "Case II", fmt="s--", color="gray")
     for r, e in zip(sorted(sc.radii), es):
         ax.annotate(f"r={r:g}", (mean(e, "capability_loss"), mean(e, "safety_loss")), fontsize=7)
@@ -1200,7 +1188,7 @@ def make_plots_real(sc, rows, est):
     # 2. overlap against the safety cost of plain fine-tuning
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for i, t in enumerate(dict.fromkeys(sc.tasks)):
-        e = g[real_run_id("none", t, "", 0, 0, 0).rsplit("-s", 1)[0]]
+        e = g[real_run_id("none", t)]
         ax.errorbar([est["overlap"][t]["M"]], [mean(e, "safety_increase")], yerr=[e["safety_increase"][1]], fmt="o",
                     capsize=3, color=colors[i % len(colors)], label=t)
     ax.set(xlabel="estimated context overlap M with D_s", ylabel="ℓ_s(θ) − ℓ_s(θ_0) (nats/seq)",

@@ -34,50 +34,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from common import atomic_write, file_sha256
+
 
 class DataError(ValueError):
     """A problem with a data source or a data flag that the user can fix."""
-
-
-# -----------------------------------------------------------------------------
-# Files: every output is written to a temporary name and renamed, so that a crash
-# or a kill never leaves half a file behind.
-
-
-def atomic_write(path, write, mode="w"):
-    """Call write(f) on a temporary file beside path, then rename it over path."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def remove_stale_temporaries(folder, recursive=False):
-    """Delete the temporaries (NAME.tmp.PID) a killed writer left in folder: the file they
-    were for is still whole (the rename never happened), so nothing is lost. Called when a
-    run or sweep starts in folder, when no other writer of this project can be at work there."""
-    if not os.path.isdir(folder):
-        return
-    walk = os.walk(folder) if recursive else [(folder, None, os.listdir(folder))]
-    for root, _, files in walk:
-        for name in files:
-            stem, _, pid = name.rpartition(".tmp.")
-            if stem and pid.isdigit():
-                os.remove(os.path.join(root, name))
-
-
-def atomic_write_text(path, text):
-    atomic_write(path, lambda f: f.write(text))
-
-
-def atomic_write_json(path, obj):
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 # -----------------------------------------------------------------------------
@@ -829,14 +790,6 @@ CACHE_VERSION = 1
 def default_cache_dir():
     return os.environ.get("SAFETY_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
                                                                "safety-tradeoff-tokens")
-
-
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def arrays_checksum(arrays):

@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from common import atomic_write
+
 
 @dataclass
 class GPTConfig:
@@ -202,13 +204,7 @@ class CheckpointError(RuntimeError):
 def atomic_torch_save(obj, path):
     """Write to a temporary name in the same folder, then rename: a reader (or a crash)
     never sees half a file."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda f: torch.save(obj, f), mode="wb")
 
 
 def load_checkpoint(path, map_location="cpu"):

@@ -46,7 +46,8 @@ import torch
 import theory
 import train
 import data
-from data import DataError, SyntheticWorld, WorldConfig, atomic_write_json, atomic_write_text
+from common import atomic_write_json, atomic_write_text, remove_stale_temporaries
+from data import DataError, SyntheticWorld, WorldConfig
 from model import CheckpointError, load_checkpoint, model_from_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -411,7 +412,7 @@ def write_rows(path, rows):
 def check_out_dir(sc, recipe):
     """An out_dir holds one recipe: rows of another recipe must never mix with these."""
     os.makedirs(sc.out_dir, exist_ok=True)
-    data.remove_stale_temporaries(sc.out_dir, recursive=True)  # left by a killed sweep or its workers
+    remove_stale_temporaries(sc.out_dir, recursive=True)  # left by a killed sweep or its workers
     path = os.path.join(sc.out_dir, "sweep.json")
     # a real sweep's refusal rates are measurements of the recipe too
     recipe = dict(recipe, **({"refusal_limit": sc.refusal_limit, "refusal_tokens": sc.refusal_tokens}

@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from data import DataError, SyntheticWorld, WorldConfig, atomic_write_json, expected_nll
+from common import atomic_write_json
+from data import DataError, SyntheticWorld, WorldConfig, expected_nll
 from evaluate import exact_metrics, model_log_table
 from model import CheckpointError, load_checkpoint, model_from_checkpoint
 

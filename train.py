@@ -28,7 +28,8 @@ import torch
 from tqdm import tqdm
 
 from constraints import CONSTRAINTS, Constraint
-from data import DataError, RealDataConfig, WorldConfig, atomic_write_json, make_source, remove_stale_temporaries
+from common import atomic_write_json, remove_stale_temporaries
+from data import DataError, RealDataConfig, WorldConfig, make_source
 from evaluate import evaluate
 from model import (CHECKPOINT_FORMAT, GPT, CheckpointError, GPTConfig, atomic_torch_save,
                    flat_params, load_checkpoint, params_hash)

@@ -182,7 +182,7 @@ def test_a_sweep_killed_midway_resumes_with_no_missing_or_duplicated_rows(tmp_pa
 def test_temporaries_of_a_killed_writer_are_removed_when_a_run_starts_again(tmp_path):
     """A SIGKILL between torch.save and the rename leaves CKPT.tmp.PID beside a whole
     CKPT; the next start in that folder removes it and nothing else."""
-    from data import remove_stale_temporaries
+    from common import remove_stale_temporaries
     run = tmp_path / "run"
     (run / "sub").mkdir(parents=True)
     keep = ["ckpt.pt", "log.jsonl", "notes.tmp.txt", "a.tmp.", "x.tmp.12ab"]

@@ -1,0 +1,52 @@
+"""
+Small file utilities every part of the project shares: atomic writes (a crash or a kill never
+leaves half a file behind), the clean-up of a killed writer's temporaries, and file checksums.
+"""
+
+import hashlib
+import json
+import os
+
+
+def atomic_write(path, write, mode="w"):
+    """Call write(f) on a temporary file beside path, then rename it over path."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def remove_stale_temporaries(folder, recursive=False):
+    """Delete the temporaries (NAME.tmp.PID) a killed writer left in folder: the file they
+    were for is still whole (the rename never happened), so nothing is lost. Called when a
+    run or sweep starts in folder, when no other writer of this project can be at work there."""
+    if not os.path.isdir(folder):
+        return
+    walk = os.walk(folder) if recursive else [(folder, None, os.listdir(folder))]
+    for root, _, files in walk:
+        for name in files:
+            stem, _, pid = name.rpartition(".tmp.")
+            if stem and pid.isdigit():
+                os.remove(os.path.join(root, name))
+
+
+def atomic_write_text(path, text):
+    atomic_write(path, lambda f: f.write(text))
+
+
+def atomic_write_json(path, obj):
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -7,8 +7,8 @@ The training code runs unchanged; on every rank this records
   - the gradients the optimizer sees at the first step of each stage (after the DDP all-reduce),
   - a hash of the parameters before every optimizer step (after the previous projection),
   - the parameters at the last evaluate() call (the fine-tuned model, after every projection),
-  - every path the project's code on this rank tried to write (open for writing,
-    torch.save, os.replace, ...),
+  - every path this rank tried to write (open for writing, torch.save, os.replace, ...),
+    whoever asked: the test decides which of them are the project's (its run folder),
 and saves them to DUMP_DIR/rank{R}.pt when the run ends.
 """
 import builtins
@@ -63,10 +63,8 @@ real = {"open": builtins.open, "save": torch.save, "replace": os.replace, "maked
 
 
 def record(what, path):
-    # only the project's own code counts: torch may create its cache folders on any rank
-    caller = sys._getframe(2).f_code.co_filename
-    if os.path.abspath(caller).startswith(ROOT + os.sep):
-        rec["writes"].append((what, str(path), caller))
+    if isinstance(path, (str, bytes, os.PathLike)):  # not a file object or descriptor
+        rec["writes"].append((what, os.path.abspath(os.fsdecode(path))))
 
 
 def spy_open(file, mode="r", *args, **kwargs):

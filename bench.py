@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+import theory
 import train
 from constraints import Constraint
 from data import SyntheticWorld, WorldConfig
@@ -349,38 +350,11 @@ SCALING_SYMBOLS = (8, 12, 24)  # n_symbols: 512, 1,728 and 13,824 contexts at ct
 
 
 def timed_power_iteration(model, batch, iters):
-    """λ_max(H) of the loss on one batch: theory.py's power iteration on Hessian-vector
-    products when it is there (all `iters` iterations, tol 0), else a local loop.
-    Returns (HVPs done, which code ran)."""
+    """λ_max(H) of the loss on one batch by theory.py's power iteration on Hessian-vector
+    products (THEORY.md §3), all `iters` iterations (tol 0). Returns the HVPs done."""
     x, y, m, _ = batch
-    try:
-        import theory
-        land = theory.LossLandscape(model, lambda mdl: mdl(x, y, m)[1])
-        _, done, _ = theory.power_iteration(land.hvp, land.n, iters=iters, tol=0.0)
-        return done, "theory.LossLandscape + theory.power_iteration"
-    except (ImportError, AttributeError, TypeError) as e:  # absent, or its interface changed
-        local_power_iteration(model, batch, iters)
-        return iters, f"local HVP loop in bench.py (theory.py unusable: {type(e).__name__})"
-
-
-def local_power_iteration(model, batch, iters):
-    """λ_max(H) of the loss on one batch by power iteration on Hessian-vector products
-    (double backward; SDPA's fused CPU kernel has none, so the math kernel is used)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    x, y, m, _ = batch
-    params = flat_params(model)
-    with sdpa_kernel(SDPBackend.MATH):
-        _, loss = model(x, y, m)
-        grads = torch.autograd.grad(loss, params, create_graph=True)
-        v = [torch.randn_like(p) for p in params]
-        eig = torch.zeros(())
-        for _ in range(iters):
-            norm = torch.sqrt(sum((u * u).sum() for u in v))
-            v = [u / norm for u in v]
-            hv = torch.autograd.grad(grads, params, grad_outputs=v, retain_graph=True)
-            eig = sum((h * u).sum() for h, u in zip(hv, v))
-            v = [h.detach() for h in hv]
-    return float(eig)
+    land = theory.LossLandscape(model, lambda mdl: mdl(x, y, m)[1])
+    return theory.power_iteration(land.hvp, land.n, iters=iters, tol=0.0)[1]
 
 
 def scaling(args, sys_):
@@ -403,13 +377,13 @@ def scaling(args, sys_):
         for _ in range(3):
             sync(sys_)
             t0 = time.perf_counter()
-            done, how = timed_power_iteration(model, batch, iters)
+            done = timed_power_iteration(model, batch, iters)
             sync(sys_)
             times.append(time.perf_counter() - t0)
         rows.append({"table": "scaling", "config": f"scaling-{size}", "variant": "power_iteration",
                      "label": f"λ_max(H), {done} HVPs", "n_params": model.num_params(), "hvps": done,
                      "ms_total": 1e3 * statistics.median(times),
-                     "ms_per_hvp": 1e3 * statistics.median(times) / done, "how": how,
+                     "ms_per_hvp": 1e3 * statistics.median(times) / done,
                      "ms_per_step": None, "tokens_per_s": None, "peak_mem_mb": None})
     # exact synthetic evaluation over three context-space sizes
     from evaluate import evaluate
@@ -439,7 +413,7 @@ def print_scaling(rows):
         if r["variant"] == "power_iteration":
             print(f"{r['config']:<12}{r['n_params']:>10} params  power iteration, {r['hvps']} HVPs "
                   f"{r['ms_total']:9.1f} ms "
-                  f"({r['ms_per_hvp']:.2f} ms per HVP; {r['how']})")
+                  f"({r['ms_per_hvp']:.2f} ms per HVP)")
         elif r["variant"] == "evaluate":
             print(f"{r['config']:<12}{r['n_contexts']:>10} contexts exact evaluation {r['ms_total']:9.1f} ms")
 

@@ -1,11 +1,16 @@
 """
-Small file utilities every part of the project shares: atomic writes (a crash or a kill never
-leaves half a file behind), the clean-up of a killed writer's temporaries, and file checksums.
+Small pieces every part of the project shares: the error a user can fix in their data or
+flags, atomic writes (a crash or a kill never leaves half a file behind), the clean-up of a
+killed writer's temporaries, and file checksums.
 """
 
 import hashlib
 import json
 import os
+
+
+class DataError(ValueError):
+    """A problem with a data source or a data flag that the user can fix."""
 
 
 def atomic_write(path, write, mode="w"):

@@ -27,9 +27,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data import (Codec, DataError, RealDataConfig, SyntheticWorld, WorldConfig, dataset_part, expected_nll,
-                  is_refusal, load_prompts, make_source)
+from common import DataError
+from data import SyntheticWorld, WorldConfig, expected_nll
+from loaders import is_refusal, load_prompts
 from model import CheckpointError, load_checkpoint, model_from_checkpoint
+from textdata import Codec, RealDataConfig, dataset_part, make_source
 
 
 @torch.no_grad()
@@ -111,7 +113,7 @@ def heldout_metrics(model, source, device="cpu"):
 
 # -----------------------------------------------------------------------------
 # Refusals by generation (real text). A response counts as a refusal when it contains a
-# keyword of data.REFUSAL_KEYWORDS, the GCG list of Zou et al. 2023 (its origin and its
+# keyword of loaders.REFUSAL_KEYWORDS, the GCG list of Zou et al. 2023 (its origin and its
 # known false refusals are documented there). Greedy decoding, so a rate is a function of
 # the weights alone.
 
@@ -135,7 +137,7 @@ def greedy_responses(model, codec, prompts, max_new_tokens=32, device="cpu", bat
     the attention; the output layer runs on the last position only."""
     was_training = model.training
     model.eval()
-    block, V = model.config.block_size, model.config.vocab_size
+    block = model.config.block_size
     max_prompt = min(block // 2, block - max_new_tokens)  # as in training: at most half the block
     if max_prompt < 8:
         raise DataError(f"--max_new_tokens {max_new_tokens} leaves no room for a prompt in "
@@ -149,14 +151,7 @@ def greedy_responses(model, codec, prompts, max_new_tokens=32, device="cpu", bat
         for c in range(0, len(members), batch_size):
             chunk = members[c:c + batch_size]
             x = torch.tensor(np.stack([ids[i] for i in chunk]), dtype=torch.long, device=device)
-            done = torch.zeros(len(chunk), dtype=torch.bool, device=device)
-            for _ in range(max_new_tokens):
-                h = model.hidden_states(x[:, -block:])[:, -1]                # (B, C)
-                nxt = model.lm_head(h)[:, :V].argmax(-1)                     # (B,)
-                x = torch.cat([x, nxt[:, None]], dim=1)
-                done |= nxt == codec.eot
-                if done.all():  # one host sync per token, and a stop when all have ended
-                    break
+            x = model.generate(x, max_new_tokens, temperature=0, stop_token=codec.eot)
             for row, i in enumerate(chunk):
                 out[i] = codec.text(x[row, L:].cpu().numpy())
     model.train(was_training)
@@ -190,48 +185,6 @@ def refusal_report(model, codec, data_dir="", harmful=HARMFUL_SETS, harmless=HAR
             r = refusal_rate(model, codec, prompts, max_new_tokens, device)
             report[name] = {"kind": kind, **{k: v for k, v in r.items() if k != "responses"}}
     return report
-
-
-# -----------------------------------------------------------------------------
-# Model-based estimates of overlap and mismatch on real text (THEORY.md §4)
-
-
-@torch.no_grad()
-def mean_prompt_state(model, codec, prompts, device="cpu", batch_size=64):
-    """The average over prompts of the mean final hidden state over each prompt's tokens
-    (templated, cut as in training); prompts of equal length go through together."""
-    was_training = model.training
-    model.eval()
-    ids = [codec.prompt(p, model.config.block_size // 2) for p in prompts]
-    by_len = {}
-    for x in ids:
-        by_len.setdefault(len(x), []).append(x)
-    total = torch.zeros(model.config.n_embd, dtype=torch.float64)
-    for L, group in by_len.items():
-        for c in range(0, len(group), batch_size):
-            x = torch.tensor(np.stack(group[c:c + batch_size]), dtype=torch.long, device=device)
-            total += model.hidden_states(x).mean(1).double().sum(0).cpu()
-    model.train(was_training)
-    return total / len(ids)
-
-
-def representation_similarity(model, codec, prompts_s, prompts_f, device="cpu"):
-    """Representation score of context overlap (THEORY.md §4), an estimate: the cosine
-    similarity of the mean hidden states of the two prompt sets under θ_0. Mean states
-    of all text share a common direction, so compare scores with each other, not with 0."""
-    a = mean_prompt_state(model, codec, prompts_s, device)
-    b = mean_prompt_state(model, codec, prompts_f, device)
-    return float(F.cosine_similarity(a, b, dim=0))
-
-
-def mismatch_estimate(model_proxy, model_original, heldout_batches, device="cpu"):
-    """Mismatch E_{μ_s} KL(P_s‖P_s') ≈ ℓ_{D_s}(model trained on D_s') − ℓ_{D_s}(model trained
-    on D_s) (THEORY.md §4), an estimate: both models of equal size and training budget,
-    scored on the same held-out D_s (a function returning fresh batches), nats per sequence."""
-    lp = heldout_nll(model_proxy, heldout_batches(), device)
-    lo = heldout_nll(model_original, heldout_batches(), device)
-    return {"mismatch": lp - lo, "loss_proxy_model": lp, "loss_original_model": lo,
-            "kind": "estimate: difference of held-out D_s losses of two reference models"}
 
 
 # -----------------------------------------------------------------------------

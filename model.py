@@ -12,7 +12,6 @@ pretrained weights map one to one.
 """
 
 import json
-import math
 import os
 from dataclasses import dataclass
 
@@ -158,12 +157,15 @@ class GPT(nn.Module):
         return logits, (nll * mask).sum() / mask.sum().clamp(min=1.0)
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
-        """Extend idx (B, T) by max_new_tokens; temperature 0 means greedy decoding."""
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, stop_token=None):
+        """Extend idx (B, T) by max_new_tokens; temperature 0 means greedy decoding. With
+        stop_token, decoding ends early once every row has produced it (rows that ended
+        go on being extended: the caller cuts at the first stop_token). The output layer
+        runs on the last position only, the one that is sampled from."""
+        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
-            idx_cond = idx[:, -self.config.block_size:]
-            logits, _ = self(idx_cond)
-            logits = logits[:, -1, :]
+            h = self.hidden_states(idx[:, -self.config.block_size:])[:, -1]
+            logits = self.lm_head(h)[:, : self.config.vocab_size]
             if temperature == 0:
                 idx_next = logits.argmax(dim=-1, keepdim=True)
             else:
@@ -174,6 +176,10 @@ class GPT(nn.Module):
                 probs = F.softmax(logits, dim=-1)
                 idx_next = torch.multinomial(probs, num_samples=1, generator=generator)
             idx = torch.cat((idx, idx_next), dim=1)
+            if stop_token is not None:
+                done |= idx_next[:, 0] == stop_token
+                if done.all():  # one host sync per token, and a stop when all have ended
+                    break
         return idx
 
     def estimate_flops_per_token(self, T):

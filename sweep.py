@@ -43,11 +43,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import estimators
+import loaders
 import theory
 import train
-import data
-from common import atomic_write_json, atomic_write_text, remove_stale_temporaries
-from data import DataError, SyntheticWorld, WorldConfig
+from common import DataError, atomic_write_json, atomic_write_text, remove_stale_temporaries
+from data import SyntheticWorld, WorldConfig
 from model import CheckpointError, load_checkpoint, model_from_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -175,7 +176,7 @@ def make_config(preset="smoke", **overrides):
     check_config(sc, recipe)
     if is_real(recipe):
         try:
-            recipe["data_dir"] = data.resolve_data_dir(sc.data_dir)  # as given: the report shows it
+            recipe["data_dir"] = loaders.resolve_data_dir(sc.data_dir)  # as given: the report shows it
         except DataError:
             raise SweepError(f"--preset {preset} reads real data: pass --data_dir DIR or set SAFETY_DATA_DIR to the "
                              f"data folder (README 'Real data' says where each file comes from)") from None
@@ -190,8 +191,8 @@ def check_config(sc, recipe=None):
     if is_real(recipe or {}):
         for flag in ("tasks", "proxies", "task"):
             for name in getattr(sc, flag) if flag != "task" else (sc.task,):
-                if not all(n in data.REGISTRY or os.path.isfile(n) for n in name.split("+")):
-                    bad(flag, name, "a data.REGISTRY name, a file of (prompt, response) pairs, or 'a+b' of them")
+                if not all(n in loaders.REGISTRY or os.path.isfile(n) for n in name.split("+")):
+                    bad(flag, name, "a loaders.REGISTRY name, a file of (prompt, response) pairs, or 'a+b' of them")
         names = set(sc.tasks + sc.proxies + (sc.task,))
         if len({short(n) for n in names}) < len(names):
             raise SweepError("--tasks/--proxies/--task: two sets would share a run id (the same file name): "
@@ -925,7 +926,7 @@ REFUSAL_SETS = {"safety_llamas_eval": "harmful", "advbench": "harmful", "xstest_
 
 def short(name):
     """A dataset name fit for a run id: a registry name, or a file's stem ('a+b' part by part)."""
-    return "+".join(n if n in data.REGISTRY else os.path.splitext(os.path.basename(n))[0] for n in name.split("+"))
+    return "+".join(n if n in loaders.REGISTRY else os.path.splitext(os.path.basename(n))[0] for n in name.split("+"))
 
 
 def real_run_id(constraint, task, proxy="", lam=0.0, radius=0.0, seed=None):
@@ -999,10 +1000,10 @@ def estimate(task):
     t0 = time.time()
     out = {"estimate": True, "safety": task["safety"], "overlap": {}, "mismatch": {}}
     for name in task["tasks"]:
-        o = theory.real_overlap(task["safety"], name, task["data_dir"])
+        o = estimators.real_overlap(task["safety"], name, task["data_dir"])
         out["overlap"][name] = {"M": o["classifier"]["M"], "lexical": o["lexical"]}
     for name in task["proxies"]:
-        m = theory.real_mismatch(name, task["safety"], data_dir=task["data_dir"], n=64)
+        m = estimators.real_mismatch(name, task["safety"], data_dir=task["data_dir"], n=64)
         out["mismatch"][name] = {"mismatch": m["mismatch"], "sd": m["mismatch_sd"]}
     out["seconds"] = round(time.time() - t0, 2)
     os.makedirs(task["dir"], exist_ok=True)
@@ -1130,7 +1131,7 @@ def write_report_real(sc, recipe, rows, state):
           "**Findings (THEORY.md §5) on the held-out losses, checked by `sweep.py` on the seed means**", "",
           "| finding | claim | reproduced | numbers |", "| --- | --- | --- | --- |"]
     md += [f"| {n} | {claim} | {VERDICT[ok]} | {nums} |" for n, claim, ok, nums in findings]
-    md += ["", f"**Estimates** (THEORY.md §4; `theory.real_overlap`, `theory.real_mismatch` at 64 examples per "
+    md += ["", f"**Estimates** (THEORY.md §4; `estimators.real_overlap`, `estimators.real_mismatch` at 64 examples per "
            f"reference, computed in {est['seconds']:.0f} s)", "", "| set | role | estimate |", "| --- | --- | --- |"]
     md += [f"| {t} | task D_f | overlap M {o['M']:.3f}, lexical {o['lexical']:.3f} |" for t, o in est["overlap"].items()]
     md += [f"| {p} | proxy D_s' | mismatch {m['mismatch']:.1f} ± {m['sd']:.1f} |" for p, m in est["mismatch"].items()]

@@ -32,57 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from common import atomic_write_json
-from data import DataError, SyntheticWorld, WorldConfig, expected_nll
+from common import DataError, atomic_write_json
+from data import SyntheticWorld, WorldConfig, context_kl, context_tv, expect, expected_nll, gap, ratio, weighted
 from evaluate import exact_metrics, model_log_table
 from model import CheckpointError, load_checkpoint, model_from_checkpoint
-
-# -----------------------------------------------------------------------------
-# Exact sums over enumerable tables, with the conventions of information theory:
-# 0·log 0 = 0, 0·∞ = 0, and a/0 = ∞ for a > 0.
-
-
-def _flat(P):
-    return np.asarray(P, dtype=np.float64).reshape(len(P), -1)
-
-
-def _ratio(a, b):
-    """a / b elementwise with 0/0 := 0 (no mass on either side constrains nothing)."""
-    a, b = np.broadcast_arrays(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(a == 0, 0.0, a / b)
-
-
-def _expect(mu, f):
-    """E_{x~μ} f(x) = Σ_x μ(x) f(x), skipping contexts with μ(x) = 0 (where f may be ∞)."""
-    mu, f = np.asarray(mu, dtype=np.float64), np.asarray(f, dtype=np.float64)
-    return float(np.where(mu > 0, mu * np.where(mu > 0, f, 0.0), 0.0).sum())
-
-
-def _weighted(w, f):
-    """w·f elementwise with 0·∞ := 0: a mixture weight of zero ignores an infinite KL."""
-    return np.where(w > 0, w * np.where(w > 0, f, 0.0), 0.0)
-
-
-def context_kl(P, Q):
-    """KL(P(·|x) ‖ Q(·|x)) for every context x, shape (n_ctx,): +∞ where Q misses part of
-    P's support. The per-context term inside every gap and bound of THEORY.md §1–§2."""
-    P2, Q2 = _flat(P), _flat(Q)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        terms = np.where(P2 > 0, P2 * (np.log(np.where(P2 > 0, P2, 1.0)) - np.log(Q2)), 0.0)
-    return terms.sum(1)
-
-
-def context_tv(P, Q):
-    """TV(P(·|x), Q(·|x)) = ½ Σ_y |P − Q| for every context x, shape (n_ctx,) (bound C)."""
-    return 0.5 * np.abs(_flat(P) - _flat(Q)).sum(1)
-
-
-def gap(mu, P, Q):
-    """G_D(Q) = E_{x~μ_D} KL(P_D(·|x) ‖ Q(·|x)) of a model Q on D = (μ, P) (THEORY.md §1);
-    +∞ when Q gives zero probability to something D says."""
-    return _expect(mu, context_kl(P, Q))
-
 
 # -----------------------------------------------------------------------------
 # Case I: the alignment loss constraint (THEORY.md §2)
@@ -93,7 +46,7 @@ def overlap_weight(mu_sp, mu_f, lam):
     the task uses, 0 on contexts only the proxy uses, in between on shared contexts. On
     contexts neither uses, nothing constrains the optimum; ω = 0 there keeps the proxy's
     answer, the choice that bound A2 describes."""
-    return _ratio(mu_f, np.asarray(mu_f) + lam * np.asarray(mu_sp))
+    return ratio(mu_f, np.asarray(mu_f) + lam * np.asarray(mu_sp))
 
 
 def optimum_mixture(mu_sp, mu_f, P_sp, P_f, lam):
@@ -112,13 +65,13 @@ def mismatch_term(mu_s, P_s, P_sp):
 def overlap_term(mu_s, mu_sp, mu_f, lam):
     """E_{μ_s} log(1 + μ_f / (λ μ_s')): the CONTEXT OVERLAP cost, second term of (A2)
     (THEORY.md §2); falls as λ grows, zero when the task avoids the safety contexts."""
-    return _expect(mu_s, np.log1p(_ratio(mu_f, lam * np.asarray(mu_sp, dtype=np.float64))))
+    return expect(mu_s, np.log1p(ratio(mu_f, lam * np.asarray(mu_sp, dtype=np.float64))))
 
 
 def bound_A1(mu_s, mu_sp, mu_f, P_s, P_sp, P_f, lam):
     """(A1) G_s(P*) ≤ E_{μ_s}[(1−ω) KL(P_s‖P_s') + ω KL(P_s‖P_f)]  (KL convex, THEORY.md §2)."""
     w = overlap_weight(mu_sp, mu_f, lam)
-    return _expect(mu_s, _weighted(1.0 - w, context_kl(P_s, P_sp)) + _weighted(w, context_kl(P_s, P_f)))
+    return expect(mu_s, weighted(1.0 - w, context_kl(P_s, P_sp)) + weighted(w, context_kl(P_s, P_f)))
 
 
 def bound_A2(mu_s, mu_sp, mu_f, P_s, P_sp, lam):
@@ -130,12 +83,12 @@ def bound_A2(mu_s, mu_sp, mu_f, P_s, P_sp, lam):
 def bound_B1(mu_sp, mu_f, P_sp, P_f, lam):
     """(B1) G_f(P*) ≤ E_{μ_f}[(1−ω) KL(P_f‖P_s')]  (KL convex, THEORY.md §2)."""
     w = overlap_weight(mu_sp, mu_f, lam)
-    return _expect(mu_f, _weighted(1.0 - w, context_kl(P_f, P_sp)))
+    return expect(mu_f, weighted(1.0 - w, context_kl(P_f, P_sp)))
 
 
 def bound_B2(mu_sp, mu_f, lam):
     """(B2) G_f(P*) ≤ E_{μ_f} log(1 + λ μ_s'/μ_f)  (P* ≥ ωP_f, THEORY.md §2)."""
-    return _expect(mu_f, np.log1p(_ratio(lam * np.asarray(mu_sp, dtype=np.float64), mu_f)))
+    return expect(mu_f, np.log1p(ratio(lam * np.asarray(mu_sp, dtype=np.float64), mu_f)))
 
 
 def overlap_mass(mu_s, mu_f):
@@ -521,55 +474,6 @@ def main(argv=None):
     atomic_write_json(os.path.join(args.run_dir, "theory.json"), json_safe(out))
     print_table(out)
     return out
-
-
-# ---- Real data estimators (THEORY.md §4)
-# Real text has no densities, so overlap and mismatch are ESTIMATES here, labelled so in
-# every result. The implementations sit beside what they need (text-level ones in
-# data.py, model-level ones in evaluate.py); these wrappers take registry names or files.
-
-
-def real_overlap(safety="safety_llamas", task="alpaca_small", data_dir="", lams=(1.0, 10.0), theta0=None,
-                 seed=0):
-    """Context overlap of D_s and D_f (THEORY.md §4), estimates: the classifier's TV,
-    M = 1 − TV and the (A2) overlap term E_{μ_s} log(1 + μ_f/(λ μ_s')) per λ; the lexical
-    n-gram overlap; and, given a θ_0 checkpoint path, the representation similarity."""
-    import data
-    import evaluate
-    ps, pf = data.dataset_part(safety, data_dir).prompts, data.dataset_part(task, data_dir).prompts
-    out = {"safety": safety, "task": task, "estimate": True,
-           "classifier": data.classifier_overlap(ps, pf, lams=lams, seed=seed),
-           "lexical": data.lexical_overlap(ps, pf, seed=seed)}
-    if theta0:
-        ckpt = load_checkpoint(theta0)
-        codec = evaluate.codec_of(ckpt)
-        if codec is None:
-            raise CheckpointError(f"{theta0} was trained on the synthetic world: a text θ_0 is needed")
-        out["representation"] = evaluate.representation_similarity(model_from_checkpoint(ckpt), codec, ps, pf)
-    return out
-
-
-def real_mismatch(proxy, original="safety_llamas", heldout="safety_llamas_eval", data_dir="", n=None,
-                  proxy_ckpt=None, original_ckpt=None):
-    """Mismatch E_{μ_s} KL(P_s‖P_s') ≈ ℓ_{D_s}(reference on D_s') − ℓ_{D_s}(reference on D_s)
-    (THEORY.md §4), an estimate on the held-out part of D_s. The references are bigram
-    models trained on n examples of each set; given two checkpoints of equal size and
-    budget (`train.py --stage align --safety_data PROXY` and `--safety_data ORIGINAL`),
-    the GPTs themselves are compared instead."""
-    import data
-    import evaluate
-    if proxy_ckpt is None:
-        return dict(data.ngram_mismatch(data.dataset_part(original, data_dir), data.dataset_part(proxy, data_dir),
-                                        data.dataset_part(heldout, data_dir), n=n), proxy=proxy, estimate=True)
-    cp, co = load_checkpoint(proxy_ckpt), load_checkpoint(original_ckpt)
-    if cp["world_config"].get("vocab") != co["world_config"].get("vocab"):
-        raise CheckpointError(f"{proxy_ckpt} and {original_ckpt} read text through different vocabularies: "
-                              f"align both with the same --data_dir and --restrict_vocab")
-    rc = data.RealDataConfig(**dict(co["world_config"], safety=original, data_dir=data_dir or
-                                    co["world_config"]["data_dir"], vocab=tuple(co["world_config"]["vocab"])))
-    source = data.RealData(rc)
-    return dict(evaluate.mismatch_estimate(model_from_checkpoint(cp), model_from_checkpoint(co),
-                                           lambda: source.eval_batches("safety")), proxy=proxy, estimate=True)
 
 
 if __name__ == "__main__":

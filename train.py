@@ -27,12 +27,21 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from common import DataError, atomic_write_json, remove_stale_temporaries
 from constraints import CONSTRAINTS, Constraint
-from common import atomic_write_json, remove_stale_temporaries
-from data import DataError, RealDataConfig, WorldConfig, make_source
+from data import WorldConfig
 from evaluate import evaluate
-from model import (CHECKPOINT_FORMAT, GPT, CheckpointError, GPTConfig, atomic_torch_save,
-                   flat_params, load_checkpoint, params_hash)
+from model import (
+    CHECKPOINT_FORMAT,
+    GPT,
+    CheckpointError,
+    GPTConfig,
+    atomic_torch_save,
+    flat_params,
+    load_checkpoint,
+    params_hash,
+)
+from textdata import RealDataConfig, make_source
 
 # -----------------------------------------------------------------------------
 # Configuration: one dataclass, one line per value; the CLI is generated from it.

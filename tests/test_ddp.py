@@ -9,7 +9,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT
 
 HELPER = os.path.join(ROOT, "tests", "ddp_helper.py")

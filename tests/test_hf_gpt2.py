@@ -6,8 +6,7 @@ import struct
 import pytest
 import torch
 
-from model import (HF_CONV1D, GPT, CheckpointError, GPTConfig, convert_hf_gpt2, gpt_config_from_hf, load_hf_gpt2,
-                   read_safetensors)
+from model import GPT, HF_CONV1D, CheckpointError, convert_hf_gpt2, gpt_config_from_hf, load_hf_gpt2, read_safetensors
 
 HF_CONFIG = {"model_type": "gpt2", "vocab_size": 101, "n_positions": 16, "n_ctx": 16, "n_layer": 2, "n_head": 2,
              "n_embd": 16}

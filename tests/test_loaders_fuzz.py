@@ -8,7 +8,8 @@ import tempfile
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from data import DataError, load_csv, load_examples, load_instruction_json, load_jsonl, load_prompts
+from common import DataError
+from loaders import load_csv, load_examples, load_instruction_json, load_jsonl, load_prompts
 
 FIELDS = ["instruction", "input", "output", "prompt", "response", "goal", "label", "text", "x"]
 scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20)

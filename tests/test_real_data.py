@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-import data
-from data import DataError
+import loaders
+import textdata
+from common import DataError
 
 DATA_DIR = os.environ.get("SAFETY_DATA_DIR", "")
 needs_data = pytest.mark.skipif(not os.path.isdir(DATA_DIR or "/nonexistent"),
@@ -29,26 +30,26 @@ def test_alpaca_json_joins_instruction_and_input(tmp_path):
         {"instruction": "Add", "input": "2 and 3", "output": "5"},
         {"instruction": "Say hi", "input": "", "output": "hi"},
         {"instruction": "Code", "input": "", "response": "print(1)"}]))  # GPTeacher's field name
-    ex = data.load_instruction_json(p)
-    assert ex == [data.Example("Add\n\n2 and 3", "5"), data.Example("Say hi", "hi"),
-                  data.Example("Code", "print(1)")]
+    ex = loaders.load_instruction_json(p)
+    assert ex == [loaders.Example("Add\n\n2 and 3", "5"), loaders.Example("Say hi", "hi"),
+                  loaders.Example("Code", "print(1)")]
 
 
 def test_jsonl_csv_text_and_prompt_files(tmp_path):
     p = write(tmp_path / "d.jsonl", '{"instruction": "Q1", "context": "C", "response": "R1"}\n\n'
                                      '{"prompt": "Q2", "output": "R2"}\n')
-    assert data.load_jsonl(p) == [data.Example("Q1\n\nC", "R1"), data.Example("Q2", "R2")]
+    assert loaders.load_jsonl(p) == [loaders.Example("Q1\n\nC", "R1"), loaders.Example("Q2", "R2")]
     c = write(tmp_path / "c.csv", 'goal,target\n"Do, with comma",Sure\nPlain,x\n')
-    assert [e.prompt for e in data.load_csv(c, "goal")] == ["Do, with comma", "Plain"]
-    assert data.load_prompts(c) == ["Do, with comma", "Plain"]         # column found by name
+    assert [e.prompt for e in loaders.load_csv(c, "goal")] == ["Do, with comma", "Plain"]
+    assert loaders.load_prompts(c) == ["Do, with comma", "Plain"]         # column found by name
     t = write(tmp_path / "t.txt", "first prompt\n\n  second prompt  \n")
-    assert data.load_prompts(t) == ["first prompt", "second prompt"]
+    assert loaders.load_prompts(t) == ["first prompt", "second prompt"]
     j = write(tmp_path / "n.json", json.dumps({"topic": {"sub": ["n1", "n2"]}, "other": {"s": ["n3"]}}))
-    assert data.load_prompts(j) == ["n1", "n2", "n3"]                   # nested {topic: {sub: [...]}}
+    assert loaders.load_prompts(j) == ["n1", "n2", "n3"]                   # nested {topic: {sub: [...]}}
     j2 = write(tmp_path / "i.json", json.dumps({"instructions": ["i1"], "inputs": []}))
-    assert data.load_prompts(j2) == ["i1"]
+    assert loaders.load_prompts(j2) == ["i1"]
     j3 = write(tmp_path / "l.json", json.dumps([{"instruction": "a", "category": None}, "b"]))
-    assert data.load_prompts(j3) == ["a", "b"]
+    assert loaders.load_prompts(j3) == ["a", "b"]
 
 
 def test_xstest_completions_keep_unsafe_full_refusals(tmp_path):
@@ -60,7 +61,7 @@ def test_xstest_completions_keep_unsafe_full_refusals(tmp_path):
               "v2-1,h,Kill a process?,Sorry no,a,a,True,2_full_refusal\n"      # safe prompt: dropped
               "v2-2,c,Kill a person?,\"I cannot, sorry.\",a,a,True,2_full_refusal\n"
               "v2-3,c,Hurt someone?,Sure: ...,a,a,True,1_full_compliance\n")  # compliance: dropped
-    assert data.load_xstest_completions(p) == [data.Example("Kill a person?", "I cannot, sorry.")]
+    assert loaders.load_xstest_completions(p) == [loaders.Example("Kill a person?", "I cannot, sorry.")]
 
 
 def test_refusal_completions_keep_only_the_refusal_part(tmp_path):
@@ -68,8 +69,8 @@ def test_refusal_completions_keep_only_the_refusal_part(tmp_path):
         {"prompt": "bad 1", "response": "I cannot help with that.\n\nHowever, here is a long essay..."},
         {"prompt": "bad 2", "response": "Here is how to do it: step 1"},             # complies: dropped
         {"prompt": "bad 3", "response": "Prompt: x\nContinuation: more text\n\nI'm sorry, no."}]))
-    assert data.load_refusal_completions(p) == [data.Example("bad 1", "I cannot help with that."),
-                                                data.Example("bad 3", "I'm sorry, no.")]
+    assert loaders.load_refusal_completions(p) == [loaders.Example("bad 1", "I cannot help with that."),
+                                                loaders.Example("bad 3", "I'm sorry, no.")]
 
 
 @pytest.mark.parametrize("name,text,expect", [
@@ -83,7 +84,7 @@ def test_refusal_completions_keep_only_the_refusal_part(tmp_path):
 ])
 def test_malformed_files_name_the_file_and_row(tmp_path, name, text, expect):
     p = write(tmp_path / name, text)
-    loader = data.load_jsonl if name.endswith(".jsonl") else data.load_instruction_json
+    loader = loaders.load_jsonl if name.endswith(".jsonl") else loaders.load_instruction_json
     with pytest.raises(DataError) as e:
         loader(p)
     assert p in str(e.value) and expect in str(e.value)
@@ -92,30 +93,30 @@ def test_malformed_files_name_the_file_and_row(tmp_path, name, text, expect):
 def test_malformed_csv_names_the_file_and_row(tmp_path):
     p = write(tmp_path / "b.csv", "goal,target\nok,fine\ntoo,many,fields\n")
     with pytest.raises(DataError, match=r"b\.csv: row 2 \(line 3\): 3 fields"):
-        data.load_csv(p, "goal")
+        loaders.load_csv(p, "goal")
     p2 = write(tmp_path / "q.csv", 'goal,target\n"never closed,x\n')
     with pytest.raises(DataError, match=r"q\.csv: malformed CSV"):
-        data.load_csv(p2, "goal")
+        loaders.load_csv(p2, "goal")
     p3 = write(tmp_path / "c.csv", "goal,target\na,b\n")
     with pytest.raises(DataError, match=r"c\.csv: no column 'prompt' \(columns: goal, target\)"):
-        data.load_csv(p3, "prompt")
+        loaders.load_csv(p3, "prompt")
     p4 = write(tmp_path / "e.csv", "goal,label\na,unsafe\n")
     with pytest.raises(DataError, match=r"e\.csv: no examples left"):
-        data.load_csv(p4, "goal", where=("label", "safe"))
+        loaders.load_csv(p4, "goal", where=("label", "safe"))
 
 
 def test_missing_file_and_folder_are_clear(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="nope.json: file not found"):
-        data.load_instruction_json(str(tmp_path / "nope.json"))
+        loaders.load_instruction_json(str(tmp_path / "nope.json"))
     monkeypatch.delenv("SAFETY_DATA_DIR", raising=False)
     with pytest.raises(DataError, match="no data folder: pass --data_dir"):
-        data.resolve("alpaca_small")
+        loaders.resolve("alpaca_small")
     with pytest.raises(DataError, match="data folder .*missing.* does not exist"):
-        data.resolve("alpaca_small", str(tmp_path / "missing"))
+        loaders.resolve("alpaca_small", str(tmp_path / "missing"))
     with pytest.raises(DataError, match="unknown dataset 'alpaca_smal'"):
-        data.resolve("alpaca_smal")
+        loaders.resolve("alpaca_smal")
     with pytest.raises(DataError, match="unknown prompt file type"):
-        data.load_prompts(write(tmp_path / "p.xml", "<a/>"))
+        loaders.load_prompts(write(tmp_path / "p.xml", "<a/>"))
 
 
 # -----------------------------------------------------------------------------
@@ -123,43 +124,43 @@ def test_missing_file_and_folder_are_clear(tmp_path, monkeypatch):
 
 
 def test_registry_roles_are_known_and_match_the_data_readme():
-    assert {d.role for d in data.REGISTRY.values()} == set(data.ROLES)
-    assert data.REGISTRY["safety_llamas"].role == "safety-original"
-    assert data.REGISTRY["safety_llamas_proxy"].role == "proxy-same-teacher"
+    assert {d.role for d in loaders.REGISTRY.values()} == set(loaders.ROLES)
+    assert loaders.REGISTRY["safety_llamas"].role == "safety-original"
+    assert loaders.REGISTRY["safety_llamas_proxy"].role == "proxy-same-teacher"
     # the same-teacher proxy shares D_s's file and teacher; the others do not
-    assert data.REGISTRY["safety_llamas_proxy"].path == data.REGISTRY["safety_llamas"].path
-    for name, d in data.REGISTRY.items():
+    assert loaders.REGISTRY["safety_llamas_proxy"].path == loaders.REGISTRY["safety_llamas"].path
+    for name, d in loaders.REGISTRY.items():
         if d.role == "proxy-other-teacher":
-            assert d.teacher != data.REGISTRY["safety_llamas"].teacher and d.path != data.STL, name
+            assert d.teacher != loaders.REGISTRY["safety_llamas"].teacher and d.path != loaders.STL, name
     for name in ("alpaca_safety_only", "alpaca_small", "code_alpaca"):
-        assert data.REGISTRY[name].role == "task"
-    assert data.REGISTRY["advbench"].role == "eval-harmful"
-    assert data.REGISTRY["xstest_safe"].role == "eval-harmless"
+        assert loaders.REGISTRY[name].role == "task"
+    assert loaders.REGISTRY["advbench"].role == "eval-harmful"
+    assert loaders.REGISTRY["xstest_safe"].role == "eval-harmless"
 
 
 def test_split_is_a_deterministic_partition_by_prompt():
     prompts = [f"prompt number {i}" for i in range(3000)] + ["Prompt  NUMBER 7"]  # a near-duplicate
-    keys = np.array([data.prompt_key(p) for p in prompts], dtype=np.uint64)
-    masks = [data.split_part(keys, part) for part, _ in data.SAFETY_SPLIT]
+    keys = np.array([textdata.prompt_key(p) for p in prompts], dtype=np.uint64)
+    masks = [textdata.split_part(keys, part) for part, _ in textdata.SAFETY_SPLIT]
     assert (sum(m.astype(int) for m in masks) == 1).all()          # every prompt in exactly one part
-    for m, (_, frac) in zip(masks, data.SAFETY_SPLIT):
+    for m, (_, frac) in zip(masks, textdata.SAFETY_SPLIT):
         assert abs(m.mean() - frac) < 0.04
     assert keys[-1] == keys[7] and [m[-1] for m in masks] == [m[7] for m in masks]
 
 
 def test_cap_prompt_keeps_the_response_marker():
-    ids = np.array(data.template_ids(["word " * 200])[0])
-    tail = data.gpt2_encoding().encode_ordinary(data.TEMPLATE_TAIL)
-    capped = data.cap_prompt(ids, 40)
+    ids = np.array(textdata.template_ids(["word " * 200])[0])
+    tail = textdata.gpt2_encoding().encode_ordinary(textdata.TEMPLATE_TAIL)
+    capped = textdata.cap_prompt(ids, 40)
     assert len(capped) == 40 and list(capped[-len(tail):]) == tail and list(capped[:5]) == list(ids[:5])
 
 
 def test_codec_round_trip_with_a_compact_vocabulary():
-    enc = data.gpt2_encoding()
+    enc = textdata.gpt2_encoding()
     text = "Write a poem about the sea.\n\nThe sea is wide."
     ids = enc.encode_ordinary(text)
-    vocab = np.unique(np.array(ids + [data.EOT, 0, 50000]))
-    codec = data.Codec(vocab)
+    vocab = np.unique(np.array(ids + [textdata.EOT, 0, 50000]))
+    codec = textdata.Codec(vocab)
     assert codec.vocab_size == len(vocab) + 1 < 50257
     model_ids = codec.encode_ids(ids)
     assert model_ids.max() < codec.vocab_size and codec.unk not in model_ids
@@ -167,40 +168,40 @@ def test_codec_round_trip_with_a_compact_vocabulary():
     assert codec.text(np.append(model_ids, [codec.eot, model_ids[0]])) == text  # stops at end-of-text
     other = enc.encode_ordinary(" zebra")[0]
     assert other not in vocab and codec.encode_ids([other])[0] == codec.unk
-    full = data.Codec(None)
+    full = textdata.Codec(None)
     assert full.vocab_size == 50257 and full.text(ids) == text
 
 
 def test_token_cache_is_reused_and_a_corrupt_one_rebuilt(tmp_path, capsys):
     src = write(tmp_path / "mine.json", json.dumps([{"instruction": f"q{i}", "output": f"a{i}"} for i in range(20)]))
     cache = tmp_path / "cache"
-    a = data.tokenized(src, cache_dir=str(cache))
+    a = textdata.tokenized(src, cache_dir=str(cache))
     files = list(cache.iterdir())
     assert len(files) == 1 and files[0].suffix == ".npz"
     mtime = files[0].stat().st_mtime_ns
-    b = data.tokenized(src, cache_dir=str(cache))
+    b = textdata.tokenized(src, cache_dir=str(cache))
     assert files[0].stat().st_mtime_ns == mtime                       # reused, not rewritten
-    assert all(np.array_equal(a.arrays()[k], b.arrays()[k]) for k in data.TokenSet.FIELDS)
+    assert all(np.array_equal(a.arrays()[k], b.arrays()[k]) for k in textdata.TokenSet.FIELDS)
     # flip bytes inside the file: the cache must be rebuilt, with a warning, and equal the original
     raw = bytearray(files[0].read_bytes())
     raw[len(raw) // 2: len(raw) // 2 + 8] = b"\x00" * 8
     files[0].write_bytes(bytes(raw))
-    c = data.tokenized(src, cache_dir=str(cache))
+    c = textdata.tokenized(src, cache_dir=str(cache))
     assert "corrupt" in capsys.readouterr().err
-    assert all(np.array_equal(a.arrays()[k], c.arrays()[k]) for k in data.TokenSet.FIELDS)
+    assert all(np.array_equal(a.arrays()[k], c.arrays()[k]) for k in textdata.TokenSet.FIELDS)
     key = _key_of(files[0])
-    data.read_cache(str(files[0]), key)                               # valid again
+    textdata.read_cache(str(files[0]), key)                               # valid again
     # a cache that loads but whose arrays were changed fails its checksum
     arrays = a.arrays()
     arrays["r_tok"] = arrays["r_tok"].copy()
     arrays["r_tok"][0] += 1
     with open(files[0], "wb") as f:
-        np.savez(f, key=np.array(key), checksum=np.array(data.arrays_checksum(a.arrays())), **arrays)
-    with pytest.raises(data.CacheError, match="checksum"):
-        data.read_cache(str(files[0]), key)
+        np.savez(f, key=np.array(key), checksum=np.array(textdata.arrays_checksum(a.arrays())), **arrays)
+    with pytest.raises(textdata.CacheError, match="checksum"):
+        textdata.read_cache(str(files[0]), key)
     # and a changed source file is a new key, so a stale cache is never used
     write(tmp_path / "mine.json", json.dumps([{"instruction": "new", "output": "x"}]))
-    assert data.tokenized(src, cache_dir=str(cache)).prompts == ["new"]
+    assert textdata.tokenized(src, cache_dir=str(cache)).prompts == ["new"]
 
 
 def _key_of(path):
@@ -221,19 +222,19 @@ def cache_dir(tmp_path_factory):
 def real(cache_dir):
     if not os.path.isdir(DATA_DIR or "/nonexistent"):
         pytest.skip("real data folder absent: set SAFETY_DATA_DIR (README 'Real data')")
-    return data.RealData(data.RealDataConfig(data_dir=DATA_DIR, block_size=96), cache_dir=cache_dir)
+    return textdata.RealData(textdata.RealDataConfig(data_dir=DATA_DIR, block_size=96), cache_dir=cache_dir)
 
 
 @needs_data
 def test_safety_split_parts_share_no_prompt(cache_dir):
-    ts = data.tokenized("safety_llamas", DATA_DIR, cache_dir)
-    parts = {p: set(ts.keys[data.split_part(ts.keys, p)].tolist()) for p, _ in data.SAFETY_SPLIT}
+    ts = textdata.tokenized("safety_llamas", DATA_DIR, cache_dir)
+    parts = {p: set(ts.keys[textdata.split_part(ts.keys, p)].tolist()) for p, _ in textdata.SAFETY_SPLIT}
     assert sum(len(v) for v in parts.values()) == len(set(ts.keys.tolist()))
     for a in parts:
         for b in parts:
             assert a == b or not parts[a] & parts[b], (a, b)
     # each registry name reads its own part
-    assert set(data.dataset_part("safety_llamas_proxy", DATA_DIR, cache_dir).keys.tolist()) == parts["proxy"]
+    assert set(textdata.dataset_part("safety_llamas_proxy", DATA_DIR, cache_dir).keys.tolist()) == parts["proxy"]
 
 
 @needs_data
@@ -307,14 +308,14 @@ def test_vocabulary_of_own_files_and_its_cap(tmp_path, monkeypatch):
     rows = [{"instruction": "say the word", "output": "the the the the cat"}] * 3
     f = write(tmp_path / "own.json", json.dumps(rows))
     cache = str(tmp_path / "cache")
-    full = data.build_vocab([f], cache_dir=cache)
-    ids = set(data.template_ids(["say the word"])[0]) | set(data.gpt2_encoding().encode_ordinary("the the the the cat"))
-    assert set(full.tolist()) == ids | {data.EOT}
-    capped = data.build_vocab([f], cache_dir=cache, cap=3)
-    the = data.gpt2_encoding().encode_ordinary(" the")[0]
-    assert len(capped) == 3 and data.EOT in capped and the in capped   # the most frequent survive
-    codec = data.Codec(capped)
-    cat = data.gpt2_encoding().encode_ordinary(" cat")[0]
+    full = textdata.build_vocab([f], cache_dir=cache)
+    ids = set(textdata.template_ids(["say the word"])[0]) | set(textdata.gpt2_encoding().encode_ordinary("the the the the cat"))
+    assert set(full.tolist()) == ids | {textdata.EOT}
+    capped = textdata.build_vocab([f], cache_dir=cache, cap=3)
+    the = textdata.gpt2_encoding().encode_ordinary(" the")[0]
+    assert len(capped) == 3 and textdata.EOT in capped and the in capped   # the most frequent survive
+    codec = textdata.Codec(capped)
+    cat = textdata.gpt2_encoding().encode_ordinary(" cat")[0]
     assert codec.encode_ids([cat])[0] == codec.unk and list(codec.decode_ids(codec.encode_ids([the]))) == [the]
 
 
@@ -322,11 +323,11 @@ def test_mixtures_concatenate_their_parts(tmp_path):
     a = write(tmp_path / "a.json", json.dumps([{"instruction": f"a{i}", "output": "x"} for i in range(30)]))
     b = write(tmp_path / "b.json", json.dumps([{"instruction": f"b{i}", "output": "y z"} for i in range(20)]))
     cache = str(tmp_path / "cache")
-    mix = data.dataset_part(f"{a}+{b}", cache_dir=cache)
-    ta, tb = data.tokenized(a, cache_dir=cache), data.tokenized(b, cache_dir=cache)
+    mix = textdata.dataset_part(f"{a}+{b}", cache_dir=cache)
+    ta, tb = textdata.tokenized(a, cache_dir=cache), textdata.tokenized(b, cache_dir=cache)
     assert len(mix) == 50 and mix.prompts == ta.prompts + tb.prompts
     assert [list(mix.response_ids(i)) for i in (0, 30)] == [list(ta.response_ids(0)), list(tb.response_ids(0))]
-    train, held = data.train_and_heldout(f"{a}+{b}", cache_dir=cache)
+    train, held = textdata.train_and_heldout(f"{a}+{b}", cache_dir=cache)
     assert len(train) + len(held) == 50 and not np.isin(train.keys, held.keys).any()
 
 
@@ -335,10 +336,10 @@ def test_tokenizer_unavailable_offline_is_one_clear_error(monkeypatch):
 
     def offline(name):
         raise ConnectionError("no network")
-    monkeypatch.setattr(data, "_ENCODING", None)
+    monkeypatch.setattr(textdata, "_ENCODING", None)
     monkeypatch.setattr(tiktoken, "get_encoding", offline)
     with pytest.raises(DataError, match="cannot load the GPT-2 tokenizer .*set TIKTOKEN_CACHE_DIR"):
-        data.gpt2_encoding()
+        textdata.gpt2_encoding()
 
 
 def test_helpful_answers_join_alignment_only_and_leave_held_out_safety_alone(tmp_path, monkeypatch):
@@ -351,9 +352,9 @@ def test_helpful_answers_join_alignment_only_and_leave_held_out_safety_alone(tmp
     f = write(tmp_path / "f.json", rows("task", 50, "Done."))
     cache = str(tmp_path / "cache")
     cfg = dict(safety=s, proxy=p, task=f, block_size=32, eval_examples=8)
-    plain = data.RealData(data.RealDataConfig(**cfg), cache_dir=cache)
-    mixed = data.RealData(data.RealDataConfig(**cfg, helpful=h), cache_dir=cache)
-    h_train = data.train_and_heldout(h, cache_dir=cache)[0]
+    plain = textdata.RealData(textdata.RealDataConfig(**cfg), cache_dir=cache)
+    mixed = textdata.RealData(textdata.RealDataConfig(**cfg, helpful=h), cache_dir=cache)
+    h_train = textdata.train_and_heldout(h, cache_dir=cache)[0]
     # alignment batches draw from D_s's training part plus the helpful set's ...
     assert len(mixed.sets["safety"][0]) == len(plain.sets["safety"][0]) + len(h_train)
     assert np.isin(h_train.keys, mixed.keys["safety"]).all()
@@ -367,12 +368,13 @@ def test_helpful_answers_join_alignment_only_and_leave_held_out_safety_alone(tmp
 def test_a_helpful_set_of_prompts_alone_is_one_clear_error(cache_dir):
     # an evaluation prompt set cannot teach answers: the error names the flag and the set
     with pytest.raises(DataError, match=r"--align_helpful stl_I-Alpaca: has prompts without responses"):
-        data.RealData(data.RealDataConfig(data_dir=DATA_DIR, helpful="stl_I-Alpaca", block_size=64, vocab_cap=512),
+        textdata.RealData(textdata.RealDataConfig(data_dir=DATA_DIR, helpful="stl_I-Alpaca", block_size=64, vocab_cap=512),
                       cache_dir=cache_dir)
 
 
 def test_align_helpful_needs_real_data_and_keeps_old_theta0_identities(tmp_path):
     import hashlib
+
     import train
     with pytest.raises(SystemExit) as e:
         train.cli(["--out_dir", str(tmp_path / "run"), "--align_helpful", "alpaca_gpt4_demo"])

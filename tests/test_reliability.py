@@ -11,8 +11,8 @@ import time
 
 import pytest
 import torch
-
 from conftest import ROOT, TINY, run_train
+
 from model import CheckpointError, load_checkpoint
 
 FT = ["--stage", "finetune", *TINY, "--max_iters", "200", "--eval_interval", "20",

@@ -14,7 +14,7 @@ import torch
 
 import theory
 import train
-from data import SyntheticWorld, WorldConfig, expected_kl
+from data import SyntheticWorld, WorldConfig, conditional_entropy, expected_nll
 from evaluate import exact_metrics, model_log_table
 from model import GPT, GPTConfig
 
@@ -109,7 +109,8 @@ def test_case_one_on_the_synthetic_world_has_its_closed_forms(kappa, delta):
         assert c["overlap_term"] == pytest.approx(math.log1p(kappa / lam))
         assert c["overlap_mass"] == pytest.approx(kappa)
         assert c["C_limit"] == pytest.approx(math.sqrt(2 * kappa))
-        assert c["mismatch"] == pytest.approx(expected_kl(world.mu["safety"], world.P["safety"], world.P["proxy"]))
+        mu, P, Q = world.mu["safety"], world.P["safety"], world.P["proxy"]  # E KL = cross-entropy − entropy
+        assert c["mismatch"] == pytest.approx(expected_nll(mu, P, np.log(Q)) - conditional_entropy(mu, P))
         assert c["optimum_safety_gap"] == pytest.approx(c["A2_safety_bound"], rel=1e-9, abs=1e-12)
         assert c["optimum_capability_gap"] == pytest.approx(c["B2_capability_bound"], rel=1e-9, abs=1e-12)
         if kappa > 0:

@@ -1,0 +1,298 @@
+"""
+Estimates of context overlap and mismatch on real text (THEORY.md §4). Real text has no
+densities, so every number here is an ESTIMATE with sampling error and model bias, and is
+labelled so in every result. On the synthetic world the same quantities are exact sums
+(py, theory.py).
+
+- context overlap of D_s and D_f: a lexical n-gram score, a cross-fitted classifier whose
+  probabilities give TV(μ_s, μ_f), M = 1 − TV and the (A2) overlap term, and a
+  representation score from a model's hidden states;
+- mismatch E_{μ_s} KL(P_s‖P_s'): the difference of held-out D_s losses of two reference
+  models trained on D_s' and on D_s.
+
+real_overlap and real_mismatch take registry names; the functions above them take prompt
+lists or token sets.
+"""
+
+import re
+import zlib
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common import DataError
+from evaluate import codec_of, heldout_nll
+from model import CheckpointError, load_checkpoint, model_from_checkpoint
+from textdata import N_GPT2, RealData, RealDataConfig, dataset_part
+
+# -----------------------------------------------------------------------------
+# Estimates of context overlap and mismatch from samples (THEORY.md §4). Real text has
+# no densities, so these are estimates with sampling error and model bias, labelled so.
+
+
+def words(text):
+    """Lowercased words and punctuation marks of a text."""
+    return re.findall(r"[a-z0-9']+|[^\sa-z0-9']", text.lower())
+
+
+def word_ngrams(text, n_max=2):
+    """The word n-grams of a text for n = 1..n_max."""
+    w = words(text)
+    return [" ".join(w[i:i + n]) for n in range(1, n_max + 1) for i in range(len(w) - n + 1)]
+
+
+def balanced_sample(a, b, max_n, seed):
+    """Equal-size random samples of two lists (the smaller size, at most max_n)."""
+    n = min(len(a), len(b), max_n)
+    rng = np.random.default_rng(seed)
+    return ([a[i] for i in rng.choice(len(a), n, replace=False)],
+            [b[i] for i in rng.choice(len(b), n, replace=False)])
+
+
+def lexical_overlap(prompts_s, prompts_f, n_max=2, max_n=2000, seed=0):
+    """Lexical context overlap Σ_g min(p_s(g), p_f(g)) of the word n-gram frequencies
+    (n ≤ n_max) of two prompt sets of equal size: one minus the TV distance between their
+    bags of n-grams, 1 when both use words alike and 0 with no word in common (THEORY.md
+    §4 'lexical score'). An estimate: it sees words, not meanings."""
+    a, b = balanced_sample(prompts_s, prompts_f, max_n, seed)
+    ca, cb = {}, {}
+    for texts, counts in ((a, ca), (b, cb)):
+        for t in texts:
+            for g in word_ngrams(t, n_max):
+                counts[g] = counts.get(g, 0) + 1
+    na, nb = sum(ca.values()), sum(cb.values())
+    return float(sum(min(v / na, cb.get(g, 0) / nb) for g, v in ca.items()))
+
+
+def hashed_features(texts, n_buckets=1 << 16, n_max=2):
+    """The word n-grams of each text hashed into n_buckets (crc32: the same in every
+    process), one array of bucket ids per text."""
+    return [np.array([zlib.crc32(g.encode()) % n_buckets for g in word_ngrams(t, n_max)] or [0], dtype=np.int64)
+            for t in texts]
+
+
+def fit_logistic(feats, labels, n_buckets=1 << 16, l2=1e-4, iters=100):
+    """A logistic regression p(label = 1 | text) = σ(mean of the weights of the text's
+    hashed n-grams + b), fit by L-BFGS on the mean log-loss + (l2/2)‖w‖². Returns the
+    predicted probabilities as a function of a list of feature arrays."""
+    def bags(fs):  # the (indices, offsets) of an EmbeddingBag, one bag per text
+        off = np.concatenate([[0], np.cumsum([len(f) for f in fs])[:-1]])
+        return torch.from_numpy(np.concatenate(fs)), torch.from_numpy(off)
+    bag = torch.nn.EmbeddingBag(n_buckets, 1, mode="mean")
+    torch.nn.init.zeros_(bag.weight)
+    bias = torch.zeros(1, requires_grad=True)
+    idx, off = bags(feats)
+    y = torch.tensor(labels, dtype=torch.float32)
+    opt = torch.optim.LBFGS(list(bag.parameters()) + [bias], max_iter=iters, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        logit = bag(idx, off).squeeze(1) + bias
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, y) + 0.5 * l2 * bag.weight.pow(2).sum()
+        loss.backward()
+        return loss
+    opt.step(closure)
+
+    @torch.no_grad()
+    def predict(new_feats):
+        return torch.sigmoid(bag(*bags(new_feats)).squeeze(1) + bias).double().numpy()
+    return predict
+
+
+class torch_threads:
+    """Run a block with n torch threads, then restore: small sparse fits are ~10× faster
+    on one thread than on two busy shared cores (threads spin waiting for each other)."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __enter__(self):
+        self.saved = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.saved)
+
+
+def classifier_overlap(prompts_s, prompts_f, lams=(1.0,), folds=5, max_n=2000, seed=0):
+    """Context overlap of D_s and D_f by a probabilistic classifier (THEORY.md §4), an
+    estimate. On balanced samples of both prompt sets, c(x) ≈ μ_s(x)/(μ_s(x) + μ_f(x)) is
+    a logistic regression predicted out of fold (K-fold cross-fitting, so that no prompt
+    is scored by a classifier that saw it). Then
+
+        TV(μ_s, μ_f) ≈ E_{x~½(μ_s+μ_f)} |2c(x) − 1|,     M = 1 − TV,
+        (A2) overlap term E_{μ_s} log(1 + μ_f/(λ μ_s')) ≈ mean over D_s of log(1 + (1−c)/(λ c))
+
+    taking μ_s' = μ_s (a proxy on the contexts of the original data). Also 2·acc − 1, the
+    TV that the classifier's accuracy alone certifies (up to sampling error)."""
+    a, b = balanced_sample(prompts_s, prompts_f, max_n, seed)
+    n = len(a)
+    if n < folds:
+        raise DataError(f"classifier overlap needs at least {folds} prompts per set, got {n}")
+    feats, labels = hashed_features(a + b), np.array([1] * n + [0] * n)
+    fold = np.random.default_rng(seed + 1).permutation(2 * n) % folds
+    c = np.empty(2 * n)
+    with torch_threads(1):
+        for k in range(folds):
+            train = fold != k
+            predict = fit_logistic([f for f, m in zip(feats, train) if m], labels[train].tolist())
+            c[~train] = predict([f for f, m in zip(feats, ~train) if m])
+    c = np.clip(c, 1e-6, 1 - 1e-6)
+    tv = float(np.mean(np.abs(2 * c - 1)))
+    acc = float(np.mean((c > 0.5) == labels))
+    cs = c[:n]  # the safety prompts, x ~ μ_s
+    return {"tv": tv, "M": 1.0 - tv, "accuracy": acc, "tv_from_accuracy": max(0.0, 2 * acc - 1),
+            "a2_overlap_term": {float(lam): float(np.mean(np.log1p((1 - cs) / (lam * cs)))) for lam in lams},
+            "n_per_set": n, "kind": "estimate: hashed word 1-2-gram logistic regression, 5-fold cross-fitted"}
+
+
+class BigramLM:
+    """A reference model of responses, P(y_t | y_{t−1}) over GPT-2 tokens, with the
+    bigram interpolated with an add-one unigram (Jelinek–Mercer, weight `mix`); the first
+    response token is conditioned on the prompt's last token (the response marker).
+    Small and fast: the stand-in for 'a model trained on D' in the mismatch estimate."""
+
+    def __init__(self, ts, mix=0.7):
+        prev, cur = self._pairs(ts)
+        self.mix = mix
+        self.uni = np.bincount(cur, minlength=N_GPT2).astype(np.float64)
+        self.p_uni = (self.uni + 1) / (self.uni.sum() + N_GPT2)
+        self.ctx = np.bincount(prev, minlength=N_GPT2).astype(np.float64)
+        self.pairs, self.counts = np.unique(prev * N_GPT2 + cur, return_counts=True)
+
+    @staticmethod
+    def _pairs(ts):
+        prev, cur = [], []
+        for i in range(len(ts)):
+            r = ts.response_ids(i).astype(np.int64)
+            if len(r):
+                seq = np.concatenate([ts.prompt_ids(i)[-1:].astype(np.int64), r])
+                prev.append(seq[:-1])
+                cur.append(seq[1:])
+        return np.concatenate(prev), np.concatenate(cur)
+
+    def prob(self, prev, cur):
+        """P(cur | prev), elementwise over arrays of GPT-2 ids."""
+        key = prev * N_GPT2 + cur
+        j = np.clip(np.searchsorted(self.pairs, key), 0, len(self.pairs) - 1)
+        c2 = np.where(self.pairs[j] == key, self.counts[j], 0)
+        seen = self.ctx[prev] > 0  # an unseen context falls back to the unigram alone
+        p_bi = np.divide(c2, self.ctx[prev], out=np.zeros(len(key)), where=seen)
+        w = np.where(seen, self.mix, 0.0)
+        return w * p_bi + (1 - w) * self.p_uni[cur]
+
+    def nll(self, ts):
+        """−log P(y|x) per example of ts (nats per sequence), over response tokens."""
+        out = np.zeros(len(ts))
+        for i in range(len(ts)):
+            seq = np.concatenate([ts.prompt_ids(i)[-1:], ts.response_ids(i)]).astype(np.int64)
+            out[i] = -np.log(self.prob(seq[:-1], seq[1:])).sum()
+        return out
+
+
+def ngram_mismatch(original, proxy, heldout, n=None, seeds=(0, 1, 2)):
+    """Mismatch E_{μ_s} KL(P_s‖P_s') ≈ ℓ_{D_s}(reference trained on D_s') − ℓ_{D_s}(reference
+    trained on D_s) (THEORY.md §4), an estimate. The references are BigramLMs trained on
+    the same number n of examples of each set (default: the smaller set), scored on the
+    held-out part of D_s; averaged over random draws of the n examples (`seeds`)."""
+    n = n or min(len(original), len(proxy))
+    diffs, lp, lo = [], [], []
+    for s in seeds:
+        rng = np.random.default_rng(s)
+        m_o = BigramLM(original.subset(rng.choice(len(original), n, replace=False)))
+        m_p = BigramLM(proxy.subset(rng.choice(len(proxy), n, replace=False)))
+        lo.append(m_o.nll(heldout).mean())
+        lp.append(m_p.nll(heldout).mean())
+        diffs.append(lp[-1] - lo[-1])
+    return {"mismatch": float(np.mean(diffs)), "mismatch_sd": float(np.std(diffs)),
+            "loss_proxy_reference": float(np.mean(lp)), "loss_original_reference": float(np.mean(lo)),
+            "n_train": int(n), "n_heldout": len(heldout),
+            "kind": "estimate: interpolated bigram reference models, nats per sequence"}
+
+
+# -----------------------------------------------------------------------------
+# Model-based estimates of overlap and mismatch on real text (THEORY.md §4)
+
+
+@torch.no_grad()
+def mean_prompt_state(model, codec, prompts, device="cpu", batch_size=64):
+    """The average over prompts of the mean final hidden state over each prompt's tokens
+    (templated, cut as in training); prompts of equal length go through together."""
+    was_training = model.training
+    model.eval()
+    ids = [codec.prompt(p, model.config.block_size // 2) for p in prompts]
+    by_len = {}
+    for x in ids:
+        by_len.setdefault(len(x), []).append(x)
+    total = torch.zeros(model.config.n_embd, dtype=torch.float64)
+    for L, group in by_len.items():
+        for c in range(0, len(group), batch_size):
+            x = torch.tensor(np.stack(group[c:c + batch_size]), dtype=torch.long, device=device)
+            total += model.hidden_states(x).mean(1).double().sum(0).cpu()
+    model.train(was_training)
+    return total / len(ids)
+
+
+def representation_similarity(model, codec, prompts_s, prompts_f, device="cpu"):
+    """Representation score of context overlap (THEORY.md §4), an estimate: the cosine
+    similarity of the mean hidden states of the two prompt sets under θ_0. Mean states
+    of all text share a common direction, so compare scores with each other, not with 0."""
+    a = mean_prompt_state(model, codec, prompts_s, device)
+    b = mean_prompt_state(model, codec, prompts_f, device)
+    return float(F.cosine_similarity(a, b, dim=0))
+
+
+def mismatch_estimate(model_proxy, model_original, heldout_batches, device="cpu"):
+    """Mismatch E_{μ_s} KL(P_s‖P_s') ≈ ℓ_{D_s}(model trained on D_s') − ℓ_{D_s}(model trained
+    on D_s) (THEORY.md §4), an estimate: both models of equal size and training budget,
+    scored on the same held-out D_s (a function returning fresh batches), nats per sequence."""
+    lp = heldout_nll(model_proxy, heldout_batches(), device)
+    lo = heldout_nll(model_original, heldout_batches(), device)
+    return {"mismatch": lp - lo, "loss_proxy_model": lp, "loss_original_model": lo,
+            "kind": "estimate: difference of held-out D_s losses of two reference models"}
+
+
+# ---- Real data estimators (THEORY.md §4)
+# Real text has no densities, so overlap and mismatch are ESTIMATES here, labelled so in
+# every result. The implementations sit beside what they need (text-level ones in
+# py, model-level ones in py); these wrappers take registry names or files.
+
+
+def real_overlap(safety="safety_llamas", task="alpaca_small", data_dir="", lams=(1.0, 10.0), theta0=None,
+                 seed=0):
+    """Context overlap of D_s and D_f (THEORY.md §4), estimates: the classifier's TV,
+    M = 1 − TV and the (A2) overlap term E_{μ_s} log(1 + μ_f/(λ μ_s')) per λ; the lexical
+    n-gram overlap; and, given a θ_0 checkpoint path, the representation similarity."""
+    ps, pf = dataset_part(safety, data_dir).prompts, dataset_part(task, data_dir).prompts
+    out = {"safety": safety, "task": task, "estimate": True,
+           "classifier": classifier_overlap(ps, pf, lams=lams, seed=seed),
+           "lexical": lexical_overlap(ps, pf, seed=seed)}
+    if theta0:
+        ckpt = load_checkpoint(theta0)
+        codec = codec_of(ckpt)
+        if codec is None:
+            raise CheckpointError(f"{theta0} was trained on the synthetic world: a text θ_0 is needed")
+        out["representation"] = representation_similarity(model_from_checkpoint(ckpt), codec, ps, pf)
+    return out
+
+
+def real_mismatch(proxy, original="safety_llamas", heldout="safety_llamas_eval", data_dir="", n=None,
+                  proxy_ckpt=None, original_ckpt=None):
+    """Mismatch E_{μ_s} KL(P_s‖P_s') ≈ ℓ_{D_s}(reference on D_s') − ℓ_{D_s}(reference on D_s)
+    (THEORY.md §4), an estimate on the held-out part of D_s. The references are bigram
+    models trained on n examples of each set; given two checkpoints of equal size and
+    budget (`train.py --stage align --safety_data PROXY` and `--safety_data ORIGINAL`),
+    the GPTs themselves are compared instead."""
+    if proxy_ckpt is None:
+        return dict(ngram_mismatch(dataset_part(original, data_dir), dataset_part(proxy, data_dir),
+                                        dataset_part(heldout, data_dir), n=n), proxy=proxy, estimate=True)
+    cp, co = load_checkpoint(proxy_ckpt), load_checkpoint(original_ckpt)
+    if cp["world_config"].get("vocab") != co["world_config"].get("vocab"):
+        raise CheckpointError(f"{proxy_ckpt} and {original_ckpt} read text through different vocabularies: "
+                              f"align both with the same --data_dir and --restrict_vocab")
+    rc = RealDataConfig(**dict(co["world_config"], safety=original, data_dir=data_dir or
+                                    co["world_config"]["data_dir"], vocab=tuple(co["world_config"]["vocab"])))
+    source = RealData(rc)
+    return dict(mismatch_estimate(model_from_checkpoint(cp), model_from_checkpoint(co),
+                                           lambda: source.eval_batches("safety")), proxy=proxy, estimate=True)

@@ -9,8 +9,8 @@ PyTorch loop of the same model, on fixed random tokens (no data loading, no eval
     python bench.py --config gpt2-small --device cuda --compile --variants baseline,none,param
 
 Variants: `baseline` is a minimal loop written here (forward, backward, clip, AdamW);
-`none`, `loss`, `param`, `penalty` call train.train_step, the very function run_stage
-trains with, under that constraint. `loss` also runs the proxy batch, so it is compared
+every strategy of constraints.STRATEGIES (`none`, `loss`, `param`, `penalty`, ...) calls
+train.train_step, the very function run_stage trains with, under that strategy. `loss` also runs the proxy batch, so it is compared
 with `none` on twice the batch in the same micro-batches (row `none ×2`): the same tokens.
 
 Measuring (STYLE.md): warm-up (and compilation) outside the timed window, the device
@@ -26,6 +26,7 @@ import platform
 import statistics
 import sys
 import time
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,12 +34,16 @@ import torch
 
 import theory
 import train
-from constraints import Constraint
+from constraints import STRATEGIES, make_strategy
 from data import SyntheticWorld, WorldConfig
 from model import GPT, GPTConfig, flat_params
 
 # -----------------------------------------------------------------------------
 # What is measured
+
+# a plain loop over the same model, the unconstrained step over twice the tokens (what `loss`
+# costs at best), and every fine-tuning strategy of constraints.STRATEGIES through train.train_step
+VARIANTS = ("baseline", "none2x", *STRATEGIES)
 
 
 @dataclass
@@ -52,7 +57,7 @@ class Shape:
     seq_len: int = 0              # T, tokens per sequence; 0: block_size
     cpu_batch: int = 0            # on CPU, if the GPU batch is too slow; 0: batch
     cpu_seq_len: int = 0          # on CPU, likewise; 0: seq_len
-    variants: tuple = ("baseline", "none", "none2x", "loss", "param", "penalty")
+    variants: tuple = ()          # empty: VARIANTS, every one
     note: str = ""
 
 
@@ -169,7 +174,7 @@ def peak_memory_mb(sys_):
 @dataclass
 class Case:
     config: str
-    variant: str                  # baseline | none | none2x | loss | param | penalty
+    variant: str                  # one of VARIANTS
     step: object                  # a callable running one training step
     batch: int
     seq_len: int
@@ -234,14 +239,17 @@ def build_cases(name, shape, args, sys_):
     constraints = {}
 
     def project(kind, batch=task, proxy_batch=None, accum=1):
-        c = constraints.setdefault(kind, Constraint(kind, params, radius=args.radius, lam=1.0, gamma=1.0))
+        if kind not in constraints:
+            c = constraints[kind] = make_strategy(kind, params, dict(dataclasses.asdict(tc), radius=args.radius))
+            c.setup(model, lambda n: tuple(t[:n] for t in proxy[:3]))
+        c = constraints[kind]
         return lambda: train.train_step(train_model, optimizer, scaler, params, c, sys_, batch, proxy_batch,
                                         accum, tc.grad_clip)
 
     fpt = model.estimate_flops_per_token(T)
     n_params = model.num_params()
     cases = []
-    for v in [v for v in (args.variants or shape.variants) if v in shape.variants]:
+    for v in [v for v in (args.variants or shape.variants or VARIANTS) if v in (shape.variants or VARIANTS)]:
         if v == "baseline":
             step = lambda: baseline_step(train_model, base_opt, task, sys_, tc.grad_clip)  # noqa: E731
         elif v == "none2x":  # the unconstrained step over the tokens of `loss`: 2B in micro-batches of B
@@ -425,7 +433,7 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--config", default="all", help=f"all, or a comma list of {', '.join(CONFIGS)}")
-    ap.add_argument("--variants", default="", help="comma list of baseline,none,none2x,loss,param,penalty; "
+    ap.add_argument("--variants", default="", help=f"comma list of {','.join(VARIANTS)}; "
                                                    "default: every variant of the config")
     ap.add_argument("--steps", type=int, default=0, help="timed steps per variant (≥ 10); 0: 20, 10 for gpt2-small on CPU")
     ap.add_argument("--warmup", type=int, default=0, help="untimed steps per variant first; 0: 2 (5 with --compile)")
@@ -447,7 +455,7 @@ def parse_args(argv=None):
     ap.add_argument("--json", default="", help="also write every row to this file")
     args = ap.parse_args(argv)
     args.variants = [v for v in args.variants.split(",") if v]
-    bad = [v for v in args.variants if v not in ("baseline", "none", "none2x", "loss", "param", "penalty")]
+    bad = [v for v in args.variants if v not in VARIANTS]
     names = list(CONFIGS) if args.config == "all" else args.config.split(",")
     unknown = [n for n in names if n not in CONFIGS]
     if bad or unknown:

@@ -6,57 +6,66 @@ The fine-tuning strategies of THEORY.md §2–§3, starting from the aligned wei
     param    min ℓ_f(θ)  s.t.  ‖θ − θ_0‖₂ ≤ r                    Case II, by projection
     penalty  min ℓ_f(θ) + (γ/2)·‖θ − θ_0‖₂²                      Case II, soft variant
 
+A strategy is one class, registered in STRATEGIES by its name: train.py takes its CLI
+choices, flag checks and run keys from it, sweep.py its grids and run ids, bench.py its
+variants and theory.py the case it belongs to. To add one, subclass Strategy, set its
+class attributes, override the hooks it needs, and add it to STRATEGIES (README, "Adding
+a strategy").
+
 The norm runs over all trainable parameters as one flat vector. On a GPU nothing here
 reads a value back to the host: the distance and the projection stay on the device, so
 the training step never waits for them. On CPU there is no device to wait for, and
 project_ reads the distance to skip a pass over the weights inside the ball.
 """
 
+import math
+
 import torch
 
-CONSTRAINTS = ("none", "loss", "param", "penalty")
 
-
-class Constraint:
-    """Holds θ_0 and applies one strategy. The training loop calls, per step:
-        loss = c.objective(task_loss, proxy_loss)   (before backward)
-        c.before_step(params)                       (after backward, before optimizer.step)
-        c.after_step(params)                        (after optimizer.step)
+class Strategy:
+    """Plain fine-tuning, and the base of every strategy. It holds a frozen copy of θ_0;
+    the training loop calls, per fine-tuning run and step:
+        s.setup(model, draw_proxy)                  (once, at θ_0, before the first step)
+        loss = s.objective(task_loss, proxy_loss)   (before backward)
+        s.before_step(params)                       (after backward, before optimizer.step)
+        s.after_step(params)                        (after optimizer.step)
+    Class attributes say what the rest of the project needs to know:
+        name         the --constraint value
+        case         "I" (a loss on proxy safety data), "II" (stay near θ_0) or None
+        hparams      the TrainConfig fields it reads, each a number ≥ 0 (checked here)
+        sweep_param  the one of them a sweep grid varies (None: nothing to vary)
+        needs_proxy  whether it draws a batch of proxy safety data D_s' every step
     """
+    name, case, hparams, sweep_param, needs_proxy = "none", None, (), None, False
 
-    def __init__(self, kind, params, radius=0.0, lam=0.0, gamma=0.0):
-        if kind not in CONSTRAINTS:
-            raise ValueError(f"--constraint {kind!r} is unknown: choose one of {', '.join(CONSTRAINTS)}")
-        for flag, v in (("radius", radius), ("lam", lam), ("gamma", gamma)):
-            if not v >= 0:  # also catches NaN
-                raise ValueError(f"--{flag} {v} is negative: pass a value ≥ 0")
-        self.kind, self.radius, self.lam, self.gamma = kind, radius, lam, gamma
+    def __init__(self, params, **hp):
+        self.check(hp)
+        for k in self.hparams:
+            setattr(self, k, hp[k])
         # θ_0, a frozen copy taken when fine-tuning starts
         self.theta0 = [p.detach().clone() for p in params]
         self._delta = self._buf = None  # CPU scratch, allocated on first use
 
-    @property
-    def needs_proxy(self):
-        """Case I draws a batch of proxy safety data D_s' every step."""
-        return self.kind == "loss"
+    @classmethod
+    def check(cls, hp):
+        """Raise ValueError naming the flag of a missing or bad hyper-parameter."""
+        for k in cls.hparams:
+            v = hp.get(k)
+            if not isinstance(v, (int, float)) or not (v >= 0 and math.isfinite(v)):  # also NaN
+                raise ValueError(f"--{k} {v} must be a finite number ≥ 0 (--constraint {cls.name})")
+
+    def setup(self, model, draw_proxy):
+        """Called once at θ_0; draw_proxy(n) returns n examples (x, y, mask) of D_s'."""
 
     def objective(self, task_loss, proxy_loss=None):
-        """ℓ_f + λ·ℓ_s' for Case I (THEORY.md §2), ℓ_f otherwise."""
-        if self.kind == "loss":
-            return task_loss + self.lam * proxy_loss
         return task_loss
 
     def before_step(self, params):
-        """Soft Case II: add the gradient of (γ/2)‖θ−θ_0‖², that is γ(θ−θ_0), to the
-        gradients, without building a graph for the penalty."""
-        if self.kind == "penalty" and self.gamma > 0:
-            grads = [p.grad for p in params]
-            torch._foreach_add_(grads, differences(params, self.theta0, self._scratch()), alpha=self.gamma)
+        pass
 
     def after_step(self, params):
-        """Hard Case II: project onto the ball ‖θ − θ_0‖ ≤ r (THEORY.md §3)."""
-        if self.kind == "param":
-            project_(params, self.theta0, self.radius, chunk=self._chunk())
+        pass
 
     def distance(self, params):
         """‖θ − θ_0‖₂ as a 0-d tensor on the device (no host sync)."""
@@ -75,6 +84,46 @@ class Constraint:
         if self._buf is None and self.theta0[0].device.type == "cpu":
             self._buf = torch.empty(CHUNK, dtype=self.theta0[0].dtype)
         return self._buf
+
+
+class LossConstraint(Strategy):
+    """Case I (THEORY.md §2): min ℓ_f + λ·ℓ_s', the proxy safety loss on its own batch."""
+    name, case, hparams, sweep_param, needs_proxy = "loss", "I", ("lam",), "lam", True
+
+    def objective(self, task_loss, proxy_loss=None):
+        return task_loss + self.lam * proxy_loss
+
+
+class BallConstraint(Strategy):
+    """Case II (THEORY.md §3): min ℓ_f s.t. ‖θ − θ_0‖ ≤ r, by projection after each step."""
+    name, case, hparams, sweep_param = "param", "II", ("radius",), "radius"
+
+    def after_step(self, params):
+        project_(params, self.theta0, self.radius, chunk=self._chunk())
+
+
+class Penalty(Strategy):
+    """Soft Case II (THEORY.md §3): min ℓ_f + (γ/2)‖θ − θ_0‖². Its gradient γ(θ − θ_0) is
+    added to the gradients directly, without building a graph for the penalty."""
+    name, case, hparams, sweep_param = "penalty", "II", ("gamma",), "gamma"
+
+    def before_step(self, params):
+        if self.gamma > 0:
+            grads = [p.grad for p in params]
+            torch._foreach_add_(grads, differences(params, self.theta0, self._scratch()), alpha=self.gamma)
+
+
+STRATEGIES = {s.name: s for s in (Strategy, LossConstraint, BallConstraint, Penalty)}
+
+
+def make_strategy(name, params, hp):
+    """The strategy `name` over params (θ_0 = their values now), its hyper-parameters read
+    from hp (a TrainConfig or a dict of its fields)."""
+    if name not in STRATEGIES:
+        raise ValueError(f"--constraint {name!r} is unknown: choose one of {', '.join(STRATEGIES)}")
+    cls = STRATEGIES[name]
+    get = hp.get if isinstance(hp, dict) else lambda k: getattr(hp, k, None)
+    return cls(params, **{k: get(k) for k in cls.hparams})
 
 
 # On CPU, ‖θ − θ_0‖ of a large model is memory-bound: forming θ − θ_0 whole writes and

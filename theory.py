@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from common import DataError, atomic_write_json
+from constraints import STRATEGIES
 from data import SyntheticWorld, WorldConfig, context_kl, context_tv, expect, expected_nll, gap, ratio, weighted
 from evaluate import exact_metrics, model_log_table
 from model import CheckpointError, load_checkpoint, model_from_checkpoint
@@ -390,7 +391,8 @@ def report(run_dir, reference_dir=None, tol_abs=0.05, tol_rel=0.1, cache=None, p
     out.update(world_case_one(world, lam))
     out["C_lhs"] = limit_C_lhs(G_s, G_f)
     out["C_holds"] = out["C_lhs"] >= out["C_limit"] - 1e-9
-    if cfg["constraint"] == "loss":
+    strategy = STRATEGIES[cfg["constraint"]]
+    if strategy.case == "I":
         ds, df = G_s - out["optimum_safety_gap"], G_f - out["optimum_capability_gap"]
         tol_s = tol_abs + tol_rel * out["optimum_safety_gap"]
         tol_f = tol_abs + tol_rel * out["optimum_capability_gap"]
@@ -403,12 +405,12 @@ def report(run_dir, reference_dir=None, tol_abs=0.05, tol_rel=0.1, cache=None, p
     pop = population_batch(world, "safety")
     with torch.no_grad():
         out["measured_safety_increase"] = float(population_loss(model, pop) - population_loss(theta0_model, pop))
-    if cfg["constraint"] in ("param", "penalty"):
+    if strategy.case == "II":
         key = run["ckpt"]["theta0_hash"]
         if cache is not None and key not in cache:
             cache[key] = theta0_landscape(theta0_model, world, power_iters, power_tol)
         c2 = case_two(theta0_model, model, world, None if cache is None else cache[key], power_iters, power_tol)
-        r = cfg["radius"] if cfg["constraint"] == "param" else c2["update_norm"]
+        r = cfg["radius"] if "radius" in strategy.hparams else c2["update_norm"]  # the ball's, or the step's
         out.update(c2)
         out["D_radius"] = r
         out["D_bound"] = bound_D(c2["grad_norm_s"], c2["hessian_top_eig_s"], r)

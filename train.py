@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from common import DataError, atomic_write_json, remove_stale_temporaries
-from constraints import CONSTRAINTS, Constraint
+from constraints import STRATEGIES, make_strategy
 from data import WorldConfig
 from evaluate import evaluate
 from model import (
@@ -88,7 +88,7 @@ class TrainConfig:
     batch_tokens: int = 1280      # global batch per dataset in tokens (256 sequences of 5 tokens)
     micro_batch: int = 256        # sequences per forward pass; accumulation makes up the rest
     # constraint (THEORY.md §2–§3)
-    constraint: str = "none"      # none | loss (Case I) | param (Case II) | penalty (soft Case II)
+    constraint: str = "none"      # a strategy of constraints.STRATEGIES: none | loss (Case I) | param | penalty (Case II)
     radius: float = 1.0           # r: L2 radius of the ball around θ_0 (param)
     lam: float = 1.0              # λ: weight of the proxy safety loss ℓ_s' (loss)
     gamma: float = 1.0            # γ: weight of the soft penalty (γ/2)‖θ−θ_0‖² (penalty)
@@ -120,7 +120,7 @@ def parse_args(argv=None, cls=TrainConfig):
             ap.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default)
         else:
             ap.add_argument(f"--{f.name}", type=type(f.default), default=f.default,
-                            choices=CONSTRAINTS if f.name == "constraint" else None)
+                            choices=tuple(STRATEGIES) if f.name == "constraint" else None)
     return cls(**vars(ap.parse_args(argv)))
 
 
@@ -128,9 +128,14 @@ def check_config(cfg):
     """Reject bad values before anything is written."""
     if cfg.stage not in ("align", "finetune", "all"):
         raise ConfigError(f"--stage {cfg.stage!r} is unknown: choose align, finetune or all")
-    if cfg.constraint not in CONSTRAINTS:
-        raise ConfigError(f"--constraint {cfg.constraint!r} is unknown: choose one of {', '.join(CONSTRAINTS)}")
-    for name in ("radius", "lam", "gamma", "lr", "align_lr", "weight_decay", "grad_clip"):
+    if cfg.constraint not in STRATEGIES:
+        raise ConfigError(f"--constraint {cfg.constraint!r} is unknown: choose one of {', '.join(STRATEGIES)}")
+    for strategy in STRATEGIES.values():  # every strategy's flags, so a bad value never waits for its use
+        try:
+            strategy.check(dataclasses.asdict(cfg))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    for name in ("lr", "align_lr", "weight_decay", "grad_clip"):
         v = getattr(cfg, name)
         if not (v >= 0 and math.isfinite(v)):
             raise ConfigError(f"--{name} {v} must be a finite number ≥ 0")
@@ -544,7 +549,12 @@ def finetune(cfg, sys_, log, theta0_ckpt):
     model.load_state_dict(theta0_ckpt["model"])
     theta0_hash = theta0_ckpt["theta0_hash"]
     aligned = dict(evaluate(model, world, sys_.device), distance=0.0)
-    constraint = Constraint(cfg.constraint, flat_params(model), cfg.radius, cfg.lam, cfg.gamma)
+    constraint = make_strategy(cfg.constraint, flat_params(model), cfg)
+    # a strategy that needs more of θ_0 than its weights (a Fisher metric) measures it now, from
+    # its own seeded stream of D_s', before any resumed weights are loaded: a resumed run and an
+    # uninterrupted one see the same
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + 3)
+    constraint.setup(model, lambda n: tuple(t.to(sys_.device) for t in world.batch("proxy", n, gen)))
     resume_path = os.path.join(cfg.out_dir, "ckpt.pt")
     ckpt = try_resume(resume_path, cfg, "finetune")
     if ckpt is not None:

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from constraints import Constraint, distance, project_
+from constraints import STRATEGIES, distance, make_strategy, project_
 from model import GPT, GPTConfig, flat_params
 
 
@@ -80,7 +80,7 @@ def test_projection_is_an_exact_no_op_inside_the_ball(chunk):
 
 def test_penalty_gradient_matches_autograd_of_the_soft_constraint():
     model, params, theta0 = params_and_theta0()
-    c = Constraint("penalty", theta0, gamma=0.7)
+    c = make_strategy("penalty", theta0, dict(gamma=0.7))
     for p in params:
         p.grad = torch.zeros_like(p)
     c.before_step(params)
@@ -92,14 +92,26 @@ def test_penalty_gradient_matches_autograd_of_the_soft_constraint():
 
 
 def test_case_one_objective_and_bad_values():
-    c = Constraint("loss", [torch.zeros(2)], lam=10.0)
-    assert c.needs_proxy
+    c = make_strategy("loss", [torch.zeros(2)], dict(lam=10.0))
+    assert c.needs_proxy and c.case == "I"
     assert c.objective(torch.tensor(1.0), torch.tensor(2.0)).item() == pytest.approx(21.0)
-    assert Constraint("none", [torch.zeros(2)]).objective(torch.tensor(1.0)).item() == 1.0
+    assert make_strategy("none", [torch.zeros(2)], {}).objective(torch.tensor(1.0)).item() == 1.0
     with pytest.raises(ValueError, match="unknown"):
-        Constraint("bogus", [torch.zeros(2)])
-    with pytest.raises(ValueError, match="negative"):
-        Constraint("param", [torch.zeros(2)], radius=-1.0)
+        make_strategy("bogus", [torch.zeros(2)], {})
+    with pytest.raises(ValueError, match=r"--radius -1.0 must be a finite number ≥ 0 \(--constraint param\)"):
+        make_strategy("param", [torch.zeros(2)], dict(radius=-1.0))
+    with pytest.raises(ValueError, match="--gamma nan"):
+        make_strategy("penalty", [torch.zeros(2)], dict(gamma=float("nan")))
+    with pytest.raises(ValueError, match="--lam None"):  # a hyper-parameter the caller forgot
+        make_strategy("loss", [torch.zeros(2)], {})
+
+
+def test_every_strategy_declares_what_the_project_reads():
+    for name, s in STRATEGIES.items():
+        assert s.name == name and s.case in (None, "I", "II")
+        assert s.sweep_param is None or s.sweep_param in s.hparams
+        hp = {k: 1.0 for k in s.hparams}
+        assert make_strategy(name, [torch.zeros(2)], hp).distance([torch.ones(2)]).item() == pytest.approx(2 ** 0.5)
 
 
 def test_both_projection_paths_give_the_same_weights():

@@ -13,20 +13,20 @@ every strategy of constraints.STRATEGIES (`none`, `loss`, `param`, `penalty`, ..
 train.train_step, the very function run_stage trains with, under that strategy. `loss` also runs the proxy batch, so it is compared
 with `none` on twice the batch in the same micro-batches (row `none ×2`): the same tokens.
 
-Measuring (STYLE.md): warm-up (and compilation) outside the timed window, the device
+Measuring: warm-up (and compilation) outside the timed window, the device
 synchronised before every clock read, the median of ≥ 10 steps. The variants of a config
 run interleaved, one step each in turn, the order reversed every other round, so that a noisy
 shared machine slows them all alike: compare variants within one run only.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
 import statistics
 import sys
 import time
-import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,6 +37,7 @@ import train
 from constraints import STRATEGIES, make_strategy
 from data import SyntheticWorld, WorldConfig
 from model import GPT, GPTConfig, flat_params
+from system import setup_system
 
 # -----------------------------------------------------------------------------
 # What is measured
@@ -79,7 +80,8 @@ GROUPS = {"vocab": ("vocab-full", "vocab-restricted")}  # configs timed against 
 VARIANT = {"none2x": "none"}  # the JSON `variant` of a row; its `label` keeps the full name
 LABEL = {"none2x": "none ×2"}
 
-# dense bf16 peaks (STYLE.md); any other device gets no MFU rather than a wrong one
+# dense bf16 peaks from NVIDIA's datasheets (A100, H100 SXM; the H200 has the H100's compute);
+# any other device gets no MFU rather than a wrong one
 GPU_PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12}
 
 
@@ -466,9 +468,44 @@ def parse_args(argv=None):
     return args
 
 
+def run_group(group, args, sys_, peaks):
+    """Time every variant of the configs of one group, interleaved; print them and return
+    (rows, acceptance checks). On CPU the matmul peak is measured again beside them."""
+    cpu = sys_.device_type != "cuda"
+    cases, checks = [], []
+    for g in group:
+        cases += build_cases(g, CONFIGS[g], args, sys_)
+    if not cases:
+        return [], []
+    slow = cpu and CONFIGS[group[0]].cpu_batch
+    steps = args.steps or (10 if slow else 20)
+    warmup = args.warmup or (5 if args.compile else (1 if slow else 2))
+    t0 = time.perf_counter()
+    if cpu:
+        peaks.append(matmul_peak(sys_))
+    time_cases(cases, steps, warmup, sys_)
+    new = [row(c) for c in cases if c.tokens_per_step]
+    print(f"\n{', '.join(group)}: {len(new)} variants × {steps} interleaved steps")
+    for n in [CONFIGS[g].note for g in group if CONFIGS[g].note]:
+        print(f"  note: {n}")
+    for a in (acceptance(cases) if len(group) == 1 else []):
+        checks.append(a)
+        print(f"  {a['ratio']:<40} {a['of_medians']:.3f} (paired {a['paired_median']:.3f})  target {a['target']}"
+              f"  {'met' if a['met'] else 'MISSED'}")
+    if len(group) > 1:
+        full, restricted = new[0], new[1]
+        ratio = full["ms_per_step"] / restricted["ms_per_step"]
+        checks.append({"config": "vocab", "ratio": "vocab-full time ÷ vocab-restricted time", "of_medians": ratio,
+                       "paired_median": paired_ratio(cases[0], cases[1]), "target": "≥ 3", "met": ratio >= 3})
+        print(f"  vocab {CONFIGS['vocab-full'].vocab_size} vs {CONFIGS['vocab-restricted'].vocab_size}: "
+              f"step {ratio:.2f}× faster restricted  target ≥ 3  {'met' if ratio >= 3 else 'MISSED'}")
+    print(f"  ({time.perf_counter() - t0:.0f} s)")
+    return new, checks
+
+
 def main(argv=None):
     args = parse_args(argv)
-    sys_ = train.setup_system(train.TrainConfig(device=args.device, dtype=args.dtype))
+    sys_ = setup_system(train.TrainConfig(device=args.device, dtype=args.dtype))
     if args.threads:
         torch.set_num_threads(args.threads)
     CONFIGS["synthetic"] = synthetic_shape()
@@ -497,37 +534,9 @@ def main(argv=None):
         group = next((g for g in GROUPS.values() if cname in g), (cname,))
         group = [g for g in group if g in args.configs]
         done.update(group)
-        cases = []
-        for g in group:
-            cases += build_cases(g, CONFIGS[g], args, sys_)
-        if not cases:
-            continue
-        slow = cpu and CONFIGS[group[0]].cpu_batch
-        steps = args.steps or (10 if slow else 20)
-        warmup = args.warmup or (5 if args.compile else (1 if slow else 2))
-        t0 = time.perf_counter()
-        if cpu:
-            peaks.append(matmul_peak(sys_))
-        time_cases(cases, steps, warmup, sys_)
-        new = [row(c) for c in cases if c.tokens_per_step]
+        new, new_checks = run_group(group, args, sys_, peaks)
         rows += new
-        print(f"\n{', '.join(group)}: {len(new)} variants × {steps} interleaved steps")
-        notes = [CONFIGS[g].note for g in group if CONFIGS[g].note]
-        for n in notes:
-            print(f"  note: {n}")
-        for a in (acceptance(cases) if len(group) == 1 else []):
-            checks.append(a)
-            print(f"  {a['ratio']:<40} {a['of_medians']:.3f} (paired {a['paired_median']:.3f})  target {a['target']}"
-                  f"  {'met' if a['met'] else 'MISSED'}")
-        if len(group) > 1:
-            full, restricted = new[0], new[1]
-            ratio = full["ms_per_step"] / restricted["ms_per_step"]
-            checks.append({"config": "vocab", "ratio": "vocab-full time ÷ vocab-restricted time", "of_medians": ratio,
-                           "paired_median": paired_ratio(cases[0], cases[1]), "target": "≥ 3", "met": ratio >= 3})
-            print(f"  vocab {CONFIGS['vocab-full'].vocab_size} vs {CONFIGS['vocab-restricted'].vocab_size}: "
-                  f"step {ratio:.2f}× faster restricted  target ≥ 3  {'met' if ratio >= 3 else 'MISSED'}")
-        print(f"  ({time.perf_counter() - t0:.0f} s)")
-        del cases
+        checks += new_checks
     if args.scaling:
         rows += scaling(args, sys_)
     load1 = os.getloadavg()

@@ -13,6 +13,10 @@ class DataError(ValueError):
     """A problem with a data source or a data flag that the user can fix."""
 
 
+class ConfigError(ValueError):
+    """A bad flag value; the message names the flag and the fix."""
+
+
 def atomic_write(path, write, mode="w"):
     """Call write(f) on a temporary file beside path, then rename it over path."""
     tmp = f"{path}.tmp.{os.getpid()}"

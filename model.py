@@ -35,7 +35,8 @@ class GPTConfig:
     @property
     def padded_vocab_size(self):
         # a vocabulary padded to a multiple of 64 keeps the lm_head matmul on fast GPU
-        # kernels (STYLE.md speed table); logits are cut back to the real vocabulary
+        # kernels (nanoGPT pads GPT-2's 50,257 to 50,304 for this); logits are cut back to
+        # the real vocabulary
         return ((self.vocab_size + 63) // 64) * 64
 
 
@@ -183,7 +184,8 @@ class GPT(nn.Module):
         return idx
 
     def estimate_flops_per_token(self, T):
-        """flops/token = 6·N + 12·L·H·Q·T (STYLE.md 'Measuring'), N = matmul parameters."""
+        """flops/token = 6·N + 12·L·H·Q·T, N = matmul parameters (the accounting of the PaLM
+        paper, Chowdhery et al. 2022, appendix B, as nanoGPT's estimate_mfu uses it)."""
         cfg = self.config
         N = self.num_params()
         L, H, Q = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head

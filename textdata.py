@@ -77,7 +77,8 @@ def gpt2_encoding():
             _ENCODING = tiktoken.get_encoding("gpt2")
         except Exception as e:  # no network and no cache: name the fix
             raise DataError(f"cannot load the GPT-2 tokenizer ({type(e).__name__}: {str(e)[:120]}): "
-                            f"set TIKTOKEN_CACHE_DIR to a folder with its files (../shared/tiktoken_cache)") from None
+                            f"set TIKTOKEN_CACHE_DIR to a folder with its files (`python fetch_data.py` puts them "
+                            f"in DATA_DIR/tiktoken_cache)") from None
     return _ENCODING
 
 

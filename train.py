@@ -21,13 +21,12 @@ import os
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
-from common import DataError, atomic_write_json, remove_stale_temporaries
+from common import ConfigError, DataError, atomic_write_json
 from constraints import STRATEGIES, make_strategy
 from data import WorldConfig
 from evaluate import evaluate
@@ -41,6 +40,7 @@ from model import (
     load_checkpoint,
     params_hash,
 )
+from system import Log, prepare_out_dir, setup_system
 from textdata import RealDataConfig, make_source
 
 # -----------------------------------------------------------------------------
@@ -69,10 +69,10 @@ class TrainConfig:
     task_data: str = "alpaca_small"           # D_f: the fine-tuning task
     align_helpful: str = ""       # real data: helpful (prompt, response) data mixed into the align batches
     data_dir: str = ""            # the real data folder; default $SAFETY_DATA_DIR
-    block_size: int = 128         # real data: most tokens per example (prompt + response)
+    block_size: int = 64          # real data: most tokens per example (prompt + response)
     restrict_vocab: bool = True   # real data: output vocabulary = the data folder's tokens (CPU speed)
-    vocab_cap: int = 0            # real data: keep only the N most frequent of them, the rest UNK (0: all)
-    eval_examples: int = 256      # real data: held-out examples of D_s and of D_f per evaluation
+    vocab_cap: int = 4096         # real data: keep only the N most frequent of them, the rest UNK (0: all)
+    eval_examples: int = 128      # real data: held-out examples of D_s and of D_f per evaluation
     # model
     n_layer: int = 2
     n_head: int = 4
@@ -106,22 +106,31 @@ ALIGN_FIELDS = ("n_symbols", "ctx_len", "n_harmful", "n_layer", "n_head", "n_emb
                 "data", "safety_data", "align_helpful", "data_dir", "block_size", "restrict_vocab", "vocab_cap")
 
 
-class ConfigError(ValueError):
-    """A bad flag value; the message names the flag and the fix."""
+# `--data real` changes the defaults of the fields it shares with the synthetic world, for
+# a run that ends in minutes on 2 CPU cores (a 0.37M-parameter GPT on 64-token blocks, the
+# real-cpu preset's recipe: README "Real data"); a flag given on the command line wins
+REAL_DEFAULTS = {"batch_tokens": 2048, "micro_batch": 32, "align_iters": 800, "max_iters": 300, "lr": 1e-3}
 
 
 def parse_args(argv=None, cls=TrainConfig):
     """Build argparse from the dataclass: the type comes from the default, bools get
     --flag/--no-flag, and both `--radius 0.1` and `--radius=0.1` work."""
     ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                 epilog="--data real: " + ", ".join(f"--{k} {v}" for k, v in REAL_DEFAULTS.items())
+                                 + " unless given")
     for f in dataclasses.fields(cls):
         if isinstance(f.default, bool):
             ap.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default)
         else:
             ap.add_argument(f"--{f.name}", type=type(f.default), default=f.default,
                             choices=tuple(STRATEGIES) if f.name == "constraint" else None)
-    return cls(**vars(ap.parse_args(argv)))
+    args = vars(ap.parse_args(argv))
+    if args["data"] == "real":
+        given = {k for k, v in vars(ap.parse_args(argv, argparse.Namespace(**{k: None for k in args}))).items()
+                 if v is not None}  # the flags on the command line: parsed again over a blank namespace
+        args.update({k: v for k, v in REAL_DEFAULTS.items() if k not in given})
+    return cls(**args)
 
 
 def check_config(cfg):
@@ -183,104 +192,6 @@ def align_key(cfg):
             del fields[k]
     blob = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-# -----------------------------------------------------------------------------
-# System: device, dtype, DDP
-
-
-@dataclass
-class System:
-    device: str
-    device_type: str
-    ptdtype: torch.dtype
-    ddp: bool
-    rank: int
-    world_size: int
-
-    @property
-    def master(self):
-        return self.rank == 0
-
-    def autocast(self):
-        if self.ptdtype == torch.float32:
-            return nullcontext()
-        return torch.autocast(device_type=self.device_type, dtype=self.ptdtype)
-
-
-def setup_system(cfg):
-    """Pick device and dtype; join the process group when launched by torchrun."""
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    rank, world_size, local_rank = 0, 1, 0
-    if ddp:
-        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = cfg.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError("--device cuda but no CUDA device is visible: use --device cpu")
-        if ddp:
-            device = f"cuda:{local_rank}"
-        torch.cuda.set_device(torch.device(device).index or 0)  # set_device refuses a bare "cuda"
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: 2.5× on fp32 work
-        torch.backends.cudnn.allow_tf32 = True
-    device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
-    if ddp and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-    dtype = cfg.dtype
-    if dtype == "auto":
-        # fp32 on CPU: bf16 was 3.2× slower on these cores (STYLE.md)
-        dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    return System(device, device_type, ptdtype, ddp, rank, world_size)
-
-
-# -----------------------------------------------------------------------------
-# Output folder
-
-
-def prepare_out_dir(cfg):
-    """Create out_dir and make sure it is writable, with a clear message otherwise."""
-    try:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        remove_stale_temporaries(cfg.out_dir)  # a killed run's half-written checkpoint
-        probe = os.path.join(cfg.out_dir, f".write_test.{os.getpid()}")
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except OSError as e:
-        raise ConfigError(f"--out_dir {cfg.out_dir} is not writable ({e.strerror}): "
-                          f"choose a folder you can write to") from None
-
-
-class Log:
-    """log.jsonl: one JSON object per evaluation, each appended whole and flushed."""
-
-    def __init__(self, path, enabled, keep_upto=None):
-        self.path, self.enabled = path, enabled
-        if not enabled:
-            return
-        lines = []
-        if keep_upto is not None and os.path.exists(path):
-            # resuming: drop what was logged after the checkpoint, it will be logged again
-            with open(path) as f:
-                for line in f:
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue  # a line cut by a kill
-                    if keep_upto(rec):
-                        lines.append(line if line.endswith("\n") else line + "\n")
-        with open(path, "w") as f:
-            f.writelines(lines)
-
-    def write(self, rec):
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-                f.flush()
 
 
 # -----------------------------------------------------------------------------
@@ -368,6 +279,62 @@ def all_reduce_mean(t, sys_):
     return t
 
 
+class Streams:
+    """The batches of a stage, one seeded generator per dataset, so that Case I's proxy draws
+    never shift the task batches: `--lam 0` then reproduces `--constraint none` bit for bit.
+    Each rank takes its slice of the one global batch, so that 2 ranks × B/2 see exactly
+    what 1 rank × B sees."""
+
+    def __init__(self, stage, world, cfg, sys_, with_proxy):
+        self.world, self.sys_ = world, sys_
+        self.global_seqs, self.accum = batch_shape(cfg, world.seq_len, sys_)
+        self.local_seqs = self.global_seqs // sys_.world_size
+        self.main = "safety" if stage == "align" else "task"
+        self.gens = {self.main: torch.Generator().manual_seed(cfg.seed * 1000 + (0 if stage == "align" else 1))}
+        if with_proxy:
+            self.gens["proxy"] = torch.Generator().manual_seed(cfg.seed * 1000 + 2)
+
+    def batch(self, name):
+        """(x, y, mask, n_tokens): this rank's slice, and the global count of response
+        tokens, the loss normaliser."""
+        x, y, m = self.world.batch(name, self.global_seqs, self.gens[name])
+        n_tokens = m.sum()
+        sl = slice(self.sys_.rank * self.local_seqs, (self.sys_.rank + 1) * self.local_seqs)
+        if self.sys_.device_type == "cuda":
+            return (*(t[sl].pin_memory().to(self.sys_.device, non_blocking=True) for t in (x, y, m)), n_tokens)
+        return (*(t[sl].to(self.sys_.device) for t in (x, y, m)), n_tokens)
+
+    def state(self):
+        return {k: g.get_state() for k, g in self.gens.items()}
+
+    def load_state(self, states):
+        for k, g in self.gens.items():
+            g.set_state(states[k])
+
+
+def evaluate_and_save(stage, step, train_loss, model, world, cfg, sys_, log, ckpt_path, constraint, theta0_hash,
+                      optimizer, scaler, streams):
+    """Log the exact (or held-out) metrics and write the resumable checkpoint, on rank 0."""
+    params = flat_params(model)
+    # never save weights that are already NaN or inf as the "last good" checkpoint
+    if not all(torch.isfinite(p).all() for p in params):
+        raise FloatingPointError(f"{stage}: the weights became NaN or inf by step {step}; the last good "
+                                 f"checkpoint is kept in {ckpt_path}: lower the learning rate")
+    if sys_.master:
+        log.write({"stage": stage, "step": step, **evaluate(model, world, sys_.device),
+                   "distance": None if constraint is None else constraint.distance(params).item(),
+                   "train_loss": train_loss})
+        atomic_torch_save({"format": CHECKPOINT_FORMAT, "kind": f"{stage}-resume", "stage": stage,
+                           "step": step, "model": model.state_dict(),
+                           "model_config": dataclasses.asdict(model.config),
+                           "world_config": dataclasses.asdict(world.wc), "config": dataclasses.asdict(cfg),
+                           "align_key": align_key(cfg), "theta0_hash": theta0_hash,
+                           "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                           "generators": streams.state()}, ckpt_path)
+    if sys_.ddp:
+        torch.distributed.barrier()
+
+
 def run_stage(stage, model, world, cfg, sys_, log, ckpt_path, constraint, theta0_hash, resume_ckpt):
     """Train `model` in place for one stage and return it.
 
@@ -380,67 +347,24 @@ def run_stage(stage, model, world, cfg, sys_, log, ckpt_path, constraint, theta0
     params = flat_params(model)
     optimizer = make_optimizer(model, cfg, peak, sys_)
     scaler = torch.amp.GradScaler(sys_.device_type, enabled=sys_.ptdtype == torch.float16)
-    global_seqs, accum = batch_shape(cfg, world.seq_len, sys_)
-    local_seqs = global_seqs // sys_.world_size
-    # one generator per data stream, so that Case I's proxy draws never shift the task
-    # batches: `--lam 0` then reproduces `--constraint none` bit for bit
-    main_name = "safety" if stage == "align" else "task"
-    stream_offset = 0 if stage == "align" else 1
-    gens = {main_name: torch.Generator().manual_seed(cfg.seed * 1000 + stream_offset)}
-    if constraint is not None and constraint.needs_proxy:
-        gens["proxy"] = torch.Generator().manual_seed(cfg.seed * 1000 + 2)
+    streams = Streams(stage, world, cfg, sys_, constraint is not None and constraint.needs_proxy)
     step = 0
     if resume_ckpt is not None:
         optimizer.load_state_dict(resume_ckpt["optimizer"])
         scaler.load_state_dict(resume_ckpt["scaler"])
-        for k, g in gens.items():
-            g.set_state(resume_ckpt["generators"][k])
+        streams.load_state(resume_ckpt["generators"])
         step = resume_ckpt["step"]
-
-    train_model = model
-    if cfg.compile:
-        train_model = torch.compile(model)  # training forward only: eval shapes vary
+    train_model = torch.compile(model) if cfg.compile else model  # training forward only: eval shapes vary
     if sys_.ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         train_model = DDP(train_model, device_ids=[sys_.device] if sys_.device_type == "cuda" else None)
 
-    def get_batch(name):
-        # the global batch from one seeded stream; this rank takes its slice, so that
-        # 2 ranks × B/2 see exactly what 1 rank × B sees
-        x, y, m = world.batch(name, global_seqs, gens[name])
-        n_tokens = m.sum()  # global count of response tokens, the loss normaliser
-        sl = slice(sys_.rank * local_seqs, (sys_.rank + 1) * local_seqs)
-        x, y, m = x[sl], y[sl], m[sl]
-        if sys_.device_type == "cuda":
-            x, y, m = (t.pin_memory().to(sys_.device, non_blocking=True) for t in (x, y, m))
-        else:
-            x, y, m = x.to(sys_.device), y.to(sys_.device), m.to(sys_.device)
-        return x, y, m, n_tokens
-
-    def evaluate_and_save(step, train_loss):
-        # never save weights that are already NaN or inf as the "last good" checkpoint
-        if not all(torch.isfinite(p).all() for p in params):
-            raise FloatingPointError(f"{stage}: the weights became NaN or inf by step {step}; the last good "
-                                     f"checkpoint is kept in {ckpt_path}: lower the learning rate")
-        if sys_.master:
-            metrics = evaluate(model, world, sys_.device)
-            rec = {"stage": stage, "step": step, **metrics,
-                   "distance": None if constraint is None else constraint.distance(params).item(),
-                   "train_loss": train_loss}
-            log.write(rec)
-            state = {"format": CHECKPOINT_FORMAT, "kind": f"{stage}-resume", "stage": stage,
-                     "step": step, "model": model.state_dict(),
-                     "model_config": dataclasses.asdict(model.config),
-                     "world_config": dataclasses.asdict(world.wc), "config": dataclasses.asdict(cfg),
-                     "align_key": align_key(cfg), "theta0_hash": theta0_hash,
-                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                     "generators": {k: g.get_state() for k, g in gens.items()}}
-            atomic_torch_save(state, ckpt_path)
-        if sys_.ddp:
-            torch.distributed.barrier()
+    def save(step, train_loss):
+        evaluate_and_save(stage, step, train_loss, model, world, cfg, sys_, log, ckpt_path, constraint,
+                          theta0_hash, optimizer, scaler, streams)
 
     if step == 0:
-        evaluate_and_save(0, None)
+        save(0, None)
     bar = tqdm(total=iters, initial=step, desc=stage, disable=not (cfg.progress and sys_.master),
                dynamic_ncols=True)
     first_bad = torch.tensor(-1, device=sys_.device)  # first step with a non-finite loss
@@ -449,9 +373,9 @@ def run_stage(stage, model, world, cfg, sys_, log, ckpt_path, constraint, theta0
         lr = lr_at(step, peak, cfg.warmup_iters, iters)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        xs = get_batch(main_name)
-        xp = get_batch("proxy") if "proxy" in gens else None
-        step_loss = train_step(train_model, optimizer, scaler, params, constraint, sys_, xs, xp, accum,
+        xs = streams.batch(streams.main)
+        xp = streams.batch("proxy") if "proxy" in streams.gens else None
+        step_loss = train_step(train_model, optimizer, scaler, params, constraint, sys_, xs, xp, streams.accum,
                                cfg.grad_clip)
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(step_loss), step, first_bad)
         loss_sum += step_loss
@@ -468,7 +392,7 @@ def run_stage(stage, model, world, cfg, sys_, log, ckpt_path, constraint, theta0
             bar.set_postfix(loss=f"{all_reduce_mean(loss_sum, sys_).item() / cfg.log_interval:.4f}")
             loss_sum.zero_()
         if step % cfg.eval_interval == 0 or step == iters:
-            evaluate_and_save(step, float(all_reduce_mean(step_loss, sys_).item()))
+            save(step, float(all_reduce_mean(step_loss, sys_).item()))
     bar.close()
     return model
 

@@ -1,0 +1,108 @@
+"""
+Where a run runs: the device and dtype, the process group under torchrun (DDP), and the run
+folder with its log. train.py and bench.py set up through here; nothing in it knows about
+the theory or the data.
+"""
+
+import json
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from common import ConfigError, remove_stale_temporaries
+
+
+@dataclass
+class System:
+    device: str
+    device_type: str
+    ptdtype: torch.dtype
+    ddp: bool
+    rank: int
+    world_size: int
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    def autocast(self):
+        if self.ptdtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.ptdtype)
+
+
+def setup_system(cfg):
+    """Pick device and dtype; join the process group when launched by torchrun."""
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    rank, world_size, local_rank = 0, 1, 0
+    if ddp:
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda but no CUDA device is visible: use --device cpu")
+        if ddp:
+            device = f"cuda:{local_rank}"
+        torch.cuda.set_device(torch.device(device).index or 0)  # set_device refuses a bare "cuda"
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: 2.5× on fp32 work
+        torch.backends.cudnn.allow_tf32 = True
+    device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
+    if ddp and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    dtype = cfg.dtype
+    if dtype == "auto":
+        # fp32 on CPU: bf16 autocast is slower there without bf16 matmul units (BENCHMARKS.md)
+        dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    return System(device, device_type, ptdtype, ddp, rank, world_size)
+
+
+# -----------------------------------------------------------------------------
+# Output folder
+
+
+def prepare_out_dir(cfg):
+    """Create out_dir and make sure it is writable, with a clear message otherwise."""
+    try:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        remove_stale_temporaries(cfg.out_dir)  # a killed run's half-written checkpoint
+        probe = os.path.join(cfg.out_dir, f".write_test.{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"--out_dir {cfg.out_dir} is not writable ({e.strerror}): "
+                          f"choose a folder you can write to") from None
+
+
+class Log:
+    """log.jsonl: one JSON object per evaluation, each appended whole and flushed."""
+
+    def __init__(self, path, enabled, keep_upto=None):
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
+        lines = []
+        if keep_upto is not None and os.path.exists(path):
+            # resuming: drop what was logged after the checkpoint, it will be logged again
+            with open(path) as f:
+                for line in f:
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue  # a line cut by a kill
+                    if keep_upto(rec):
+                        lines.append(line if line.endswith("\n") else line + "\n")
+        with open(path, "w") as f:
+            f.writelines(lines)
+
+    def write(self, rec):
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+                f.flush()

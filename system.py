@@ -56,7 +56,7 @@ def setup_system(cfg):
         torch.distributed.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
     dtype = cfg.dtype
     if dtype == "auto":
-        # fp32 on CPU: bf16 autocast is slower there without bf16 matmul units (BENCHMARKS.md)
+        # fp32 on CPU: autocast to bf16 pays only where the CPU has bf16 matmul units, and adds casts
         dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     return System(device, device_type, ptdtype, ddp, rank, world_size)

@@ -33,26 +33,54 @@ def test_world_structure_matches_the_knobs():
     assert gap(w1.mu["safety"], w1.P["safety"], w1.P["proxy"]) > 0.05
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_sampling_frequencies_match_the_densities(world, name):
-    n = 100_000
-    x, y, m = world.batch(name, n, torch.Generator().manual_seed(0))
-    L = world.wc.ctx_len
+def cell_counts(world, name, n, seed=0):
+    """Samples of one dataset counted in every (context, opener, content) cell, with each
+    cell's exact probability μ(x)·P(o, c|x) beside it."""
+    x, y, m = world.batch(name, n, torch.Generator().manual_seed(seed))
+    L, n_sym = world.wc.ctx_len, world.wc.n_symbols
     assert m.sum(1).eq(2).all() and m[:, L:].all()
-    # decode context topic, opener and content of every sample, count every cell
-    o = torch.searchsorted(world.open_ids, y[:, L])
-    c = torch.searchsorted(world.content_ids, y[:, L + 1])
-    topic = x[:, 0]
+    ctx = sum(x[:, i] * n_sym ** (L - 1 - i) for i in range(L))   # the row of world.contexts
+    o = torch.searchsorted(world.open_ids, y[:, L].contiguous())
+    c = torch.searchsorted(world.content_ids, y[:, L + 1].contiguous())
     n_open, n_content = world.P[name].shape[1:]
-    idx = (topic * n_open + o) * n_content + c
-    emp = torch.bincount(idx, minlength=world.wc.n_symbols * n_open * n_content).double().numpy() / n
-    # exact probability of each (topic, opener, content) cell
-    exact = np.zeros((world.wc.n_symbols, n_open, n_content))
-    np.add.at(exact, world.contexts[:, 0].numpy(), world.mu[name][:, None, None] * world.P[name])
-    exact = exact.ravel()
-    sd = np.sqrt(exact * (1 - exact) / n)
-    assert (np.abs(emp - exact) <= 5 * sd + 1e-12).all()  # every cell within 5 standard deviations
-    assert emp[exact == 0].sum() == 0                        # nothing outside the support
+    counts = torch.bincount((ctx * n_open + o) * n_content + c, minlength=world.P[name].size).numpy()
+    return counts, (world.mu[name][:, None, None] * world.P[name]).ravel()
+
+
+def chi_square_z(counts, exact, min_expected=5.0):
+    """Pearson's χ² of the counts against n·exact, cells with an expected count under
+    min_expected pooled into one, as a z-score by the Wilson–Hilferty approximation
+    (χ²_k/k)^(1/3) ≈ N(1 − 2/(9k), 2/(9k)): large when the sampler is wrong."""
+    n = counts.sum()
+    expected = n * exact
+    big, small = expected >= min_expected, (expected > 0) & (expected < min_expected)
+    obs, exp = counts[big], expected[big]
+    if small.any():
+        obs, exp = np.append(obs, counts[small].sum()), np.append(exp, expected[small].sum())
+    stat, k = float(((obs - exp) ** 2 / exp).sum()), len(obs) - 1
+    return ((stat / k) ** (1 / 3) - (1 - 2 / (9 * k))) / np.sqrt(2 / (9 * k))
+
+
+SMALL = WorldConfig(n_symbols=6, n_harmful=2, overlap=0.5, mismatch=0.5)  # 216 contexts, 10,368 cells
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_sampler_matches_the_density_in_every_cell(name):
+    world = SyntheticWorld(SMALL)
+    counts, exact = cell_counts(world, name, 200_000)
+    assert counts[exact == 0].sum() == 0        # nothing outside the support
+    assert chi_square_z(counts, exact) < 4.0    # χ² over every (context, response) cell
+
+
+@pytest.mark.parametrize("ignored", [1, 2])     # the 2nd or the 3rd symbol of the context
+def test_the_cell_test_rejects_a_sampler_that_ignores_a_symbol(ignored):
+    world = SyntheticWorld(SMALL)
+    ctx = world.contexts.clone()
+    ctx[:, ignored] = 0  # answer every context as if that symbol were 0
+    rows = sum(ctx[:, i] * SMALL.n_symbols ** (SMALL.ctx_len - 1 - i) for i in range(SMALL.ctx_len))
+    world._cdf["task"] = world._cdf["task"][rows]
+    counts, exact = cell_counts(world, "task", 200_000)
+    assert chi_square_z(counts, exact) > 100.0
 
 
 class Oracle(torch.nn.Module):

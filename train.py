@@ -62,7 +62,7 @@ class TrainConfig:
     n_symbols: int = 12           # context alphabet; n_symbols**ctx_len contexts
     ctx_len: int = 3              # context length in symbols
     n_harmful: int = 4            # number of harmful topics
-    # data: real text instead (--data real; data.py "Real text data", README "Real data")
+    # data: real text instead (--data real; textdata.py, loaders.py, docs/real-data.md)
     data: str = "synthetic"       # synthetic | real
     safety_data: str = "safety_llamas"        # D_s: a registry name of data.py or a file path
     proxy_data: str = "safety_llamas_proxy"   # D_s': proxy safety data (Case I)

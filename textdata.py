@@ -271,9 +271,9 @@ def dataset_part(name, data_dir="", cache_dir=""):
 # The model's vocabulary. GPT-2 has 50,257 tokens but the data of a run uses about half of
 # them; on CPU the output layer dominates a small model's cost, so `restrict_vocab`
 # keeps only the tokens of the data folder's training sets (every registry set with a
-# training role, plus the run's own files), 30,833 of the shared data folder, in a compact id map. It is fixed by the
-# folder, not by the run, so one θ_0 serves fine-tunes on every task and proxy, and it
-# is stored in the checkpoint. Generation maps compact ids back to GPT-2 ids exactly;
+# training role, plus the run's own files; 30,833 tokens for the data folder of
+# data_manifest.json) in a compact id map. It is fixed by the folder, not by the run,
+# so one θ_0 serves fine-tunes on every task and proxy, and it is stored in the checkpoint. Generation maps compact ids back to GPT-2 ids exactly;
 # a token outside the vocabulary (in a prompt never seen in training) becomes UNK.
 # `vocab_cap` K keeps only the K most frequent tokens (4096 cover 92% of the tokens of
 # the training sets, and every refusal keyword but three rare ones): the output

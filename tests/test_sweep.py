@@ -1,4 +1,4 @@
-"""sweep.py: the smoke preset end to end, interrupted and resumed without repeats or
+"""sweep.py and report.py: the smoke preset end to end, interrupted and resumed without repeats or
 duplicate rows; bad grids refused; the F1–F6 checks agree with the exact theory."""
 import csv
 import json
@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+import report
 import sweep
 import theory
 from data import SyntheticWorld, WorldConfig
@@ -155,16 +156,16 @@ def exact_rows(sc):
 def test_the_finding_checks_pass_on_the_exact_optimum_and_fail_when_disturbed():
     sc, _ = sweep.make_config("paper")
     rows = exact_rows(sc)
-    verdicts = {name: ok for name, _, ok, _ in sweep.check_findings(sc, rows)}
+    verdicts = {name: ok for name, _, ok, _ in report.check_findings(sc, rows)}
     assert verdicts["F1"] and verdicts["F2"] and verdicts["F4"] and verdicts["F5"]
     # G_f of one run falls with λ instead of rising: F4 must say no
     bumped = [dict(r, capability_gap=10.0) if r["lam"] == min(sc.lams) and r["overlap"] == sc.overlap
               and r["mismatch_delta"] == sc.mismatch else r for r in rows]
-    assert not {n: ok for n, _, ok, _ in sweep.check_findings(sc, bumped)}["F4"]
+    assert not {n: ok for n, _, ok, _ in report.check_findings(sc, bumped)}["F4"]
     # a higher-overlap curve below the lower-overlap one: F2 must say no
     k_hi = max(sc.overlaps)
     better = [dict(r, safety_gap=r["safety_gap"] / 10) if r["overlap"] == k_hi else r for r in rows]
-    assert not {n: ok for n, _, ok, _ in sweep.check_findings(sc, better)}["F2"]
+    assert not {n: ok for n, _, ok, _ in report.check_findings(sc, better)}["F2"]
 
 
 # -----------------------------------------------------------------------------
@@ -186,7 +187,7 @@ def test_real_sweep_runs_every_planned_run_once_and_resumes_without_repeats(tmp_
     # 2 plain, 2 λ with the same-teacher proxy, 1 other-teacher proxy, 2 radii
     assert len(planned) == 7 and sorted(r["run_id"] for r in rows) == sorted(planned)
     for r in rows:
-        for k in sweep.REFUSAL_SETS:
+        for k in report.REFUSAL_SETS:
             assert 0 <= r[f"refusal_{k}_low"] <= r[f"refusal_{k}"] <= r[f"refusal_{k}_high"] <= 1
             assert r[f"refusal_{k}_n"] == 8
         assert r["safety_increase"] == pytest.approx(r["safety_loss"] - r["aligned_safety_loss"])
@@ -238,8 +239,8 @@ def test_real_finding_checks_follow_the_numbers(tmp_path, monkeypatch):
     """F1–F3 verdicts flip when the measurements that decide them are swapped."""
     sc = sweep.SweepConfig(preset="real-cpu", out_dir=str(tmp_path), tasks=("alpaca_small", "code_alpaca"),
                            proxies=("safety_llamas_proxy", "xstest_gpt4"), radii=(1.0, 4.0), lams=(1.0,))
-    monkeypatch.setattr(sweep, "theta0_means", lambda sc: sweep.seed_means(
-        [{f"refusal_{k}": 0.9 if kind == "harmful" else 0.1 for k, kind in sweep.REFUSAL_SETS.items()}]))
+    monkeypatch.setattr(report, "theta0_means", lambda sc: report.seed_means(
+        [{f"refusal_{k}": 0.9 if kind == "harmful" else 0.1 for k, kind in report.REFUSAL_SETS.items()}]))
     est = {"overlap": {"alpaca_small": {"M": 0.6}, "code_alpaca": {"M": 0.4}},
            "mismatch": {"safety_llamas_proxy": {"mismatch": 0.5}, "xstest_gpt4": {"mismatch": 100.0}}}
     names = ["none-alpaca_small", "none-code_alpaca", "loss-alpaca_small-safety_llamas_proxy-lam1",
@@ -247,7 +248,7 @@ def test_real_finding_checks_follow_the_numbers(tmp_path, monkeypatch):
 
     def verdicts(ls, lf, inc):
         rows = fake_real_rows(dict(zip(names, ls)), dict(zip(names, lf)), dict(zip(names, inc)))
-        return {n: ok for n, _, ok, _ in sweep.check_findings_real(sc, rows, est)}
+        return {n: ok for n, _, ok, _ in report.check_findings_real(sc, rows, est)}
     # paper-like: same proxy safest; alpaca raises ℓ_s more than code; Case II less capable at equal ℓ_s
     good = verdicts([150, 160, 105, 160, 110, 130], [130, 120, 136, 137, 170, 150], [40, 30, -5, 50, 0, 20])
     assert good == {"θ_0": True, "F1": True, "F2": True, "F3": True, "F4": None}   # one λ: F4 not checkable
@@ -270,13 +271,14 @@ def test_a_published_report_replaces_only_its_block_of_the_readme(tmp_path, monk
     readme.write_text("intro\n<!-- sweep:paper:begin -->\nold table\n<!-- sweep:paper:end -->\noutro\n")
     sc, _ = sweep.make_config("paper")   # report_dir results/paper, relative to the working directory
     os.makedirs(sc.report_dir)
-    sweep.publish(sc, "<!-- generated -->\nnew table\nrow", readme=str(readme))
+    home = sweep.PRESETS["paper"]["report_dir"]   # what sweep.run_sweep hands the report
+    report.publish(sc, "<!-- generated -->\nnew table\nrow", home, readme=str(readme))
     assert readme.read_text() == "intro\n<!-- sweep:paper:begin -->\nnew table\nrow\n<!-- sweep:paper:end -->\noutro\n"
     assert (tmp_path / "results" / "paper" / "results.md").read_text() == "<!-- generated -->\nnew table\nrow"
     # any other report directory leaves the README alone
     other, _ = sweep.make_config("paper", out_dir=str(tmp_path / "elsewhere"))
     os.makedirs(other.report_dir)
-    sweep.publish(other, "<!-- generated -->\nother", readme=str(readme))
+    report.publish(other, "<!-- generated -->\nother", home, readme=str(readme))
     assert "other" not in readme.read_text()
 
 
@@ -290,8 +292,8 @@ def test_real_preset_without_a_data_folder_is_one_clear_error(tmp_path, monkeypa
 
 def test_pareto_comparison_is_made_only_where_the_lower_curve_was_measured():
     curve = [(0.1, 2.0), (0.5, 1.0), (1.0, 0.5)]
-    assert sweep.pareto_dominated((0.3, 1.6), curve) is True     # above the chord at G_f 0.3 (1.5)
-    assert sweep.pareto_dominated((0.3, 1.4), curve) is False    # below it
-    assert sweep.pareto_dominated((2.0, 0.5), curve) is True     # right of the end: the curve goes on flat
-    assert sweep.pareto_dominated((2.0, 0.4), curve) is False
-    assert sweep.pareto_dominated((0.05, 9.0), curve) is None    # left of the first point: not comparable
+    assert report.pareto_dominated((0.3, 1.6), curve) is True     # above the chord at G_f 0.3 (1.5)
+    assert report.pareto_dominated((0.3, 1.4), curve) is False    # below it
+    assert report.pareto_dominated((2.0, 0.5), curve) is True     # right of the end: the curve goes on flat
+    assert report.pareto_dominated((2.0, 0.4), curve) is False
+    assert report.pareto_dominated((0.05, 9.0), curve) is None    # left of the first point: not comparable

@@ -17,6 +17,10 @@ class ConfigError(ValueError):
     """A bad flag value; the message names the flag and the fix."""
 
 
+class SweepError(ValueError):
+    """A bad grid value, an out_dir of another sweep or a failed task; the message names the fix."""
+
+
 def atomic_write(path, write, mode="w"):
     """Call write(f) on a temporary file beside path, then rename it over path."""
     tmp = f"{path}.tmp.{os.getpid()}"

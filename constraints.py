@@ -35,9 +35,11 @@ class Strategy:
         case         "I" (a loss on proxy safety data), "II" (stay near θ_0) or None
         hparams      the TrainConfig fields it reads, each a number ≥ 0 (checked here)
         sweep_param  the one of them a sweep grid varies (None: nothing to vary)
+        grid         the values sweep.py gives it unless told others (--grid NAME=...)
         needs_proxy  whether it draws a batch of proxy safety data D_s' every step
     """
     name, case, hparams, sweep_param, needs_proxy = "none", None, (), None, False
+    grid = ()
 
     def __init__(self, params, **hp):
         self.check(hp)
@@ -89,6 +91,7 @@ class Strategy:
 class LossConstraint(Strategy):
     """Case I (THEORY.md §2): min ℓ_f + λ·ℓ_s', the proxy safety loss on its own batch."""
     name, case, hparams, sweep_param, needs_proxy = "loss", "I", ("lam",), "lam", True
+    grid = (1.0, 10.0)
 
     def objective(self, task_loss, proxy_loss=None):
         return task_loss + self.lam * proxy_loss
@@ -97,6 +100,7 @@ class LossConstraint(Strategy):
 class BallConstraint(Strategy):
     """Case II (THEORY.md §3): min ℓ_f s.t. ‖θ − θ_0‖ ≤ r, by projection after each step."""
     name, case, hparams, sweep_param = "param", "II", ("radius",), "radius"
+    grid = (0.05, 0.5)
 
     def after_step(self, params):
         project_(params, self.theta0, self.radius, chunk=self._chunk())
@@ -106,6 +110,7 @@ class Penalty(Strategy):
     """Soft Case II (THEORY.md §3): min ℓ_f + (γ/2)‖θ − θ_0‖². Its gradient γ(θ − θ_0) is
     added to the gradients directly, without building a graph for the penalty."""
     name, case, hparams, sweep_param = "penalty", "II", ("gamma",), "gamma"
+    grid = (0.1, 1.0)
 
     def before_step(self, params):
         if self.gamma > 0:

@@ -15,65 +15,14 @@ import shutil
 import numpy as np
 import torch
 
-import loaders
-import theory
+import analysis
+import figures
+from analysis import REFUSAL_SETS, groups, mean, real_groups, real_run_id
 from common import atomic_write_text
-from data import SyntheticWorld, WorldConfig
+from constraints import STRATEGIES
 
 # -----------------------------------------------------------------------------
-# Analysis: means over seeds and the checks of findings F1–F6; the names shared with sweep.py
-# (which imports them), by which the report looks real runs up
-
-# every real model (θ_0 too) is scored on these held-out sets; the report's refusal columns
-REFUSAL_SETS = {"safety_llamas_eval": "harmful", "advbench": "harmful", "xstest_safe": "harmless",
-                "rd_harmless_val": "harmless"}
-
-
-def short(name):
-    """A dataset name fit for a run id: a registry name, or a file's stem ('a+b' part by part)."""
-    return "+".join(n if n in loaders.REGISTRY else os.path.splitext(os.path.basename(n))[0] for n in name.split("+"))
-
-
-def real_run_id(constraint, task, proxy="", lam=0.0, radius=0.0, seed=None):
-    """The run's id; without a seed, the name its seeds share (a group of real_groups)."""
-    knob = {"loss": f"-{short(proxy)}-lam{lam:g}", "param": f"-r{radius:g}"}.get(constraint, "")
-    return f"{constraint}-{short(task)}{knob}" + ("" if seed is None else f"-s{seed}")
-
-
-def seed_means(rows):
-    """{n, rows, and (mean, sd over seeds) of every numeric column} of rows that differ only by seed."""
-    entry = {"n": len(rows), "rows": rows}
-    for k in rows[0]:
-        vals = [r.get(k) for r in rows]
-        if all(isinstance(v, float) for v in vals):
-            a = np.array(vals)
-            with np.errstate(invalid="ignore"):  # a bound that is ∞ in every seed has no spread
-                entry[k] = (float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0)
-    return entry
-
-
-def groups(rows, constraint, **fixed):
-    """Rows of one constraint and fixed settings grouped over seeds by the swept knob (λ or r): a list
-    sorted by the knob of {x: the knob, n, and (mean, std) per metric}."""
-    knob = "radius" if constraint == "param" else "lam"
-    sel = [r for r in rows if r["constraint"] == constraint and all(abs(r[k] - v) < 1e-12 for k, v in fixed.items())]
-    return [dict(seed_means([r for r in sel if r[knob] == x]), x=x) for x in sorted({r[knob] for r in sel})]
-
-
-def mean(g, k):
-    return g[k][0]
-
-
-def real_groups(rows):
-    """Seed means per run name (the run id without its seed), in the order of rows."""
-    names = dict.fromkeys(r["run_id"].rsplit("-s", 1)[0] for r in rows)
-    return {n: seed_means([r for r in rows if r["run_id"].rsplit("-s", 1)[0] == n]) for n in names}
-
-
-def theta0_means(sc):
-    """Seed means of the aligned models' refusal rates (refusals.json of each align task)."""
-    return seed_means([json.load(open(os.path.join(sc.out_dir, "theta0", f"s{s}", "refusals.json"))) for s in sc.seeds])
-
+# The checks of findings F1–F6 on the seed means (analysis.py)
 
 def pareto_dominated(p, frontier):
     """Is the point p = (G_f, G_s) on or above the piecewise-linear curve through the points `frontier`
@@ -199,7 +148,7 @@ def check_findings_real(sc, rows, est):
     ls = lambda n: mean(g[n], "safety_loss")
     lf = lambda n: mean(g[n], "capability_loss")
     # θ_0: refuses most held-out harmful prompts, answers most harmless ones
-    t0 = theta0_means(sc)
+    t0 = analysis.theta0_means(sc)
     rates = {k: mean(t0, f"refusal_{k}") for k in REFUSAL_SETS}
     ok = all((rates[k] > 0.5) == (kind == "harmful") for k, kind in REFUSAL_SETS.items())
     res.append(("θ_0", "the aligned model refuses most harmful prompts and answers most harmless ones", ok,
@@ -314,6 +263,42 @@ def case2_table(sc, rows):
     return "\n".join(lines)
 
 
+def strategies_table(sc, rows):
+    """Every strategy at (κ, δ) along its sweep parameter: the gaps, ‖θ − θ_0‖ and the safety
+    loss it cost, Δ_s (THEORY.md §2–§3)."""
+    lines = ["| strategy | sweep value | seeds | G_s | G_f | ‖θ−θ_0‖ | Δ_s measured |", "|" + " --- |" * 7]
+    for name, s in STRATEGIES.items():
+        for e in groups(rows, name, overlap=sc.overlap, mismatch_delta=sc.mismatch):
+            knob = f"{s.sweep_param} = {e['x']:g}" if s.sweep_param else ""
+            lines.append(f"| {name} | {knob} | {e['n']} | {fmt(e, 'safety_gap')} | {fmt(e, 'capability_gap')} | "
+                         f"{fmt(e, 'distance', 2)} | {fmt(e, 'measured_safety_increase', 2, 'g')} |")
+    return "\n".join(lines)
+
+
+def at_equal_safety(g, G_s):
+    """G_f of a strategy's curve (groups g: seed means along its sweep) at safety gap G_s, by linear
+    interpolation between the runs on either side in G_s; None outside the G_s range its runs measured."""
+    pts = sorted((mean(e, "safety_gap"), mean(e, "capability_gap")) for e in g)
+    if len(pts) < 2 or not pts[0][0] <= G_s <= pts[-1][0]:
+        return None
+    return float(np.interp(G_s, [p[0] for p in pts], [p[1] for p in pts]))
+
+
+def equal_safety_table(sc, rows, reference="param"):
+    """G_f of every strategy at the safety gaps the reference strategy's runs reached (THEORY.md §5 F3:
+    the capability a strategy keeps for the same safety); '—' where a curve does not reach that G_s."""
+    curves = {n: groups(rows, n, overlap=sc.overlap, mismatch_delta=sc.mismatch) for n in STRATEGIES}
+    curves = {n: g for n, g in curves.items() if len(g) >= 2}
+    lines = [f"| G_s (at {reference}) | " + " | ".join(f"G_f of {n}" for n in curves) + " |",
+             "|" + " --- |" * (len(curves) + 1)]
+    for e in curves.get(reference, []):
+        G_s = mean(e, "safety_gap")
+        cells = [at_equal_safety(g, G_s) for g in curves.values()]
+        lines.append(f"| {G_s:.3f} ({STRATEGIES[reference].sweep_param} = {e['x']:g}) | "
+                     + " | ".join("—" if c is None else f"{c:.3f}" for c in cells) + " |")
+    return "\n".join(lines)
+
+
 def publish(sc, md, home=None, readme=README):
     """Write results.md; for a preset's own report (report_dir is home, the preset's results/<preset>), also
     its tables into README.md between <!-- sweep:PRESET:begin/end -->: the README's numbers are generated."""
@@ -341,9 +326,9 @@ def finish_report(sc, md, findings, plots, home=None):
 def write_report(sc, recipe, rows, state, home=None):
     """results.md and the five plots of a synthetic sweep (presets smoke, paper); home: see publish."""
     os.makedirs(sc.report_dir, exist_ok=True)
-    lam_dense, exact = exact_curves(sc, {k: recipe[k] for k in ("n_symbols", "ctx_len", "n_harmful") if k in recipe})
-    plots = [fig_gap_vs_lambda(sc, rows, lam_dense, exact), fig_overlap_tradeoff(sc, rows, lam_dense, exact),
-             fig_case1_vs_case2(sc, rows), fig_limit_c(sc, rows), fig_radius_second_order(sc, rows)]
+    lam_dense, exact = figures.exact_curves(sc, {k: recipe[k] for k in ("n_symbols", "ctx_len", "n_harmful") if k in recipe})
+    plots = [figures.fig_gap_vs_lambda(sc, rows, lam_dense, exact), figures.fig_overlap_tradeoff(sc, rows, lam_dense, exact),
+             figures.fig_case1_vs_case2(sc, rows), figures.fig_limit_c(sc, rows), figures.fig_radius_second_order(sc, rows)]
     findings = check_findings(sc, rows)
     c1 = [r for r in rows if r["constraint"] == "loss"]
     within = sum(bool(r["case1_within_tolerance"]) for r in c1)
@@ -368,6 +353,24 @@ def write_report(sc, recipe, rows, state, home=None):
            f"**Case II against the second-order prediction** (THEORY.md §3) at κ = {sc.overlap:g}, δ = {sc.mismatch:g}; "
            f"λ_max(H_s) at θ_0 = {np.mean(land) if land else float('nan'):.3g} (mean over seeds).", "",
            case2_table(sc, rows), ""]
+    if any(r["constraint"] not in ("none", "loss", "param") for r in rows):
+        md += [f"**Every strategy** at κ = {sc.overlap:g}, δ = {sc.mismatch:g} (constraints.STRATEGIES)", "",
+               strategies_table(sc, rows), ""]
+    finish_report(sc, md, findings, plots, home)
+
+
+def write_report_strategies(sc, recipe, rows, state, home=None):
+    """results.md and one plot of the strategies preset: every strategy of the registry at one world
+    (κ, δ), compared at equal safety; F5 and the Case I excess are checks of the implementation."""
+    os.makedirs(sc.report_dir, exist_ok=True)
+    plots = [figures.fig_strategies(sc, rows)]
+    findings = [check_f5(sc, rows)]
+    md = opening(sc, recipe, rows, state, "", ". Gaps in nats per sequence, mean ± standard deviation over seeds.",
+                 "**Check of the implementation (THEORY.md §5 F5: true of every model)**", findings)
+    md += ["", f"**Capability at equal safety** (κ = {sc.overlap:g}, δ = {sc.mismatch:g}): G_f of each strategy's curve "
+           "at the safety gaps the hard ball's radii reached, interpolated linearly in G_s between the runs on "
+           "either side (seed means); '—' where a strategy's runs do not reach that G_s.", "",
+           equal_safety_table(sc, rows), "", "**Every run**, mean ± sd over seeds", "", strategies_table(sc, rows), ""]
     finish_report(sc, md, findings, plots, home)
 
 
@@ -377,8 +380,8 @@ def write_report_real(sc, recipe, rows, state, home=None):
     est = json.load(open(os.path.join(sc.out_dir, "estimates", "estimates.json")))
     findings = check_findings_real(sc, rows, est)
     g = real_groups(rows)
-    plots = [fig_real_tradeoff(sc, rows, g), fig_real_overlap(sc, g, est), fig_real_refusals(sc, g)]
-    t0 = theta0_means(sc)
+    plots = [figures.fig_real_tradeoff(sc, rows, g), figures.fig_real_overlap(sc, g, est), figures.fig_real_refusals(sc, g)]
+    t0 = analysis.theta0_means(sc)
     cpu = [r["cpu_seconds"] for r in rows] + [r["cpu_seconds"] for r in t0["rows"]]
     sets = list(REFUSAL_SETS)
     md = opening(sc, recipe, rows, state, " on real text", f"; CPU time {sum(cpu) / 60:.1f} min in all. "
@@ -395,205 +398,9 @@ def write_report_real(sc, recipe, rows, state, home=None):
            "|" + " --- |" * (6 + len(sets))]
     base = g[real_run_id("none", sc.task)]  # one row per seed
     md.append(f"| θ_0 | {t0['n']} | {fmt(base, 'aligned_safety_loss', 1)} | {fmt(base, 'aligned_capability_loss', 1)} "
-              f"({short(sc.task)}) | | 0 | " + " | ".join(fmt(t0, f'refusal_{k}') for k in sets) + " |")
+              f"({analysis.short(sc.task)}) | | 0 | " + " | ".join(fmt(t0, f'refusal_{k}') for k in sets) + " |")
     for n, e in g.items():
         md.append(f"| {n} | {e['n']} | {fmt(e, 'safety_loss', 1)} | {fmt(e, 'capability_loss', 1)} | "
                   f"{fmt(e, 'safety_increase', 1)} | {fmt(e, 'distance', 2)} | "
                   + " | ".join(fmt(e, f'refusal_{k}') for k in sets) + " |")
     finish_report(sc, [*md, ""], findings, plots, home)
-
-
-# -----------------------------------------------------------------------------
-# Figures: one function per figure, each returns its PNG's path
-
-
-def figure(*grid, **kw):
-    """plt.subplots and the colour cycle, on the file-only Agg backend (imported only to draw a report)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(*grid, **kw)
-    return fig, axes, plt.rcParams["axes.prop_cycle"].by_key()["color"]
-
-
-def save_figure(fig, sc, name, *legends):
-    """fig as report_dir/name, with a legend on each axes of legends; returns the path."""
-    import matplotlib.pyplot as plt
-    for ax in legends:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path := os.path.join(sc.report_dir, name), dpi=90)
-    plt.close(fig)
-    return path
-
-
-def errorbar(ax, g, xk, yk, **kw):
-    """Seed means of metric yk against metric xk (None: the knob λ or r) of groups g, ±1 sd."""
-    x = [e["x"] if xk is None else mean(e, xk) for e in g]
-    xerr = None if xk is None else [e[xk][1] for e in g]
-    ax.errorbar(x, [mean(e, yk) for e in g], yerr=[e[yk][1] for e in g], xerr=xerr, capsize=3, **kw)
-
-
-def exact_curves(sc, world_shape):
-    """A dense λ grid around sc.lams, and exact(κ, δ, key): the exact Case I quantity key (THEORY.md §2:
-    the optimum's gaps, bounds A2, B2) along it, once per world of shape world_shape (n_symbols, ...)."""
-    lam_dense = np.logspace(np.log10(min(sc.lams)) - 0.3, np.log10(max(sc.lams)) + 0.3, 40)
-    curves = {}
-
-    def exact(k, d, key):
-        if (k, d) not in curves:
-            world = SyntheticWorld(WorldConfig(overlap=k, mismatch=d, **world_shape))
-            curves[k, d] = [theory.world_case_one(world, lam) for lam in lam_dense]
-        return np.array([c[key] for c in curves[k, d]])
-    return lam_dense, exact
-
-
-def fig_gap_vs_lambda(sc, rows, lam_dense, exact):
-    """G_s and G_f against λ, one curve per δ, with A2/B2 and the mismatch floor (F1, F4)."""
-    fig, (a1, a2), colors = figure(1, 2, figsize=(10, 4))
-    for i, d in enumerate(sorted(sc.mismatches)):
-        g, c = groups(rows, "loss", overlap=sc.overlap, mismatch_delta=d), colors[i % len(colors)]
-        errorbar(a1, g, None, "safety_gap", color=c, marker="o", ls="none", label=f"measured, δ={d:g}")
-        a1.plot(lam_dense, exact(sc.overlap, d, "A2_safety_bound"), color=c, lw=1,
-                label="A2 bound (= G_s(P*) here)" if i == 0 else None)
-        if mean(g[0], "mismatch") > 0:  # δ = 0 has no floor to draw on a log axis
-            a1.axhline(mean(g[0], "mismatch"), color=c, ls=":", lw=1,
-                       label="mismatch floor E KL(P_s‖P_s')" if i == len(sc.mismatches) - 1 else None)
-        errorbar(a2, g, None, "capability_gap", color=c, marker="o", ls="none", label=f"measured, δ={d:g}")
-        a2.plot(lam_dense, exact(sc.overlap, d, "B2_capability_bound"), color=c, lw=1,
-                label="B2 bound (= G_f(P*) here)" if i == 0 else None)
-    a1.set(xscale="log", yscale="log", xlabel="λ", ylabel="safety gap G_s (nats)",
-           title=f"F1/F4: safety gap vs λ (κ={sc.overlap:g})")
-    a2.set(xscale="log", yscale="log", xlabel="λ", ylabel="capability gap G_f (nats)", title="F4: capability gap vs λ")
-    a1.legend(fontsize=6)
-    return save_figure(fig, sc, "fig1_gap_vs_lambda.png", a2)
-
-
-def fig_overlap_tradeoff(sc, rows, lam_dense, exact):
-    """(G_f, G_s) trade-off curves, measured and exact, one per κ (F2)."""
-    fig, ax, colors = figure(figsize=(6, 4.5))
-    for i, k in enumerate(sorted(sc.overlaps)):
-        g, c = groups(rows, "loss", overlap=k, mismatch_delta=sc.mismatch), colors[i % len(colors)]
-        errorbar(ax, g, "capability_gap", "safety_gap", color=c, marker="o", ls="-", lw=0.8, label=f"measured, κ={k:g}")
-        xs, ys = exact(k, sc.mismatch, "optimum_capability_gap"), exact(k, sc.mismatch, "optimum_safety_gap")
-        # κ = 0: the optimum is one point (G_f 0, the floor) whatever λ
-        ax.plot(xs, ys, color=c, ls="--", lw=1, marker="D" if np.ptp(xs) == 0 else None,
-                label=f"exact optimum P*_λ, κ={k:g}")
-    ax.axhline(mean(g[0], "mismatch"), color="gray", ls=":", lw=1, label="mismatch floor")
-    ax.set(xlabel="capability gap G_f (nats)", ylabel="safety gap G_s (nats)",
-           title=f"F2: lower overlap κ, better trade-off (δ={sc.mismatch:g}, λ ∈ {{{', '.join(f'{v:g}' for v in sc.lams)}}})")
-    ax.title.set_fontsize(8)
-    return save_figure(fig, sc, "fig2_overlap_tradeoff.png", ax)
-
-
-def fig_case1_vs_case2(sc, rows):
-    """Case I and Case II frontiers on one plot, with θ_0 and the unconstrained run (F3)."""
-    fig, ax, _ = figure(figsize=(6, 4.5))
-    c1 = groups(rows, "loss", overlap=sc.overlap, mismatch_delta=sc.mismatch)
-    c2 = groups(rows, "param", overlap=sc.overlap, mismatch_delta=sc.mismatch)
-    errorbar(ax, c1, "capability_gap", "safety_gap", marker="o", label="Case I (loss), λ grid")
-    errorbar(ax, c2, "capability_gap", "safety_gap", marker="s", label="Case II (param), r grid")
-    for knob, g in (("λ", c1), ("r", c2)):
-        for e in g:
-            ax.annotate(f"{knob}={e['x']:g}", (mean(e, "capability_gap"), mean(e, "safety_gap")), fontsize=6)
-    for e in groups(rows, "none", overlap=sc.overlap, mismatch_delta=sc.mismatch):
-        ax.errorbar(mean(e, "capability_gap"), mean(e, "safety_gap"), marker="x", color="k", ls="none",
-                    label="no constraint")
-        ax.errorbar(mean(e, "aligned_capability_gap"), mean(e, "aligned_safety_gap"), marker="*", color="k",
-                    ls="none", label="θ_0 (aligned)")
-    ax.set(xscale="log", yscale="log", xlabel="capability gap G_f (nats)", ylabel="safety gap G_s (nats)",
-           title=f"F3: Case I vs Case II (κ={sc.overlap:g}, δ={sc.mismatch:g})")
-    return save_figure(fig, sc, "fig3_case1_vs_case2.png", ax)
-
-
-def fig_limit_c(sc, rows):
-    """√G_s + √G_f of every run against the limit C of THEORY.md §2 (C) (F5)."""
-    fig, ax, colors = figure(figsize=(6, 4.5))
-    rng = np.random.default_rng(0)
-    for i, con in enumerate(("loss", "param", "none")):
-        sel = [r for r in rows if r["constraint"] == con]
-        if sel:
-            x = np.array([r["C_limit"] for r in sel]) + rng.uniform(-0.015, 0.015, len(sel))  # jitter: κ repeats
-            ax.scatter(x, [r["C_lhs"] for r in sel], s=12, color=colors[i], label=f"{con} runs")
-    lim = max(r["C_limit"] for r in rows) * 1.1 + 0.05
-    ax.fill_between([0, lim], [0, lim], color="red", alpha=0.1, label="below the limit: impossible")
-    ax.plot([0, lim], [0, lim], color="k", lw=1, label="√G_s + √G_f = C")
-    ax.set(xlim=(-0.05, lim), ylim=(0, None), xlabel="C = √(2/M)·Σ m·TV (THEORY.md (C))",
-           ylabel="√G_s + √G_f of the run", title="F5: every run against the fundamental limit C")
-    return save_figure(fig, sc, "fig4_limit_C.png", ax)
-
-
-def fig_radius_second_order(sc, rows):
-    """Measured Δ_s against r, with the second-order prediction and bound D (THEORY.md §3), and their ratio (F6)."""
-    c2 = groups(rows, "param", overlap=sc.overlap, mismatch_delta=sc.mismatch)
-    fig, (a1, a2), _ = figure(1, 2, figsize=(10, 4))
-    errorbar(a1, c2, None, "measured_safety_increase", marker="o", label="measured Δ_s = ℓ_s(θ_r) − ℓ_s(θ_0)")
-    errorbar(a1, c2, None, "second_order_prediction", marker="s", label="∇ℓ_s·v + ½vᵀH_s v along v = θ_r − θ_0")
-    a1.plot([e["x"] for e in c2], [mean(e, "D_bound") for e in c2], color="gray", ls="--",
-            label="bound D: ‖∇ℓ_s‖r + ½λ_max r²")
-    # symlog: at the smallest r the first-order term can make both slightly negative
-    a1.set(xscale="log", xlabel="radius r", ylabel="safety loss increase (nats)",
-           title="F6: safety cost of Case II against the landscape")
-    a1.set_yscale("symlog", linthresh=1e-5)
-    a1.legend(fontsize=7)
-    # the ratio of the seed means, as F6 checks it (a per-seed ratio explodes where one
-    # seed's prediction is near zero), and each seed's ratio where it is positive
-    a2.plot([e["x"] for e in c2], [mean(e, "measured_safety_increase") / mean(e, "second_order_prediction")
-                                   for e in c2], marker="o", label="ratio of the seed means")
-    for e in c2:
-        per_seed = [r["measured_safety_increase"] / r["second_order_prediction"] for r in e["rows"]]
-        a2.scatter([e["x"]] * len(per_seed), [v if v > 0 else np.nan for v in per_seed], s=8, color="gray")
-    a2.axhline(1, color="k", lw=1)
-    a2.axhspan(1 / sc.f6_factor, sc.f6_factor, color="green", alpha=0.1, label=f"within factor {sc.f6_factor:g}")
-    a2.axvline(sc.f6_small_radius, color="gray", ls=":", lw=1, label="small-r limit of the check")
-    a2.set(xscale="log", yscale="log", xlabel="radius r", ylabel="measured / predicted",
-           title="F6: ratio of measured to second-order prediction")
-    return save_figure(fig, sc, "fig5_radius_second_order.png", a2)
-
-
-def fig_real_tradeoff(sc, rows, g):
-    """(ℓ_f, ℓ_s) of θ_0, the plain, Case I and Case II runs on sc.task (F1, F3, F4)."""
-    fig, ax, colors = figure(figsize=(6.5, 4.5))
-    a = seed_means([r for r in rows if r["task"] == sc.task])
-    ax.errorbar([mean(a, "aligned_capability_loss")], [mean(a, "aligned_safety_loss")], fmt="k*", ms=12, label="θ_0")
-    errorbar(ax, [g[real_run_id("none", sc.task)]], "capability_loss", "safety_loss", label="no constraint", fmt="kx", ms=9)
-    for i, p in enumerate(sc.proxies):
-        es = sorted((e for e in g.values() if e["rows"][0]["constraint"] == "loss" and e["rows"][0]["proxy"] == p),
-                    key=lambda e: e["rows"][0]["lam"])
-        errorbar(ax, es, "capability_loss", "safety_loss", label=f"Case I, proxy {p}" + (" (same teacher)" if i == 0 else ""),
-                 fmt="o-" if len(es) > 1 else "o", color=colors[i % len(colors)])
-        for e in es:
-            ax.annotate(f"λ={e['rows'][0]['lam']:g}", (mean(e, "capability_loss"), mean(e, "safety_loss")), fontsize=7)
-    es = [g[real_run_id("param", sc.task, radius=r)] for r in sorted(sc.radii)]
-    errorbar(ax, es, "capability_loss", "safety_loss", label="Case II", fmt="s--", color="gray")
-    for r, e in zip(sorted(sc.radii), es):
-        ax.annotate(f"r={r:g}", (mean(e, "capability_loss"), mean(e, "safety_loss")), fontsize=7)
-    ax.set(xlabel=f"task loss ℓ_f on held-out {sc.task} (nats/seq)", ylabel="safety loss ℓ_s on held-out D_s (nats/seq)",
-           title="F1, F3, F4 on real text: lower-left is better")
-    return save_figure(fig, sc, "fig1_real_tradeoff.png", ax)
-
-
-def fig_real_overlap(sc, g, est):
-    """The ℓ_s increase of plain fine-tuning against each task's estimated overlap M (F2)."""
-    fig, ax, colors = figure(figsize=(5.5, 4))
-    for i, t in enumerate(dict.fromkeys(sc.tasks)):
-        e = g[real_run_id("none", t)]
-        ax.errorbar([est["overlap"][t]["M"]], [mean(e, "safety_increase")], yerr=[e["safety_increase"][1]], fmt="o",
-                    capsize=3, color=colors[i % len(colors)], label=t)
-    ax.set(xlabel="estimated context overlap M with D_s", ylabel="ℓ_s(θ) − ℓ_s(θ_0) (nats/seq)",
-           title="F2 on real text: plain fine-tuning per task")
-    return save_figure(fig, sc, "fig2_real_overlap.png", ax)
-
-
-def fig_real_refusals(sc, g):
-    """Refusal rates of every model (θ_0 first) on each of REFUSAL_SETS."""
-    models = {"θ_0": theta0_means(sc), **g}
-    fig, ax, colors = figure(figsize=(max(7, 0.7 * len(models)), 4.5))
-    w = 0.8 / len(REFUSAL_SETS)
-    for j, (k, kind) in enumerate(REFUSAL_SETS.items()):
-        ax.bar(np.arange(len(models)) + j * w, [mean(e, f"refusal_{k}") for e in models.values()], w,
-               yerr=[e[f"refusal_{k}"][1] for e in models.values()], capsize=2, label=f"{k} ({kind})",
-               color=colors[j % len(colors)])
-    ax.set_xticks(np.arange(len(models)) + 0.4 - w / 2, list(models), rotation=60, ha="right", fontsize=7)
-    ax.set(ylabel="refusal rate", ylim=(0, 1), title="Refusals (greedy; keyword test)")
-    return save_figure(fig, sc, "fig3_real_refusals.png", ax)

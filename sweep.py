@@ -14,6 +14,7 @@ fine-tunes it over the grids:
     Case I  (loss)   λ ∈ lams × δ ∈ mismatches at κ = overlap       F1, F4
     Case I  (loss)   λ ∈ lams × κ ∈ overlaps  at δ = mismatch       F2
     Case II (param)  r ∈ radii, and one unconstrained run, at (κ, δ)  F3, F6
+    any strategy     of `strategies`, over its grid, at (κ, δ)        (compared in the report)
                                                                     F5: every run
 
 theory.py reports on every run. results.csv (one row per run, written whole and atomically
@@ -34,19 +35,20 @@ import os
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
-from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 
 import torch
 
-import estimators
+import analysis
 import loaders
 import report
 import theory
 import train
-from common import DataError, atomic_write_json, atomic_write_text, remove_stale_temporaries
-from data import SyntheticWorld, WorldConfig
-from model import CheckpointError, load_checkpoint, model_from_checkpoint
+import worker
+from common import DataError, SweepError, atomic_write_json, atomic_write_text, remove_stale_temporaries
+from constraints import STRATEGIES
+from model import CheckpointError
+from presets import PRESETS
 
 # -----------------------------------------------------------------------------
 # Configuration: one dataclass; a preset is a dict of its values (data, not code), and
@@ -68,6 +70,8 @@ class SweepConfig:
     mismatches: tuple = (0.0, 0.3)  # δ grid of the mismatch experiment (F1), at κ = overlap
     overlaps: tuple = (0.0, 0.25)   # κ grid of the overlap experiment (F2), at δ = mismatch
     radii: tuple = (0.05, 0.5)    # r: Case II radii (F3, F6), at (overlap, mismatch)
+    strategies: tuple = ()        # more strategies of constraints.STRATEGIES at (κ, δ), each over its grid
+    grids: dict = dataclasses.field(default_factory=dict)  # name → values of its sweep_param (--grid)
     overlap: float = 0.25         # κ of the mismatch and radius experiments
     mismatch: float = 0.3         # δ of the overlap and radius experiments
     # real-data grids (presets real-cpu, real-gpu: README "Real data"); registry names or files
@@ -86,52 +90,8 @@ class SweepConfig:
     f6_factor: float = 2.0        # ... as measured/predicted within [1/factor, factor]
 
 
-# the train.py recipe of every run of a preset (TrainConfig fields)
-# smoke: a 216-context world and a 1-layer model, every code path in seconds
-SMOKE_TRAIN = {"n_symbols": 6, "n_harmful": 2, "n_layer": 1, "n_head": 2, "n_embd": 32, "align_iters": 100,
-               "max_iters": 30, "warmup_iters": 10, "lr": 4e-3, "batch_tokens": 640, "micro_batch": 128}
-# 1,200 steps at lr 2e-3 and λ ≤ 3. Fine-tunes can sit on a plateau (G_f near 2 nats)
-# for hundreds of steps before the task's answers on the shared contexts are learned:
-# at 800 steps a quarter of the λ = 3 runs were still 0.1–0.4 nats above the optimum's
-# G_f; lr 4e-3 shortened some plateaus and caused others (one λ = 1 run at G_f 1.06
-# against 0.40). At λ = 10 even 1,200 steps leave G_f at 1.34–1.39 against 0.93 at the
-# optimum (κ = 0.25, δ = 0.3), so larger λ would measure the optimiser, not the trade-off
-PAPER_TRAIN = {"align_iters": 800, "max_iters": 1200, "warmup_iters": 50, "lr": 2e-3,
-               "batch_tokens": 640, "micro_batch": 128}
-
-# real-cpu: README "Real data"'s recipe: 0.37M parameters, a 4,096-token vocabulary, blocks
-# of 64 tokens; θ_0 learns refusals with helpful answers mixed in: alone, it refuses
-# everything (0.93 of ordinary harmless prompts); with alpaca_gpt4_demo, 0.25 of those but
-# 0.52 of XSTest's safe ones; adding Dolly's human-written answers to safety-related
-# questions brought that to 0.32 (seed 1). real-gpu: a 6-layer, 384-wide model on the full
-# compact vocabulary (never run: no GPU was lent)
-REAL_CPU_TRAIN = {"data": "real", "safety_data": "safety_llamas", "align_helpful": "alpaca_gpt4_demo+dolly_safety_only",
-                  "block_size": 64, "vocab_cap": 4096, "n_layer": 2, "n_head": 4, "n_embd": 64,
-                  "batch_tokens": 2048, "micro_batch": 32, "align_iters": 800, "align_lr": 3e-3,
-                  "warmup_iters": 50, "max_iters": 300, "lr": 1e-3, "eval_examples": 128}
-REAL_GPU_TRAIN = dict(REAL_CPU_TRAIN, block_size=256, vocab_cap=0, n_layer=6, n_head=6, n_embd=384,
-                      batch_tokens=16384, micro_batch=64, align_iters=1500, max_iters=500, lr=6e-4,
-                      eval_examples=256)
-
-PRESETS = {
-    "smoke": {"train": SMOKE_TRAIN, "power_iters": 20},
-    "paper": {"train": PAPER_TRAIN, "report_dir": "results/paper", "seeds": (1, 2, 3),
-              "lams": (0.1, 0.3, 1.0, 3.0), "mismatches": (0.0, 0.3, 0.6), "overlaps": (0.0, 0.25, 0.5),
-              "radii": (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)},
-    "real-cpu": {"train": REAL_CPU_TRAIN, "report_dir": "results/real-cpu", "seeds": (1, 2),
-                 "lams": (1.0, 10.0), "radii": (1.0, 4.0)},
-    "real-gpu": {"train": REAL_GPU_TRAIN, "report_dir": "results/real-gpu", "seeds": (1, 2, 3),
-                 "lams": (1.0, 10.0), "radii": (1.0, 4.0, 16.0), "refusal_limit": 256, "refusal_tokens": 32,
-                 "proxies": ("safety_llamas_proxy", "xstest_llama2orig", "rd_llama-2-7b-chat-hf")},
-}
-
-
 def is_real(recipe):
     return recipe.get("data") == "real"
-
-
-class SweepError(ValueError):
-    """A bad grid value or an out_dir of another sweep; the message names the fix."""
 
 
 def parse_list(text, kind):
@@ -145,9 +105,13 @@ def parse_list(text, kind):
 def parse_args(argv=None):
     """SweepConfig from the preset, then the flags actually given."""
     ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    ap.add_argument("--grid", action="append", type=parse_grid, metavar="NAME=V1,V2,...",
+                    help="the values of strategy NAME's sweep parameter (default: its Strategy.grid)")
     for f in dataclasses.fields(SweepConfig):
+        if f.name == "grids":
+            continue
         if isinstance(f.default, tuple):
-            kind = {"seeds": int, "tasks": str, "proxies": str}.get(f.name, float)
+            kind = {"seeds": int, "tasks": str, "proxies": str, "strategies": str}.get(f.name, float)
             ap.add_argument(f"--{f.name}", type=lambda s, k=kind: parse_list(s, k), default=None)
         elif isinstance(f.default, bool):
             ap.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None)
@@ -155,7 +119,17 @@ def parse_args(argv=None):
             ap.add_argument(f"--{f.name}", type=type(f.default), default=None,
                             choices=sorted(PRESETS) if f.name == "preset" else None)
     given = {k: v for k, v in vars(ap.parse_args(argv)).items() if v is not None}
+    if "grid" in given:
+        given["grids"] = dict(given.pop("grid"))
     return make_config(**given)
+
+
+def parse_grid(text):
+    """'fisher=10,100' → ('fisher', (10.0, 100.0)) for --grid."""
+    name, eq, values = text.partition("=")
+    if not eq:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=V1,V2,...")
+    return name.strip(), parse_list(values, float)
 
 
 def make_config(preset="smoke", **overrides):
@@ -184,6 +158,17 @@ def check_config(sc, recipe=None):
     """Every grid value valid before anything runs."""
     def bad(flag, v, what):
         raise SweepError(f"--{flag}: {v!r} is not a valid value ({what}); fix the grid")
+    for name in list(sc.strategies) + list(sc.grids):
+        if name not in STRATEGIES:
+            bad("strategies" if name in sc.strategies else "grid", name, f"one of {', '.join(STRATEGIES)}")
+        if STRATEGIES[name].sweep_param is None and name in sc.grids:
+            bad("grid", name, "a strategy with a parameter to sweep")
+    for name in extra_strategies(sc):
+        for v in strategy_grid(sc, name):
+            try:
+                STRATEGIES[name].check(dict(dataclasses.asdict(train.TrainConfig()), **{STRATEGIES[name].sweep_param: v}))
+            except ValueError as e:
+                raise SweepError(f"--grid {name}: {e}") from None
     grids = ("seeds", "lams", "radii") + (("tasks", "proxies") if is_real(recipe or {}) else ("mismatches", "overlaps"))
     if is_real(recipe or {}):
         for flag in ("tasks", "proxies", "task"):
@@ -191,7 +176,7 @@ def check_config(sc, recipe=None):
                 if not all(n in loaders.REGISTRY or os.path.isfile(n) for n in name.split("+")):
                     bad(flag, name, "a loaders.REGISTRY name, a file of (prompt, response) pairs, or 'a+b' of them")
         names = set(sc.tasks + sc.proxies + (sc.task,))
-        if len({report.short(n) for n in names}) < len(names):
+        if len({analysis.short(n) for n in names}) < len(names):
             raise SweepError("--tasks/--proxies/--task: two sets would share a run id (the same file name): "
                              "rename one of the files")
         if sc.refusal_tokens > recipe["block_size"] - 8:
@@ -227,9 +212,24 @@ VALUE_RULES = (("seeds", lambda v: isinstance(v, int) and v >= 0, "an integer �
 # The plan: every task of the sweep, with the tasks it waits for
 
 
-def run_id(constraint, overlap, mismatch, lam, radius, seed):
-    knob = {"loss": f"-lam{lam:g}", "param": f"-r{radius:g}"}.get(constraint, "")
+TAGS = {"lam": "lam", "radius": "r"}  # a run id's name for a sweep parameter (default: its own name)
+
+
+def run_id(constraint, overlap, mismatch, value, seed):
+    """'loss-k0.25-d0.3-lam1-s1': the strategy, the world, the value of its sweep parameter, the seed."""
+    p = STRATEGIES[constraint].sweep_param
+    knob = f"-{TAGS.get(p, p)}{value:g}" if p else ""
     return f"{constraint}-k{overlap:g}-d{mismatch:g}{knob}-s{seed}"
+
+
+def extra_strategies(sc):
+    """The strategies of --strategies beyond the design's none, loss and param."""
+    return [s for s in sc.strategies if s not in ("none", "loss", "param")]
+
+
+def strategy_grid(sc, name):
+    """The values of a strategy's sweep parameter: --grid NAME=..., else its class's grid."""
+    return tuple(sc.grids.get(name, STRATEGIES[name].grid))
 
 
 def plan(sc, recipe):
@@ -263,17 +263,22 @@ def plan(sc, recipe):
 
 def synthetic_runs(sc, seed, align_dir):
     """The fine-tunes of one seed over the synthetic grids: (run id, TrainConfig values, task fields)."""
-    none_id = run_id("none", sc.overlap, sc.mismatch, 0.0, 0.0, seed)
+    none_id = run_id("none", sc.overlap, sc.mismatch, 0.0, seed)
     # λ = 0 for runs without the proxy term: plain fine-tuning IS Case I at λ = 0
-    for constraint, k, d, lam, r in ([("loss", sc.overlap, d, lam, 0.0) for d in sc.mismatches for lam in sc.lams]
-                                     + [("loss", k, sc.mismatch, lam, 0.0) for k in sc.overlaps for lam in sc.lams]
-                                     + [("none", sc.overlap, sc.mismatch, 0.0, 0.0)]
-                                     + [("param", sc.overlap, sc.mismatch, 0.0, r) for r in sc.radii]):
-        # a radius run's theory needs the unconstrained run, for d = ‖θ_f* − θ_0‖ of bound (E)
-        ref = os.path.join(sc.out_dir, "runs", none_id) if constraint == "param" else None
-        knobs = {"constraint": constraint, "overlap": k, "mismatch": d, "lam": lam, "radius": r}
-        yield run_id(constraint, k, d, lam, r, seed), knobs, {"landscape_dir": align_dir, "reference": ref,
-                                                              "deps": [none_id] if ref else []}
+    for constraint, k, d, v in ([("loss", sc.overlap, d, lam) for d in sc.mismatches for lam in sc.lams]
+                                + [("loss", k, sc.mismatch, lam) for k in sc.overlaps for lam in sc.lams]
+                                + [("none", sc.overlap, sc.mismatch, 0.0)]
+                                + [("param", sc.overlap, sc.mismatch, r) for r in sc.radii]
+                                + [(s, sc.overlap, sc.mismatch, v) for s in extra_strategies(sc)
+                                   for v in strategy_grid(sc, s)]):
+        strategy = STRATEGIES[constraint]
+        # a Case II run's theory needs the unconstrained run, for d = ‖θ_f* − θ_0‖ of bound (E)
+        ref = os.path.join(sc.out_dir, "runs", none_id) if strategy.case == "II" else None
+        knobs = {"constraint": constraint, "overlap": k, "mismatch": d, "lam": 0.0, "radius": 0.0}
+        if strategy.sweep_param:
+            knobs[strategy.sweep_param] = v
+        yield run_id(constraint, k, d, v, seed), knobs, {"landscape_dir": align_dir, "reference": ref,
+                                                         "deps": [none_id] if ref else []}
 
 
 # Real data (presets real-cpu, real-gpu; THEORY.md §4–§5): no densities, so no gaps or bounds;
@@ -291,119 +296,13 @@ def real_runs(sc, seed, align_dir):
                                             + [("loss", sc.task, sc.proxies[0], lam, 0.0) for lam in sc.lams]
                                             + [("loss", sc.task, p, sc.lams[0], 0.0) for p in sc.proxies[1:]]
                                             + [("param", sc.task, "", 0.0, r) for r in sc.radii]):
-        yield (report.real_run_id(constraint, task, proxy, lam, r, seed),
+        yield (analysis.real_run_id(constraint, task, proxy, lam, r, seed),
                {"constraint": constraint, "task_data": task, "proxy_data": proxy or sc.proxies[0], "lam": lam, "radius": r},
                {"meta": {"constraint": constraint, "task": task, "proxy": proxy, "lam": lam, "radius": r, "seed": seed}})
 
 
 # -----------------------------------------------------------------------------
-# Running one task, in a worker process (or in this one when --jobs 1)
-
-
-def has_theta0(align_dir, cfg):
-    """Is there a θ_0 in align_dir that train.py (as the code stands now) accepts for cfg?"""
-    theta0 = os.path.join(align_dir, "theta0.pt")
-    return os.path.exists(theta0) and load_checkpoint(theta0).get("align_key") == train.align_key(cfg)
-
-
-def finished(run_dir):
-    """Is run_dir a finished fine-tune that theory.py can read?"""
-    try:
-        theory.load_run(run_dir)
-        return True
-    except (theory.RunError, CheckpointError, DataError):
-        return False
-
-
-def execute(task):
-    """Align a θ_0 and compute its landscape, or fine-tune one run and report its theory (real data:
-    estimate, or measure refusals). train.py's own output goes to a log file in the task's folder."""
-    torch.set_num_threads(task["threads"])
-    if task["kind"] == "estimate":
-        return estimate(task)
-    t0, cpu0 = time.time(), time.process_time()  # CPU time too: wall time depends on who else runs
-    cfg = train.TrainConfig(**task["train"])
-    os.makedirs(task["dir"], exist_ok=True)
-    # --refresh on a trained run: its theory (real data: its refusals) is reported again, not its training
-    refresh = task.get("refresh") and (os.path.exists(os.path.join(task["dir"], "metrics.json")) if task.get("real")
-                                       else task["kind"] == "finetune" and finished(task["dir"]))
-    if not refresh and (task["kind"] == "finetune" or not has_theta0(task["dir"], cfg)):
-        with open(os.path.join(task["dir"], "sweep_train.out"), "w") as f, redirect_stdout(f), redirect_stderr(f):
-            train.main(cfg, argv=[])
-    train_s, t1 = time.time() - t0, time.time()
-    if task.get("real"):
-        return measure_real(task, train_s, t1, cpu0)
-    if task["kind"] == "align":
-        theta0, landscape = os.path.join(task["dir"], "theta0.pt"), os.path.join(task["dir"], "landscape.json")
-        ckpt = load_checkpoint(theta0)
-        # aligned again (train.py's θ_0 identity changed with its code): alignment is
-        # deterministic, so the weights must be those the sweep's finished runs started from
-        if os.path.exists(landscape) and json.load(open(landscape))["theta0_hash"] != ckpt["theta0_hash"]:
-            raise SweepError(f"{theta0} came out different from the θ_0 this sweep's runs were fine-tuned from "
-                             f"(the training code changed): start a fresh --out_dir")
-        world = SyntheticWorld(WorldConfig(**{k: ckpt["world_config"][k] for k in dataclasses.asdict(WorldConfig())}))
-        land = theory.theta0_landscape(model_from_checkpoint(ckpt).eval(), world, task["power_iters"], task["power_tol"])
-        land.update(theta0_hash=ckpt["theta0_hash"], train_seconds=train_s, landscape_seconds=time.time() - t1,
-                    cpu_seconds=time.process_time() - cpu0)
-        atomic_write_json(landscape, land)
-        return land
-    land = json.load(open(os.path.join(task["landscape_dir"], "landscape.json")))
-    cache = {land["theta0_hash"]: {k: land[k] for k in ("safety_loss_theta0", "grad_norm_s", "hessian_top_eig_s",
-                                                         "hessian_iters", "hessian_residual")}}
-    out = theory.json_safe(theory.report(task["dir"], task["reference"], task["tol_abs"], task["tol_rel"], cache,
-                                         task["power_iters"], task["power_tol"]))
-    atomic_write_json(os.path.join(task["dir"], "theory.json"), out)
-    metrics = json.load(open(os.path.join(task["dir"], "metrics.json")))
-    row = {"run_id": task["id"], **out, **{f"aligned_{k}": v for k, v in metrics["aligned"].items()},
-           **{f"finetuned_{k}": v for k, v in metrics["finetuned"].items()}}
-    row.update(train_seconds=round(train_s, 2), theory_seconds=round(time.time() - t1, 2),
-               cpu_seconds=round(time.process_time() - cpu0, 2))
-    return row
-
-
-def measure_real(task, train_s, t1, cpu0):
-    """Refusal rates (Wilson intervals) of a real θ_0 (to refusals.json) or fine-tune on each of
-    report.REFUSAL_SETS, as flat columns; a fine-tune's row adds its held-out losses."""
-    import evaluate
-    ckpt = load_checkpoint(os.path.join(task["dir"], "theta0.pt" if task["kind"] == "align" else "ckpt.pt"))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    rep = evaluate.refusal_report(model_from_checkpoint(ckpt).to(device).eval(), evaluate.codec_of(ckpt),
-                                  ckpt["world_config"].get("data_dir", ""),
-                                  harmful=[k for k, v in report.REFUSAL_SETS.items() if v == "harmful"],
-                                  harmless=[k for k, v in report.REFUSAL_SETS.items() if v == "harmless"],
-                                  limit=task["refusal_limit"], max_new_tokens=task["refusal_tokens"], device=device)
-    row = {}
-    for name, r in rep.items():
-        row.update({f"refusal_{name}": r["rate"], f"refusal_{name}_low": r["ci_low"],
-                    f"refusal_{name}_high": r["ci_high"], f"refusal_{name}_n": float(r["n"])})
-    row.update(train_seconds=round(train_s, 2), eval_seconds=round(time.time() - t1, 2),
-               cpu_seconds=round(time.process_time() - cpu0, 2))
-    if task["kind"] == "align":
-        atomic_write_json(os.path.join(task["dir"], "refusals.json"), row)
-        return row
-    metrics = json.load(open(os.path.join(task["dir"], "metrics.json")))
-    a, f = metrics["aligned"], metrics["finetuned"]
-    return {"run_id": task["id"], **task["meta"], "safety_loss": f["safety_loss"],
-            "capability_loss": f["capability_loss"], "safety_increase": f["safety_loss"] - a["safety_loss"],
-            "capability_gain": a["capability_loss"] - f["capability_loss"], "distance": f["distance"],
-            "aligned_safety_loss": a["safety_loss"], "aligned_capability_loss": a["capability_loss"], **row}
-
-
-def estimate(task):
-    """The overlap estimate of each task set against D_s and the mismatch estimate of each proxy
-    (THEORY.md §4), labelled estimates, to estimates/estimates.json."""
-    t0 = time.time()
-    out = {"estimate": True, "safety": task["safety"], "overlap": {}, "mismatch": {}}
-    for name in task["tasks"]:
-        o = estimators.real_overlap(task["safety"], name, task["data_dir"])
-        out["overlap"][name] = {"M": o["classifier"]["M"], "lexical": o["lexical"]}
-    for name in task["proxies"]:
-        m = estimators.real_mismatch(name, task["safety"], data_dir=task["data_dir"], n=64)
-        out["mismatch"][name] = {"mismatch": m["mismatch"], "sd": m["mismatch_sd"]}
-    out["seconds"] = round(time.time() - t0, 2)
-    os.makedirs(task["dir"], exist_ok=True)
-    atomic_write_json(os.path.join(task["dir"], "estimates.json"), out)
-    return out
+# Running tasks: in worker processes, or in this one when --jobs 1 (worker.py runs one)
 
 
 class InlineExecutor(Executor):
@@ -485,7 +384,7 @@ def done_tasks(sc, tasks, rows):
     for t in tasks.values():
         if t["kind"] == "align" and not (sc.refresh and t.get("real")):  # --refresh: a real θ_0's refusals again
             marker = "refusals.json" if t.get("real") else "landscape.json"  # written after θ_0 itself
-            if os.path.exists(os.path.join(t["dir"], marker)) and has_theta0(t["dir"], train.TrainConfig(**t["train"])):
+            if os.path.exists(os.path.join(t["dir"], marker)) and worker.has_theta0(t["dir"], train.TrainConfig(**t["train"])):
                 done.add(t["id"])
         path = os.path.join(t["dir"], "estimates.json")  # a resumed sweep may add sets
         if t["kind"] == "estimate" and os.path.exists(path):
@@ -512,8 +411,8 @@ def run_sweep(sc, recipe):
     print(f"sweep {sc.preset}: {n_runs} runs ({n_runs - sum(t['kind'] == 'finetune' for t in todo)} already done), "
           f"{len(sc.seeds)} seeds, {sc.jobs} at a time, out_dir {sc.out_dir}")
     # align first, then the unconstrained runs that radius runs wait for, then the rest
-    order = {"align": 0, "estimate": 1, "none": 1, "loss": 2, "param": 3}
-    todo.sort(key=lambda t: order[t["kind"] if t["kind"] != "finetune" else t["train"]["constraint"]])
+    order = {"align": 0, "estimate": 1, "none": 1, "loss": 2}  # then param and every other strategy
+    todo.sort(key=lambda t: order.get(t["kind"] if t["kind"] != "finetune" else t["train"]["constraint"], 3))
     executor = InlineExecutor() if sc.jobs <= 1 else ProcessPoolExecutor(
         sc.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads, initargs=(1,))
     running, started, stopped = {}, 0, False
@@ -527,7 +426,7 @@ def run_sweep(sc, recipe):
                     continue
                 todo.remove(t)
                 started += t["kind"] == "finetune"
-                running[executor.submit(execute, t)] = t
+                running[executor.submit(worker.execute, t)] = t
             if not running:
                 break
             ended, _ = wait(list(running), return_when=FIRST_COMPLETED)
@@ -548,7 +447,7 @@ def run_sweep(sc, recipe):
         executor.shutdown(wait=True, cancel_futures=True)
         raise
     finally:
-        if todo_all:  # a call with nothing left to run (report only) adds no time
+        if todo_all and not sc.refresh:  # a report only (nothing left, or --refresh) adds no time
             state["wall_seconds"] += time.time() - t_start
             state["invocations"] += 1
             atomic_write_json(os.path.join(sc.out_dir, "sweep.json"), state)
@@ -557,7 +456,8 @@ def run_sweep(sc, recipe):
         print(f"stopped after --max_runs {sc.max_runs}; run the same command without it to continue")
         return None
     rows = [r for r in read_rows(csv_path) if r["run_id"] in tasks]
-    write = report.write_report_real if is_real(recipe) else report.write_report
+    write = (report.write_report_real if is_real(recipe) else
+             report.write_report_strategies if PRESETS[sc.preset].get("report") == "strategies" else report.write_report)
     write(sc, recipe, rows, state, home=PRESETS[sc.preset].get("report_dir"))  # a home report goes into README.md
     return rows
 

@@ -392,6 +392,7 @@ def report(run_dir, reference_dir=None, tol_abs=0.05, tol_rel=0.1, cache=None, p
     out["C_lhs"] = limit_C_lhs(G_s, G_f)
     out["C_holds"] = out["C_lhs"] >= out["C_limit"] - 1e-9
     strategy = STRATEGIES[cfg["constraint"]]
+    out.update({k: cfg[k] for k in strategy.hparams if k not in out})  # e.g. γ of a soft Case II run
     if strategy.case == "I":
         ds, df = G_s - out["optimum_safety_gap"], G_f - out["optimum_capability_gap"]
         tol_s = tol_abs + tol_rel * out["optimum_safety_gap"]

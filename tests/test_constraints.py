@@ -110,6 +110,7 @@ def test_every_strategy_declares_what_the_project_reads():
     for name, s in STRATEGIES.items():
         assert s.name == name and s.case in (None, "I", "II")
         assert s.sweep_param is None or s.sweep_param in s.hparams
+        assert all(s.check({**{k: 1 for k in s.hparams}, s.sweep_param: v}) is None for v in s.grid)
         hp = {k: 1.0 for k in s.hparams}
         assert make_strategy(name, [torch.zeros(2)], hp).distance([torch.ones(2)]).item() == pytest.approx(2 ** 0.5)
 

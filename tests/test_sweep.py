@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+import analysis
+import presets
 import report
 import sweep
 import theory
@@ -174,7 +176,7 @@ def test_the_finding_checks_pass_on_the_exact_optimum_and_fail_when_disturbed():
 DATA_DIR = os.environ.get("SAFETY_DATA_DIR", "")
 needs_data = pytest.mark.skipif(not os.path.isdir(DATA_DIR or "/nonexistent"),
                                 reason="real data folder absent: set SAFETY_DATA_DIR (README 'Real data')")
-TINY_REAL = dict(sweep.REAL_CPU_TRAIN, n_layer=1, n_head=2, n_embd=32, vocab_cap=512, batch_tokens=256,
+TINY_REAL = dict(presets.REAL_CPU_TRAIN, n_layer=1, n_head=2, n_embd=32, vocab_cap=512, batch_tokens=256,
                  micro_batch=4, align_iters=20, max_iters=10, warmup_iters=2, eval_examples=16)
 
 
@@ -187,7 +189,7 @@ def test_real_sweep_runs_every_planned_run_once_and_resumes_without_repeats(tmp_
     # 2 plain, 2 λ with the same-teacher proxy, 1 other-teacher proxy, 2 radii
     assert len(planned) == 7 and sorted(r["run_id"] for r in rows) == sorted(planned)
     for r in rows:
-        for k in report.REFUSAL_SETS:
+        for k in analysis.REFUSAL_SETS:
             assert 0 <= r[f"refusal_{k}_low"] <= r[f"refusal_{k}"] <= r[f"refusal_{k}_high"] <= 1
             assert r[f"refusal_{k}_n"] == 8
         assert r["safety_increase"] == pytest.approx(r["safety_loss"] - r["aligned_safety_loss"])
@@ -239,8 +241,8 @@ def test_real_finding_checks_follow_the_numbers(tmp_path, monkeypatch):
     """F1–F3 verdicts flip when the measurements that decide them are swapped."""
     sc = sweep.SweepConfig(preset="real-cpu", out_dir=str(tmp_path), tasks=("alpaca_small", "code_alpaca"),
                            proxies=("safety_llamas_proxy", "xstest_gpt4"), radii=(1.0, 4.0), lams=(1.0,))
-    monkeypatch.setattr(report, "theta0_means", lambda sc: report.seed_means(
-        [{f"refusal_{k}": 0.9 if kind == "harmful" else 0.1 for k, kind in report.REFUSAL_SETS.items()}]))
+    monkeypatch.setattr(analysis, "theta0_means", lambda sc: analysis.seed_means(
+        [{f"refusal_{k}": 0.9 if kind == "harmful" else 0.1 for k, kind in analysis.REFUSAL_SETS.items()}]))
     est = {"overlap": {"alpaca_small": {"M": 0.6}, "code_alpaca": {"M": 0.4}},
            "mismatch": {"safety_llamas_proxy": {"mismatch": 0.5}, "xstest_gpt4": {"mismatch": 100.0}}}
     names = ["none-alpaca_small", "none-code_alpaca", "loss-alpaca_small-safety_llamas_proxy-lam1",

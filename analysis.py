@@ -1,0 +1,63 @@
+"""
+What report.py and figures.py compute from results.csv before anything is checked or drawn: the
+means over seeds of the runs of one setting, and the run names by which the real-text report
+looks its runs up (sweep.py names its runs with them).
+"""
+
+import json
+import os
+
+import numpy as np
+
+import loaders
+from constraints import STRATEGIES
+
+# every real model (θ_0 too) is scored on these held-out sets; the report's refusal columns
+REFUSAL_SETS = {"safety_llamas_eval": "harmful", "advbench": "harmful", "xstest_safe": "harmless",
+                "rd_harmless_val": "harmless"}
+
+
+def short(name):
+    """A dataset name fit for a run id: a registry name, or a file's stem ('a+b' part by part)."""
+    return "+".join(n if n in loaders.REGISTRY else os.path.splitext(os.path.basename(n))[0] for n in name.split("+"))
+
+
+def real_run_id(constraint, task, proxy="", lam=0.0, radius=0.0, seed=None):
+    """The run's id; without a seed, the name its seeds share (a group of real_groups)."""
+    knob = {"loss": f"-{short(proxy)}-lam{lam:g}", "param": f"-r{radius:g}"}.get(constraint, "")
+    return f"{constraint}-{short(task)}{knob}" + ("" if seed is None else f"-s{seed}")
+
+
+def seed_means(rows):
+    """{n, rows, and (mean, sd over seeds) of every numeric column} of rows that differ only by seed."""
+    entry = {"n": len(rows), "rows": rows}
+    for k in rows[0]:
+        vals = [r.get(k) for r in rows]
+        if all(isinstance(v, float) for v in vals):
+            a = np.array(vals)
+            with np.errstate(invalid="ignore"):  # a bound that is ∞ in every seed has no spread
+                entry[k] = (float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0)
+    return entry
+
+
+def groups(rows, constraint, **fixed):
+    """Rows of one strategy and fixed settings grouped over seeds by its sweep parameter (λ, r, γ): a list
+    sorted by the knob of {x: the knob, n, and (mean, std) per metric}."""
+    knob = STRATEGIES[constraint].sweep_param or "lam"  # plain fine-tuning: λ = 0
+    sel = [r for r in rows if r["constraint"] == constraint and all(abs(r[k] - v) < 1e-12 for k, v in fixed.items())]
+    return [dict(seed_means([r for r in sel if r[knob] == x]), x=x) for x in sorted({r[knob] for r in sel})]
+
+
+def mean(g, k):
+    return g[k][0]
+
+
+def real_groups(rows):
+    """Seed means per run name (the run id without its seed), in the order of rows."""
+    names = dict.fromkeys(r["run_id"].rsplit("-s", 1)[0] for r in rows)
+    return {n: seed_means([r for r in rows if r["run_id"].rsplit("-s", 1)[0] == n]) for n in names}
+
+
+def theta0_means(sc):
+    """Seed means of the aligned models' refusal rates (refusals.json of each align task)."""
+    return seed_means([json.load(open(os.path.join(sc.out_dir, "theta0", f"s{s}", "refusals.json"))) for s in sc.seeds])

@@ -1,0 +1,129 @@
+"""
+One task of a sweep, run in a worker process (or in sweep.py's own when --jobs 1): align a θ_0
+and measure its landscape (THEORY.md §3), fine-tune one run and report its theory (§2–§3), or,
+on real text, estimate overlap and mismatch (§4) and measure refusal rates. Each returns the
+row that sweep.py writes into results.csv; train.py's own output goes to a log file in the
+task's folder.
+"""
+
+import dataclasses
+import json
+import os
+import time
+from contextlib import redirect_stderr, redirect_stdout
+
+import torch
+
+import analysis
+import estimators
+import theory
+import train
+from common import DataError, SweepError, atomic_write_json
+from data import SyntheticWorld, WorldConfig
+from model import CheckpointError, load_checkpoint, model_from_checkpoint
+
+
+def has_theta0(align_dir, cfg):
+    """Is there a θ_0 in align_dir that train.py (as the code stands now) accepts for cfg?"""
+    theta0 = os.path.join(align_dir, "theta0.pt")
+    return os.path.exists(theta0) and load_checkpoint(theta0).get("align_key") == train.align_key(cfg)
+
+
+def finished(run_dir):
+    """Is run_dir a finished fine-tune that theory.py can read?"""
+    try:
+        theory.load_run(run_dir)
+        return True
+    except (theory.RunError, CheckpointError, DataError):
+        return False
+
+
+def execute(task):
+    """Align a θ_0 and compute its landscape, or fine-tune one run and report its theory (real data:
+    estimate, or measure refusals). train.py's own output goes to a log file in the task's folder."""
+    torch.set_num_threads(task["threads"])
+    if task["kind"] == "estimate":
+        return estimate(task)
+    t0, cpu0 = time.time(), time.process_time()  # CPU time too: wall time depends on who else runs
+    cfg = train.TrainConfig(**task["train"])
+    os.makedirs(task["dir"], exist_ok=True)
+    # --refresh on a trained run: its theory (real data: its refusals) is reported again, not its training
+    refresh = task.get("refresh") and (os.path.exists(os.path.join(task["dir"], "metrics.json")) if task.get("real")
+                                       else task["kind"] == "finetune" and finished(task["dir"]))
+    if not refresh and (task["kind"] == "finetune" or not has_theta0(task["dir"], cfg)):
+        with open(os.path.join(task["dir"], "sweep_train.out"), "w") as f, redirect_stdout(f), redirect_stderr(f):
+            train.main(cfg, argv=[])
+    train_s, t1 = time.time() - t0, time.time()
+    if task.get("real"):
+        return measure_real(task, train_s, t1, cpu0)
+    if task["kind"] == "align":
+        theta0, landscape = os.path.join(task["dir"], "theta0.pt"), os.path.join(task["dir"], "landscape.json")
+        ckpt = load_checkpoint(theta0)
+        # aligned again (train.py's θ_0 identity changed with its code): alignment is
+        # deterministic, so the weights must be those the sweep's finished runs started from
+        if os.path.exists(landscape) and json.load(open(landscape))["theta0_hash"] != ckpt["theta0_hash"]:
+            raise SweepError(f"{theta0} came out different from the θ_0 this sweep's runs were fine-tuned from "
+                             f"(the training code changed): start a fresh --out_dir")
+        world = SyntheticWorld(WorldConfig(**{k: ckpt["world_config"][k] for k in dataclasses.asdict(WorldConfig())}))
+        land = theory.theta0_landscape(model_from_checkpoint(ckpt).eval(), world, task["power_iters"], task["power_tol"])
+        land.update(theta0_hash=ckpt["theta0_hash"], train_seconds=train_s, landscape_seconds=time.time() - t1,
+                    cpu_seconds=time.process_time() - cpu0)
+        atomic_write_json(landscape, land)
+        return land
+    land = json.load(open(os.path.join(task["landscape_dir"], "landscape.json")))
+    cache = {land["theta0_hash"]: {k: land[k] for k in ("safety_loss_theta0", "grad_norm_s", "hessian_top_eig_s",
+                                                         "hessian_iters", "hessian_residual")}}
+    out = theory.json_safe(theory.report(task["dir"], task["reference"], task["tol_abs"], task["tol_rel"], cache,
+                                         task["power_iters"], task["power_tol"]))
+    atomic_write_json(os.path.join(task["dir"], "theory.json"), out)
+    metrics = json.load(open(os.path.join(task["dir"], "metrics.json")))
+    row = {"run_id": task["id"], **out, **{f"aligned_{k}": v for k, v in metrics["aligned"].items()},
+           **{f"finetuned_{k}": v for k, v in metrics["finetuned"].items()}}
+    row.update(train_seconds=round(train_s, 2), theory_seconds=round(time.time() - t1, 2),
+               cpu_seconds=round(time.process_time() - cpu0, 2))
+    return row
+
+
+def measure_real(task, train_s, t1, cpu0):
+    """Refusal rates (Wilson intervals) of a real θ_0 (to refusals.json) or fine-tune on each of
+    analysis.REFUSAL_SETS, as flat columns; a fine-tune's row adds its held-out losses."""
+    import evaluate
+    ckpt = load_checkpoint(os.path.join(task["dir"], "theta0.pt" if task["kind"] == "align" else "ckpt.pt"))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rep = evaluate.refusal_report(model_from_checkpoint(ckpt).to(device).eval(), evaluate.codec_of(ckpt),
+                                  ckpt["world_config"].get("data_dir", ""),
+                                  harmful=[k for k, v in analysis.REFUSAL_SETS.items() if v == "harmful"],
+                                  harmless=[k for k, v in analysis.REFUSAL_SETS.items() if v == "harmless"],
+                                  limit=task["refusal_limit"], max_new_tokens=task["refusal_tokens"], device=device)
+    row = {}
+    for name, r in rep.items():
+        row.update({f"refusal_{name}": r["rate"], f"refusal_{name}_low": r["ci_low"],
+                    f"refusal_{name}_high": r["ci_high"], f"refusal_{name}_n": float(r["n"])})
+    row.update(train_seconds=round(train_s, 2), eval_seconds=round(time.time() - t1, 2),
+               cpu_seconds=round(time.process_time() - cpu0, 2))
+    if task["kind"] == "align":
+        atomic_write_json(os.path.join(task["dir"], "refusals.json"), row)
+        return row
+    metrics = json.load(open(os.path.join(task["dir"], "metrics.json")))
+    a, f = metrics["aligned"], metrics["finetuned"]
+    return {"run_id": task["id"], **task["meta"], "safety_loss": f["safety_loss"],
+            "capability_loss": f["capability_loss"], "safety_increase": f["safety_loss"] - a["safety_loss"],
+            "capability_gain": a["capability_loss"] - f["capability_loss"], "distance": f["distance"],
+            "aligned_safety_loss": a["safety_loss"], "aligned_capability_loss": a["capability_loss"], **row}
+
+
+def estimate(task):
+    """The overlap estimate of each task set against D_s and the mismatch estimate of each proxy
+    (THEORY.md §4), labelled estimates, to estimates/estimates.json."""
+    t0 = time.time()
+    out = {"estimate": True, "safety": task["safety"], "overlap": {}, "mismatch": {}}
+    for name in task["tasks"]:
+        o = estimators.real_overlap(task["safety"], name, task["data_dir"])
+        out["overlap"][name] = {"M": o["classifier"]["M"], "lexical": o["lexical"]}
+    for name in task["proxies"]:
+        m = estimators.real_mismatch(name, task["safety"], data_dir=task["data_dir"], n=64)
+        out["mismatch"][name] = {"mismatch": m["mismatch"], "sd": m["mismatch_sd"]}
+    out["seconds"] = round(time.time() - t0, 2)
+    os.makedirs(task["dir"], exist_ok=True)
+    atomic_write_json(os.path.join(task["dir"], "estimates.json"), out)
+    return out

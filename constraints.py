@@ -5,6 +5,7 @@ The fine-tuning strategies of THEORY.md §2–§3, starting from the aligned wei
     loss     min ℓ_f(θ) + λ·ℓ_s'(θ)                             Case I, alignment loss constraint
     param    min ℓ_f(θ)  s.t.  ‖θ − θ_0‖₂ ≤ r                    Case II, by projection
     penalty  min ℓ_f(θ) + (γ/2)·‖θ − θ_0‖₂²                      Case II, soft variant
+    fisher   min ℓ_f(θ) + (γ/2)·(θ − θ_0)ᵀ diag(F)(θ − θ_0)       Case II, soft, Fisher metric
 
 A strategy is one class, registered in STRATEGIES by its name: train.py takes its CLI
 choices, flag checks and run keys from it, sweep.py its grids and run ids, bench.py its
@@ -118,7 +119,43 @@ class Penalty(Strategy):
             torch._foreach_add_(grads, differences(params, self.theta0, self._scratch()), alpha=self.gamma)
 
 
-STRATEGIES = {s.name: s for s in (Strategy, LossConstraint, BallConstraint, Penalty)}
+class FisherPenalty(Penalty):
+    """Soft Case II in the Fisher metric: min ℓ_f + (γ/2)(θ − θ_0)ᵀ diag(F)(θ − θ_0), F the
+    diagonal empirical Fisher of the proxy safety loss at θ_0, the mean over fisher_examples
+    examples of D_s' of each example's squared gradient (EWC, Kirkpatrick et al. 2017; a
+    baseline of Vaccine and Booster). Where ℓ_s' is flat at θ_0 the weights move freely, where
+    it is sharp they are held: a cheap stand-in for the landscape of THEORY.md §3 (D)."""
+    name, case, hparams, sweep_param = "fisher", "II", ("gamma", "fisher_examples"), "gamma"
+    grid = (10.0, 100.0)
+
+    @classmethod
+    def check(cls, hp):
+        super().check(hp)
+        n = hp.get("fisher_examples")
+        if not (isinstance(n, int) and n >= 1):
+            raise ValueError(f"--fisher_examples {n} must be a whole number ≥ 1 (--constraint fisher)")
+
+    def setup(self, model, draw_proxy):
+        params = [p for p in model.parameters() if p.requires_grad]  # model.flat_params's order
+        x, y, m = draw_proxy(self.fisher_examples)
+        self.fisher = [torch.zeros_like(p) for p in params]
+        was_training = model.training
+        model.eval()  # F of the model itself, not of a dropout sample of it
+        for i in range(len(x)):  # one example at a time: F is a mean of per-example squares
+            _, loss = model(x[i:i + 1], y[i:i + 1], m[i:i + 1])
+            grads = torch.autograd.grad(loss, params)
+            torch._foreach_addcmul_(self.fisher, grads, grads, value=1.0 / len(x))
+        model.train(was_training)
+
+    def before_step(self, params):
+        if self.gamma > 0:
+            grads = [p.grad for p in params]
+            d = differences(params, self.theta0, self._scratch())
+            torch._foreach_mul_(d, self.fisher)  # diag(F)(θ − θ_0)
+            torch._foreach_add_(grads, d, alpha=self.gamma)
+
+
+STRATEGIES = {s.name: s for s in (Strategy, LossConstraint, BallConstraint, Penalty, FisherPenalty)}
 
 
 def make_strategy(name, params, hp):

@@ -91,7 +91,8 @@ class TrainConfig:
     constraint: str = "none"      # a strategy of constraints.STRATEGIES: none | loss (Case I) | param | penalty (Case II)
     radius: float = 1.0           # r: L2 radius of the ball around θ_0 (param)
     lam: float = 1.0              # λ: weight of the proxy safety loss ℓ_s' (loss)
-    gamma: float = 1.0            # γ: weight of the soft penalty (γ/2)‖θ−θ_0‖² (penalty)
+    gamma: float = 1.0            # γ: weight of the soft penalty (γ/2)‖θ−θ_0‖² (penalty, fisher)
+    fisher_examples: int = 64     # examples of D_s' behind the diagonal Fisher at θ_0 (fisher)
     # system
     seed: int = 1337
     device: str = "auto"          # auto | cpu | cuda | cuda:N | mps

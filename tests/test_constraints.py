@@ -111,7 +111,7 @@ def test_every_strategy_declares_what_the_project_reads():
         assert s.name == name and s.case in (None, "I", "II")
         assert s.sweep_param is None or s.sweep_param in s.hparams
         assert all(s.check({**{k: 1 for k in s.hparams}, s.sweep_param: v}) is None for v in s.grid)
-        hp = {k: 1.0 for k in s.hparams}
+        hp = {k: 1 for k in s.hparams}  # a whole number suits every kind of hyper-parameter
         assert make_strategy(name, [torch.zeros(2)], hp).distance([torch.ones(2)]).item() == pytest.approx(2 ** 0.5)
 
 
@@ -121,3 +121,66 @@ def test_both_projection_paths_give_the_same_weights():
     project_(params, theta0, 0.3)
     project_(twin, theta0, 0.3, buf(7))
     torch.testing.assert_close(flat(params), flat(twin), rtol=1e-6, atol=1e-7)
+
+
+def fisher_and_model(n=6):
+    from data import SyntheticWorld, WorldConfig
+    torch.manual_seed(0)
+    world = SyntheticWorld(WorldConfig(n_symbols=6, n_harmful=2))
+    model = GPT(GPTConfig(block_size=world.block_size, vocab_size=world.vocab_size, n_layer=1, n_head=2, n_embd=16))
+    params = flat_params(model)
+    c = make_strategy("fisher", params, dict(gamma=0.7, fisher_examples=n))
+    x, y, m = world.batch("proxy", n, torch.Generator().manual_seed(1))
+    c.setup(model, lambda k: (x[:k], y[:k], m[:k]))
+    return model, params, c, (x, y, m)
+
+
+def test_fisher_is_the_mean_of_per_example_squared_gradients():
+    model, params, c, (x, y, m) = fisher_and_model()
+    # per-example gradients by torch.func, an independent road to the same F
+    from torch.func import functional_call, grad, vmap
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+
+    def loss(ps, xi, yi, mi):
+        return functional_call(model, dict(zip(names, ps)), (xi[None], yi[None], mi[None]))[1]
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        g = vmap(grad(loss), in_dims=(None, 0, 0, 0))(tuple(params), x, y, m)
+    for f, gi in zip(c.fisher, g):
+        torch.testing.assert_close(f, (gi ** 2).mean(0), rtol=1e-4, atol=1e-9)
+    assert sum(f.sum() for f in c.fisher) > 0
+
+
+def test_fisher_penalty_gradient_matches_autograd_and_equals_penalty_when_F_is_one():
+    model, params, c, _ = fisher_and_model()
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.01 * torch.randn_like(p))
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    c.before_step(params)
+    pen = 0.35 * sum((f * (p - t0) ** 2).sum() for f, p, t0 in zip(c.fisher, params, c.theta0))
+    for p, g in zip(params, torch.autograd.grad(pen, params)):
+        torch.testing.assert_close(p.grad, g)
+    # F ≡ 1: the plain soft penalty, bit for bit, over a few AdamW steps
+    twins = []
+    for kind in ("penalty", "fisher"):
+        torch.manual_seed(0)
+        m2 = GPT(model.config)
+        ps = flat_params(m2)
+        s = make_strategy(kind, ps, dict(gamma=0.7, fisher_examples=1))
+        if kind == "fisher":
+            s.fisher = [torch.ones_like(p) for p in ps]
+        opt = torch.optim.AdamW(ps, lr=1e-2)
+        for step in range(3):
+            torch.manual_seed(step)
+            sum((p * torch.randn_like(p)).sum() for p in ps).backward()
+            s.before_step(ps)
+            opt.step()
+            opt.zero_grad()
+        twins.append(torch.cat([p.detach().reshape(-1) for p in ps]))
+    assert torch.equal(twins[0], twins[1])
+
+
+def test_fisher_bad_examples():
+    with pytest.raises(ValueError, match=r"--fisher_examples 0 must be a whole number ≥ 1"):
+        make_strategy("fisher", [torch.zeros(2)], dict(gamma=1.0, fisher_examples=0))

@@ -42,6 +42,15 @@ def errorbar(ax, g, xk, yk, **kw):
     ax.errorbar(x, [mean(e, yk) for e in g], yerr=[e[yk][1] for e in g], xerr=xerr, capsize=3, **kw)
 
 
+def mark_plain_and_theta0(ax, sc, rows):
+    """The unconstrained fine-tune and θ_0 itself at (κ, δ), as black marks on a (G_f, G_s) plot."""
+    for e in groups(rows, "none", overlap=sc.overlap, mismatch_delta=sc.mismatch):
+        ax.errorbar(mean(e, "capability_gap"), mean(e, "safety_gap"), marker="x", color="k", ls="none",
+                    label="no constraint")
+        ax.errorbar(mean(e, "aligned_capability_gap"), mean(e, "aligned_safety_gap"), marker="*", color="k",
+                    ls="none", label="θ_0 (aligned)")
+
+
 def exact_curves(sc, world_shape):
     """A dense λ grid around sc.lams, and exact(κ, δ, key): the exact Case I quantity key (THEORY.md §2:
     the optimum's gaps, bounds A2, B2) along it, once per world of shape world_shape (n_symbols, ...)."""
@@ -104,11 +113,7 @@ def fig_case1_vs_case2(sc, rows):
     for knob, g in (("λ", c1), ("r", c2)):
         for e in g:
             ax.annotate(f"{knob}={e['x']:g}", (mean(e, "capability_gap"), mean(e, "safety_gap")), fontsize=6)
-    for e in groups(rows, "none", overlap=sc.overlap, mismatch_delta=sc.mismatch):
-        ax.errorbar(mean(e, "capability_gap"), mean(e, "safety_gap"), marker="x", color="k", ls="none",
-                    label="no constraint")
-        ax.errorbar(mean(e, "aligned_capability_gap"), mean(e, "aligned_safety_gap"), marker="*", color="k",
-                    ls="none", label="θ_0 (aligned)")
+    mark_plain_and_theta0(ax, sc, rows)
     ax.set(xscale="log", yscale="log", xlabel="capability gap G_f (nats)", ylabel="safety gap G_s (nats)",
            title=f"F3: Case I vs Case II (κ={sc.overlap:g}, δ={sc.mismatch:g})")
     return save_figure(fig, sc, "fig3_case1_vs_case2.png", ax)
@@ -216,11 +221,7 @@ def fig_strategies(sc, rows):
         if s.sweep_param and g:
             errorbar(ax, g, "capability_gap", "safety_gap", marker=markers[i % len(markers)],
                      color=colors[i % len(colors)], label=f"{name} ({s.sweep_param} grid)")
-    for e in groups(rows, "none", overlap=sc.overlap, mismatch_delta=sc.mismatch):
-        ax.errorbar(mean(e, "capability_gap"), mean(e, "safety_gap"), marker="x", color="k", ls="none",
-                    label="no constraint")
-        ax.errorbar(mean(e, "aligned_capability_gap"), mean(e, "aligned_safety_gap"), marker="*", color="k",
-                    ls="none", label="θ_0 (aligned)")
+    mark_plain_and_theta0(ax, sc, rows)
     ax.set(xscale="log", yscale="log", xlabel="capability gap G_f (nats)", ylabel="safety gap G_s (nats)",
            title=f"Strategies at κ={sc.overlap:g}, δ={sc.mismatch:g}")
     return save_figure(fig, sc, "fig_strategies.png", ax)

@@ -39,6 +39,13 @@ PRESETS = {
     "paper": {"train": PAPER_TRAIN, "report_dir": "results/paper", "seeds": (1, 2, 3),
               "lams": (0.1, 0.3, 1.0, 3.0), "mismatches": (0.0, 0.3, 0.6), "overlaps": (0.0, 0.25, 0.5),
               "radii": (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)},
+    # every strategy of the registry at one world, compared at equal safety (README "Strategies")
+    "strategies": {"train": PAPER_TRAIN, "report": "strategies", "report_dir": "results/strategies", "seeds": (1, 2),
+                   "lams": (0.1, 0.3, 1.0, 3.0), "mismatches": (0.3,), "overlaps": (0.25,),
+                   "radii": (0.25, 0.5, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0), "strategies": ("penalty", "fisher"),
+                   # the diagonal Fisher at θ_0 is tiny on average (mean 3e-4, median 1e-7 per weight,
+                   # seed 1), so fisher's γ spans far larger values than penalty's
+                   "grids": {"penalty": (0.3, 1.0, 3.0, 10.0, 30.0, 100.0), "fisher": (1e4, 1e5, 1e6, 1e7, 1e8)}},
     "real-cpu": {"train": REAL_CPU_TRAIN, "report_dir": "results/real-cpu", "seeds": (1, 2),
                  "lams": (1.0, 10.0), "radii": (1.0, 4.0)},
     "real-gpu": {"train": REAL_GPU_TRAIN, "report_dir": "results/real-gpu", "seeds": (1, 2, 3),

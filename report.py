@@ -284,18 +284,18 @@ def at_equal_safety(g, G_s):
     return float(np.interp(G_s, [p[0] for p in pts], [p[1] for p in pts]))
 
 
-def equal_safety_table(sc, rows, reference="param"):
-    """G_f of every strategy at the safety gaps the reference strategy's runs reached (THEORY.md §5 F3:
-    the capability a strategy keeps for the same safety); '—' where a curve does not reach that G_s."""
+SAFETY_LEVELS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)  # G_s at which strategies are compared (nats)
+
+
+def equal_safety_table(sc, rows, levels=SAFETY_LEVELS):
+    """G_f of every swept strategy at each safety gap of levels (THEORY.md §5 F3: the capability a
+    strategy keeps for the same safety); '—' where a strategy's runs do not reach that G_s."""
     curves = {n: groups(rows, n, overlap=sc.overlap, mismatch_delta=sc.mismatch) for n in STRATEGIES}
     curves = {n: g for n, g in curves.items() if len(g) >= 2}
-    lines = [f"| G_s (at {reference}) | " + " | ".join(f"G_f of {n}" for n in curves) + " |",
-             "|" + " --- |" * (len(curves) + 1)]
-    for e in curves.get(reference, []):
-        G_s = mean(e, "safety_gap")
+    lines = ["| G_s | " + " | ".join(f"G_f of {n}" for n in curves) + " |", "|" + " --- |" * (len(curves) + 1)]
+    for G_s in levels:
         cells = [at_equal_safety(g, G_s) for g in curves.values()]
-        lines.append(f"| {G_s:.3f} ({STRATEGIES[reference].sweep_param} = {e['x']:g}) | "
-                     + " | ".join("—" if c is None else f"{c:.3f}" for c in cells) + " |")
+        lines.append(f"| {G_s:g} | " + " | ".join("—" if c is None else f"{c:.3f}" for c in cells) + " |")
     return "\n".join(lines)
 
 
@@ -368,8 +368,8 @@ def write_report_strategies(sc, recipe, rows, state, home=None):
     md = opening(sc, recipe, rows, state, "", ". Gaps in nats per sequence, mean ± standard deviation over seeds.",
                  "**Check of the implementation (THEORY.md §5 F5: true of every model)**", findings)
     md += ["", f"**Capability at equal safety** (κ = {sc.overlap:g}, δ = {sc.mismatch:g}): G_f of each strategy's curve "
-           "at the safety gaps the hard ball's radii reached, interpolated linearly in G_s between the runs on "
-           "either side (seed means); '—' where a strategy's runs do not reach that G_s.", "",
+           "at fixed safety gaps, interpolated linearly in G_s between its two runs on either side (seed means "
+           "along its sweep); '—' where its runs do not reach that G_s.", "",
            equal_safety_table(sc, rows), "", "**Every run**, mean ± sd over seeds", "", strategies_table(sc, rows), ""]
     finish_report(sc, md, findings, plots, home)
 

@@ -136,7 +136,7 @@ def make_config(preset="smoke", **overrides):
     """SweepConfig and the train recipe of a preset with overrides (also for tests)."""
     if preset not in PRESETS:
         raise SweepError(f"--preset {preset!r} is unknown: choose one of {', '.join(sorted(PRESETS))}")
-    values = {k: v for k, v in PRESETS[preset].items() if k != "train"}
+    values = {k: v for k, v in PRESETS[preset].items() if k not in ("train", "report")}  # report: which writer
     if overrides.get("out_dir"):
         values.pop("report_dir", None)  # a sweep elsewhere never overwrites the preset's published report
     values.update(overrides)

@@ -13,6 +13,7 @@ import presets
 import report
 import sweep
 import theory
+from constraints import STRATEGIES
 from data import SyntheticWorld, WorldConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -108,12 +109,19 @@ def test_an_interrupted_sweep_resumes_without_repeats_or_duplicates(smoke, capsy
     (["--lams", "1,1"], "repeats"),
     (["--seeds", ""], "--seeds is empty"),
     (["--jobs", "0"], "--jobs"),
+    (["--strategies", "bogus"], "--strategies: 'bogus'"),
+    (["--grid", "none=1"], "--grid: 'none' is not a valid value (a strategy with a parameter to sweep)"),
+    (["--grid", "penalty=1,-2"], "--grid penalty: --gamma -2.0 must be a finite number ≥ 0"),
+    (["--grid", "fisher"], "invalid parse_grid value"),
 ])
 def test_a_bad_grid_value_fails_with_one_clear_message_and_writes_nothing(tmp_path, args, words):
     out = tmp_path / "never"
     with pytest.raises(SystemExit) as e:
         sweep.main(["--preset", "smoke", "--out_dir", str(out), *args])
-    assert str(e.value.code).startswith("error:") and words in str(e.value.code)
+    if e.value.code == 2:  # argparse's own message, on stderr
+        assert words.startswith("invalid")
+    else:
+        assert str(e.value.code).startswith("error:") and words in str(e.value.code)
     assert not out.exists()
 
 
@@ -299,3 +307,28 @@ def test_pareto_comparison_is_made_only_where_the_lower_curve_was_measured():
     assert report.pareto_dominated((2.0, 0.5), curve) is True     # right of the end: the curve goes on flat
     assert report.pareto_dominated((2.0, 0.4), curve) is False
     assert report.pareto_dominated((0.05, 9.0), curve) is None    # left of the first point: not comparable
+
+
+def test_every_registered_strategy_is_planned_with_its_own_grid_and_run_id():
+    sc, recipe = sweep.make_config("smoke", out_dir="never", grids={"penalty": (2.0, 20.0)})
+    ids = [t["id"] for t in sweep.plan(sc, recipe).values() if t["kind"] == "finetune"]
+    for name, s in STRATEGIES.items():  # the smoke preset sweeps every strategy of the registry
+        assert any(i.startswith(f"{name}-") for i in ids), name
+    assert "penalty-k0.25-d0.3-gamma2-s1" in ids and "penalty-k0.25-d0.3-gamma20-s1" in ids
+    assert all(f"fisher-k0.25-d0.3-gamma{v:g}-s1" in ids for v in STRATEGIES["fisher"].grid)
+    task = sweep.plan(sc, recipe)["penalty-k0.25-d0.3-gamma20-s1"]
+    assert task["train"]["gamma"] == 20.0 and task["reference"]  # a Case II run gets the unconstrained one
+
+
+def test_capability_at_equal_safety_interpolates_inside_the_measured_range_only():
+    def row(c, v, G_s, G_f):
+        return {"run_id": f"{c}{v}", "constraint": c, "overlap": 0.25, "mismatch_delta": 0.3, "lam": 0.0,
+                "radius": 0.0, STRATEGIES[c].sweep_param: v, "safety_gap": G_s, "capability_gap": G_f}
+    rows = [row("param", 0.5, 0.1, 10.0), row("param", 1.0, 1.1, 4.0), row("penalty", 1.0, 2.0, 1.0),
+            row("penalty", 10.0, 0.5, 3.0)]
+    g = analysis.groups(rows, "param", overlap=0.25)
+    assert report.at_equal_safety(g, 0.6) == pytest.approx(7.0)    # halfway from (0.1, 10) to (1.1, 4)
+    assert report.at_equal_safety(g, 0.05) is None and report.at_equal_safety(g, 2.0) is None
+    sc, _ = sweep.make_config("smoke", out_dir="never")
+    table = report.equal_safety_table(sc, rows, levels=(0.6, 1.0))
+    assert "| 0.6 | 7.000 | 2.867 |" in table and "| 1 | 4.600 | 2.333 |" in table

@@ -19,9 +19,10 @@ log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$OUT/summary.txt"; }
 } > "$OUT/env.txt" 2>&1
 log "env: $(tail -1 "$OUT/env.txt")"
 
-# 1. GPT-2 small (compile takes about a minute; 20 timed steps per variant after 5 warm-ups)
+# 1. GPT-2 small (compile takes about a minute; 20 timed steps per variant after 5 warm-ups;
+#    the variants are bench.py's: the baseline loop and every strategy of the registry)
 log "bench gpt2-small B=16 T=1024 bf16 compile"
-timeout 300 python bench.py --config gpt2-small --device cuda --dtype bfloat16 --compile \
+timeout 360 python bench.py --config gpt2-small --device cuda --dtype bfloat16 --compile \
     --batch 16 --seq_len 1024 --steps 20 --json "$OUT/bench_gpt2_small.json" > "$OUT/bench_gpt2_small.txt" 2>&1
 log "  exit $? ; $(grep -E 'MFU|none tokens|param time|loss time' "$OUT/bench_gpt2_small.txt" | tr '\n' ' ')"
 
@@ -35,8 +36,10 @@ log "  exit $?"
 DATA=${SAFETY_DATA_DIR:-../shared/data}
 if ls "$DATA"/safety_tuned_llamas >/dev/null 2>&1; then
     log "fine-tune: real data from $DATA"
-    ARGS=(--data real --data_dir "$DATA" --n_layer 6 --n_head 6 --n_embd 384 --batch_tokens 8192
-          --micro_batch 64 --align_iters 300 --max_iters 200 --eval_interval 100)
+    # every value that --data real would otherwise default (train.py's REAL_DEFAULTS, for a CPU)
+    ARGS=(--data real --data_dir "$DATA" --n_layer 6 --n_head 6 --n_embd 384 --block_size 128 --vocab_cap 0
+          --eval_examples 256 --lr 2e-3 --batch_tokens 8192 --micro_batch 64 --align_iters 300 --max_iters 200
+          --eval_interval 100)
 else
     log "fine-tune: no real data folder at $DATA, the synthetic default instead"
     ARGS=()

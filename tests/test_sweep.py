@@ -113,6 +113,9 @@ def test_an_interrupted_sweep_resumes_without_repeats_or_duplicates(smoke, capsy
     (["--grid", "none=1"], "--grid: 'none' is not a valid value (a strategy with a parameter to sweep)"),
     (["--grid", "penalty=1,-2"], "--grid penalty: --gamma -2.0 must be a finite number ≥ 0"),
     (["--grid", "fisher"], "invalid parse_grid value"),
+    (["--grid", "loss=1"], "other than loss and param (those take --lams, --radii)"),
+    (["--strategies", "penalty", "--grid", "fisher=1"], "--grid: 'fisher' is not a valid value (a strategy of --strategies"),
+    (["--grid", "penalty=1,1"], "at least one value, each once"),
 ])
 def test_a_bad_grid_value_fails_with_one_clear_message_and_writes_nothing(tmp_path, args, words):
     out = tmp_path / "never"

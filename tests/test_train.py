@@ -96,3 +96,35 @@ def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path):
                      check=False)
     assert proc.returncode != 0 and str(bad) in proc.stderr and "Traceback" not in proc.stderr
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_theta0_keys_of_the_synthetic_recipes_stay_what_they_were():
+    # a saved θ_0 is reused only under the same key: fields added or defaults moved for real text
+    # must not change the key of a synthetic recipe (these are the keys of θ_0s saved before them)
+    import train
+    assert train.align_key(train.TrainConfig()) == "b3c921af2bc56054"
+    paper = {"align_iters": 800, "max_iters": 1200, "warmup_iters": 50, "lr": 2e-3, "batch_tokens": 640,
+             "micro_batch": 128, "seed": 1}
+    assert train.align_key(train.TrainConfig(**paper)) == "f5ae92f2408318f1"
+    real = train.parse_args(["--data", "real"])  # --data real changes its own defaults only
+    assert (real.block_size, real.vocab_cap, real.batch_tokens) == (64, 4096, 2048)
+    assert train.parse_args(["--data", "real", "--block_size=96"]).block_size == 96  # a given flag wins
+
+
+def test_a_checkpoint_written_before_a_field_existed_still_resumes(tmp_path):
+    import dataclasses
+
+    import train
+    from model import CHECKPOINT_FORMAT, atomic_torch_save
+    cfg = train.TrainConfig(out_dir=str(tmp_path), resume=True)
+    old = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "fisher_examples"}  # a field added later
+    path = str(tmp_path / "ckpt.pt")
+    atomic_torch_save({"format": CHECKPOINT_FORMAT, "kind": "finetune-resume", "config": old}, path)
+    assert train.try_resume(path, cfg, "finetune")["config"] == old
+    with pytest.raises(train.CheckpointError, match=r"other settings \(lam\)"):
+        train.try_resume(path, dataclasses.replace(cfg, lam=3.0), "finetune")
+
+
+def test_a_flag_several_strategies_share_is_named_with_the_chosen_one(tmp_path):
+    proc = run_train("--out_dir", str(tmp_path / "never"), "--constraint", "fisher", "--gamma", "-1", check=False)
+    assert proc.returncode != 0 and "(--constraint fisher)" in proc.stderr and "Traceback" not in proc.stderr

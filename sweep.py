@@ -476,7 +476,11 @@ def record(sc, tasks, t, result, rows, csv_path, elapsed):
     old = [r for r in rows if r["run_id"] == t["id"]]
     if sc.refresh and old:  # the run was not trained again: keep its training's timing
         result.update({k: old[0].get(k) for k in ("train_seconds", "cpu_seconds")})
-    rows = [r for r in rows if r["run_id"] != t["id"]] + [result]
+    # rows in the plan's order, not the order runs happened to finish in: results.csv, and so the
+    # report's jitter and tables, do not depend on the schedule (stale rows of unplanned runs last)
+    place = {tid: i for i, tid in enumerate(tasks)}
+    rows = sorted([r for r in rows if r["run_id"] != t["id"]] + [result],
+                  key=lambda r: place.get(r["run_id"], len(place)))
     write_rows(csv_path, rows)
     what = (f"ℓ_s {result['safety_loss']:.2f} ℓ_f {result['capability_loss']:.2f} refuses "
             f"{result['refusal_safety_llamas_eval']:.2f}" if t.get("real") else

@@ -102,7 +102,10 @@ def measure_real(task, train_s, t1, cpu0):
     row.update(train_seconds=round(train_s, 2), eval_seconds=round(time.time() - t1, 2),
                cpu_seconds=round(time.process_time() - cpu0, 2))
     if task["kind"] == "align":
-        atomic_write_json(os.path.join(task["dir"], "refusals.json"), row)
+        path = os.path.join(task["dir"], "refusals.json")
+        if task.get("refresh") and os.path.exists(path):  # θ_0 was not trained again: keep its training's timing
+            row.update({k: json.load(open(path)).get(k) for k in ("train_seconds", "cpu_seconds")})
+        atomic_write_json(path, row)
         return row
     metrics = json.load(open(os.path.join(task["dir"], "metrics.json")))
     a, f = metrics["aligned"], metrics["finetuned"]

@@ -2,7 +2,7 @@
 Estimates of context overlap and mismatch on real text (THEORY.md §4). Real text has no
 densities, so every number here is an ESTIMATE with sampling error and model bias, and is
 labelled so in every result. On the synthetic world the same quantities are exact sums
-(py, theory.py).
+(data.py, theory.py).
 
 - context overlap of D_s and D_f: a lexical n-gram score, a cross-fitted classifier whose
   probabilities give TV(μ_s, μ_f), M = 1 − TV and the (A2) overlap term, and a
@@ -253,10 +253,8 @@ def mismatch_estimate(model_proxy, model_original, heldout_batches, device="cpu"
             "kind": "estimate: difference of held-out D_s losses of two reference models"}
 
 
-# ---- Real data estimators (THEORY.md §4)
-# Real text has no densities, so overlap and mismatch are ESTIMATES here, labelled so in
-# every result. The implementations sit beside what they need (text-level ones in
-# py, model-level ones in py); these wrappers take registry names or files.
+# ---- The estimators by dataset name (THEORY.md §4): registry names or files in, the
+# estimates above out, each labelled an estimate.
 
 
 def real_overlap(safety="safety_llamas", task="alpaca_small", data_dir="", lams=(1.0, 10.0), theta0=None,

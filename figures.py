@@ -1,7 +1,8 @@
 """
 The figures of a sweep's report, one function per figure; each draws from the seed means of
-report.py and returns its PNG's path. The synthetic presets draw five (the exact optimum's
-curves of THEORY.md §2 beside the measured runs), the real-text presets three.
+analysis.py and returns its PNG's path. The smoke and paper presets draw five (the exact
+optimum's curves of THEORY.md §2 beside the measured runs), strategies one, the real-text
+presets three.
 """
 
 import os

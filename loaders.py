@@ -422,7 +422,3 @@ def resolve(name, data_dir=""):
                     f"({', '.join(n for n, d in REGISTRY.items() if d.role in TRAIN_ROLES)}, ...)")
 
 
-def read_dataset(name, data_dir=""):
-    """The Examples of a registry name or file (all of a split file; parts come later)."""
-    label, spec, path = resolve(name, data_dir)
-    return LOADERS[spec.loader](path, **dict(spec.kw))

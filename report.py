@@ -2,8 +2,8 @@
 The report of a finished sweep: means over seeds, the checks of findings F1–F6 (THEORY.md §5),
 results.md and its tables, the README block of a preset's own report, one PNG per figure.
 
-sweep.py calls write_report (presets smoke, paper) or write_report_real (real-cpu, real-gpu) once
-every run is in results.csv; running a finished sweep's command again writes only the report.
+sweep.py calls write_report (presets smoke, paper), write_report_strategies (strategies) or
+write_report_real (real-cpu, real-gpu) once every run is in results.csv; running a finished sweep's command again writes only the report.
 """
 
 import json
@@ -361,7 +361,7 @@ def write_report(sc, recipe, rows, state, home=None):
 
 def write_report_strategies(sc, recipe, rows, state, home=None):
     """results.md and one plot of the strategies preset: every strategy of the registry at one world
-    (κ, δ), compared at equal safety; F5 and the Case I excess are checks of the implementation."""
+    (κ, δ), compared at equal safety; F5 is a check of the implementation."""
     os.makedirs(sc.report_dir, exist_ok=True)
     plots = [figures.fig_strategies(sc, rows)]
     findings = [check_f5(sc, rows)]

@@ -20,8 +20,8 @@ fine-tunes it over the grids:
 theory.py reports on every run. results.csv (one row per run, written whole and atomically
 after each run) is also the sweep's memory: run the same command again after an interruption
 and finished runs are skipped, never repeated or duplicated. When every run is done, report.py
-writes results.md (the tables and the F1–F6 checks, generated, never typed by hand) and five PNG
-plots, means over seeds with ±1 sd error bars. Real data has its own plan below ("Real data").
+writes results.md (the tables and the F1–F6 checks, generated, never typed by hand) and its PNG
+plots (five for smoke and paper), means over seeds with ±1 sd error bars. Real data has its own plan below ("Real data").
 """
 
 import argparse
@@ -57,7 +57,7 @@ from presets import PRESETS
 
 @dataclass
 class SweepConfig:
-    preset: str = "smoke"         # smoke | paper | real-cpu | real-gpu: a dict of the values below (PRESETS)
+    preset: str = "smoke"         # a name of presets.PRESETS: a dict of the values below
     out_dir: str = ""             # runs, θ_0s, results.csv; default out_sweep/<preset>
     report_dir: str = ""          # results.md, results.csv and the plots; default out_dir
     jobs: int = 2                 # runs at a time, each in its own process
@@ -119,8 +119,8 @@ def parse_args(argv=None):
             ap.add_argument(f"--{f.name}", type=type(f.default), default=None,
                             choices=sorted(PRESETS) if f.name == "preset" else None)
     given = {k: v for k, v in vars(ap.parse_args(argv)).items() if v is not None}
-    if "grid" in given:
-        given["grids"] = dict(given.pop("grid"))
+    if "grid" in given:  # added to the preset's grids, one strategy at a time
+        given["grids"] = {**PRESETS[given.get("preset", "smoke")].get("grids", {}), **dict(given.pop("grid"))}
     return make_config(**given)
 
 
@@ -163,7 +163,15 @@ def check_config(sc, recipe=None):
             bad("strategies" if name in sc.strategies else "grid", name, f"one of {', '.join(STRATEGIES)}")
         if STRATEGIES[name].sweep_param is None and name in sc.grids:
             bad("grid", name, "a strategy with a parameter to sweep")
+    if (sc.strategies or sc.grids) and is_real(recipe or {}):
+        raise SweepError("--strategies/--grid are for the synthetic presets: the real-text plan runs none, loss "
+                         "and param only")
+    for name in sc.grids:  # a grid nobody would read is a mistake, not a no-op
+        if name in ("loss", "param") or name not in sc.strategies:
+            bad("grid", name, "a strategy of --strategies other than loss and param (those take --lams, --radii)")
     for name in extra_strategies(sc):
+        if not strategy_grid(sc, name) or len(set(strategy_grid(sc, name))) != len(strategy_grid(sc, name)):
+            bad("grid", f"{name}={','.join(map(str, strategy_grid(sc, name)))}", "at least one value, each once")
         for v in strategy_grid(sc, name):
             try:
                 STRATEGIES[name].check(dict(dataclasses.asdict(train.TrainConfig()), **{STRATEGIES[name].sweep_param: v}))

@@ -364,7 +364,7 @@ def load_run(run_dir):
 
 def report(run_dir, reference_dir=None, tol_abs=0.05, tol_rel=0.1, cache=None, power_iters=100, power_tol=1e-4):
     """theory.json of one run: the Case I quantities at the run's (κ, δ, λ), the limit C
-    against the fine-tuned model, and, for param/penalty runs, the Case II quantities.
+    against the fine-tuned model, and, for a Case II strategy's run, the Case II quantities.
 
     A Case I (constraint loss) run is also compared with the exact optimum P*_λ: its
     excess gaps G − G(P*) and its excess objective (G_f + λG_s') − (G_f + λG_s')(P*),

@@ -64,15 +64,15 @@ class TrainConfig:
     n_harmful: int = 4            # number of harmful topics
     # data: real text instead (--data real; textdata.py, loaders.py, docs/real-data.md)
     data: str = "synthetic"       # synthetic | real
-    safety_data: str = "safety_llamas"        # D_s: a registry name of data.py or a file path
+    safety_data: str = "safety_llamas"        # D_s: a name of loaders.REGISTRY or a file path
     proxy_data: str = "safety_llamas_proxy"   # D_s': proxy safety data (Case I)
     task_data: str = "alpaca_small"           # D_f: the fine-tuning task
     align_helpful: str = ""       # real data: helpful (prompt, response) data mixed into the align batches
     data_dir: str = ""            # the real data folder; default $SAFETY_DATA_DIR
-    block_size: int = 64          # real data: most tokens per example (prompt + response)
+    block_size: int = 128         # real data: most tokens per example (prompt + response)
     restrict_vocab: bool = True   # real data: output vocabulary = the data folder's tokens (CPU speed)
-    vocab_cap: int = 4096         # real data: keep only the N most frequent of them, the rest UNK (0: all)
-    eval_examples: int = 128      # real data: held-out examples of D_s and of D_f per evaluation
+    vocab_cap: int = 0            # real data: keep only the N most frequent of them, the rest UNK (0: all)
+    eval_examples: int = 256      # real data: held-out examples of D_s and of D_f per evaluation
     # model
     n_layer: int = 2
     n_head: int = 4
@@ -88,7 +88,7 @@ class TrainConfig:
     batch_tokens: int = 1280      # global batch per dataset in tokens (256 sequences of 5 tokens)
     micro_batch: int = 256        # sequences per forward pass; accumulation makes up the rest
     # constraint (THEORY.md §2–§3)
-    constraint: str = "none"      # a strategy of constraints.STRATEGIES: none | loss (Case I) | param | penalty (Case II)
+    constraint: str = "none"      # of constraints.STRATEGIES: none | loss (Case I) | param | penalty | fisher (Case II)
     radius: float = 1.0           # r: L2 radius of the ball around θ_0 (param)
     lam: float = 1.0              # λ: weight of the proxy safety loss ℓ_s' (loss)
     gamma: float = 1.0            # γ: weight of the soft penalty (γ/2)‖θ−θ_0‖² (penalty, fisher)
@@ -107,10 +107,12 @@ ALIGN_FIELDS = ("n_symbols", "ctx_len", "n_harmful", "n_layer", "n_head", "n_emb
                 "data", "safety_data", "align_helpful", "data_dir", "block_size", "restrict_vocab", "vocab_cap")
 
 
-# `--data real` changes the defaults of the fields it shares with the synthetic world, for
-# a run that ends in minutes on 2 CPU cores (a 0.37M-parameter GPT on 64-token blocks, the
-# real-cpu preset's recipe: README "Real data"); a flag given on the command line wins
-REAL_DEFAULTS = {"batch_tokens": 2048, "micro_batch": 32, "align_iters": 800, "max_iters": 300, "lr": 1e-3}
+# `--data real` changes these defaults, for a run that ends in minutes on 2 CPU cores (a
+# 0.37M-parameter GPT on 64-token blocks, the real-cpu preset's recipe: docs/real-data.md); a
+# flag given on the command line wins. The dataclass keeps the old values, which are part of
+# every saved θ_0's key (ALIGN_FIELDS), so that a synthetic θ_0 saved before keeps its identity
+REAL_DEFAULTS = {"block_size": 64, "vocab_cap": 4096, "eval_examples": 128, "batch_tokens": 2048, "micro_batch": 32,
+                 "align_iters": 800, "max_iters": 300, "lr": 1e-3}
 
 
 def parse_args(argv=None, cls=TrainConfig):
@@ -140,7 +142,9 @@ def check_config(cfg):
         raise ConfigError(f"--stage {cfg.stage!r} is unknown: choose align, finetune or all")
     if cfg.constraint not in STRATEGIES:
         raise ConfigError(f"--constraint {cfg.constraint!r} is unknown: choose one of {', '.join(STRATEGIES)}")
-    for strategy in STRATEGIES.values():  # every strategy's flags, so a bad value never waits for its use
+    # every strategy's flags, so a bad value never waits for its use; the chosen one's first, so
+    # that a flag several share (--gamma) is named with it
+    for strategy in sorted(STRATEGIES.values(), key=lambda s: s.name != cfg.constraint):
         try:
             strategy.check(dataclasses.asdict(cfg))
         except ValueError as e:
@@ -258,10 +262,11 @@ def train_step(train_model, optimizer, scaler, params, constraint, sys_, batch, 
             loss = constraint.objective(loss, p_loss)
         scaler.scale(loss).backward()
         step_loss += loss.detach()
+    if scaler.is_enabled():  # fp16: true gradients first, so that a penalty's gradient is not divided by the scale
+        scaler.unscale_(optimizer)
     if constraint is not None:
         constraint.before_step(params)
     if grad_clip > 0:
-        scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
     scaler.step(optimizer)
     scaler.update()
@@ -416,7 +421,8 @@ def try_resume(path, cfg, stage):
     ckpt = load_checkpoint(path)
     if ckpt.get("kind") != f"{stage}-resume":
         raise CheckpointError(f"{path} is not a {stage} checkpoint: remove it or drop --resume")
-    saved = dict(ckpt["config"], resume=cfg.resume, progress=cfg.progress)
+    # a field added since the checkpoint was written takes its default there
+    saved = {**dataclasses.asdict(TrainConfig()), **ckpt["config"], "resume": cfg.resume, "progress": cfg.progress}
     if saved != dataclasses.asdict(cfg):
         diff = [k for k in saved if saved[k] != getattr(cfg, k, None)]
         raise CheckpointError(f"{path} was written with other settings ({', '.join(diff)}): "

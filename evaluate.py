@@ -74,6 +74,8 @@ def evaluate(model, world, device="cpu"):
     world, held-out estimates with no gaps on real text."""
     if getattr(world, "name", "") == "real":
         return heldout_metrics(model, world, device)
+    if getattr(world, "name", "") == "corpus":  # pretraining: every token of held-out general text
+        return {"general_loss": heldout_nll(model, world.eval_batches("general"), device) / world.block_size}
     return exact_metrics(model_log_table(model, world, device), world)
 
 
@@ -109,6 +111,16 @@ def heldout_metrics(model, source, device="cpu"):
     return {"safety_loss": heldout_nll(model, source.eval_batches("safety"), device),
             "capability_loss": heldout_nll(model, source.eval_batches("task"), device),
             "safety_gap": None, "capability_gap": None}
+
+
+def proxy_metrics(model, source, device="cpu"):
+    """Case I's fit of the proxy D_s' (nats per sequence): its loss on examples it trains on, on
+    held-out ones of its file (None where the proxy is not a part of a split), and its size."""
+    out = {"proxy_train_loss": heldout_nll(model, source.eval_batches("proxy_train"), device),
+           "proxy_heldout_loss": None, "proxy_examples": len(source.sets["proxy"][0])}
+    if "proxy_heldout" in source.eval_sets:
+        out["proxy_heldout_loss"] = heldout_nll(model, source.eval_batches("proxy_heldout"), device)
+    return out
 
 
 # -----------------------------------------------------------------------------

@@ -365,6 +365,17 @@ REGISTRY = {
     "decodingtrust": Dataset("decodingtrust_refusals/decoding_trust_with_refusals_train.json",
                              "proxy-other-teacher", "refusal_completions", "llama-2-chat style",
                              kw=(("prompt_field", "prompt.text"), ("response_field", "refusal"))),
+    # arm P, the paper's roles (README "Two arms"): D_s = GPT-4 answers to general instructions, split
+    # three ways like safety_llamas (its eval part is the held-out D_s); alpaca_small split into an
+    # other-teacher proxy (text-davinci-003) and a task on the remaining prompts (its eval part held out)
+    "alpaca_gpt4_align": Dataset("alpaca_gpt4_demo_llamafactory/alpaca_en_demo.json", "safety-original",
+                                 "instruction_json", "gpt-4", "align"),
+    "alpaca_gpt4_proxy": Dataset("alpaca_gpt4_demo_llamafactory/alpaca_en_demo.json", "proxy-same-teacher",
+                                 "instruction_json", "gpt-4", "proxy"),
+    "alpaca_small_proxy": Dataset("alpaca_small_2k/alpaca_small.json", "proxy-other-teacher", "instruction_json",
+                                  "text-davinci-003", "proxy"),
+    "alpaca_small_task": Dataset("alpaca_small_2k/alpaca_small.json", "task", "instruction_json",
+                                 "text-davinci-003", "align"),
     # tasks D_f, from high to low context overlap with D_s
     "alpaca_safety_only": Dataset("alpaca_safety_only/alpaca_data_safety_only.json", "task",
                                   "instruction_json", "text-davinci-003"),

@@ -271,8 +271,17 @@ def params_hash(model):
 HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
+# settings of a GPT-2 config.json that this GPT computes: anything else would load and compute
+# something other than the model the weights were trained as
+HF_SUPPORTED = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"), "layer_norm_epsilon": (1e-5,),
+                "n_inner": (None,), "scale_attn_by_inverse_layer_idx": (False,), "reorder_and_upcast_attn": (False,)}
+
+
 def gpt_config_from_hf(hf):
     """GPTConfig of a Hugging Face GPT-2 config.json dict."""
+    for k, ok in HF_SUPPORTED.items():
+        if hf.get(k, ok[0]) not in ok:
+            raise CheckpointError(f"config.json: {k} = {hf[k]!r} is not GPT-2's ({ok[0]!r}); this GPT cannot run it")
     return GPTConfig(block_size=hf.get("n_positions", hf.get("n_ctx", 1024)), vocab_size=hf["vocab_size"],
                      n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=0.0, bias=True)
 
@@ -296,11 +305,14 @@ def convert_hf_gpt2(hf_state, config):
     padded = torch.zeros(config.padded_vocab_size, config.n_embd, dtype=wte.dtype)
     padded[:config.vocab_size] = wte
     sd["transformer.wte.weight"] = sd["lm_head.weight"] = padded
-    with torch.device("meta"):  # the expected names, without allocating a model
-        expected = set(GPT(config).state_dict())
-    if set(sd) != expected:
-        raise CheckpointError(f"Hugging Face GPT-2 weights: missing {sorted(expected - set(sd))[:4]}, "
-                              f"unexpected {sorted(set(sd) - expected)[:4]}")
+    with torch.device("meta"):  # the expected names and shapes, without allocating a model
+        expected = {k: tuple(v.shape) for k, v in GPT(config).state_dict().items()}
+    if set(sd) != set(expected):
+        raise CheckpointError(f"Hugging Face GPT-2 weights: missing {sorted(set(expected) - set(sd))[:4]}, "
+                              f"unexpected {sorted(set(sd) - set(expected))[:4]}")
+    wrong = [f"{k} {tuple(v.shape)} ≠ {expected[k]}" for k, v in sd.items() if tuple(v.shape) != expected[k]]
+    if wrong:
+        raise CheckpointError(f"Hugging Face GPT-2 weights do not match their config.json: {'; '.join(wrong[:3])}")
     return sd
 
 
@@ -324,7 +336,8 @@ def read_safetensors(path):
             start, end = info["data_offsets"]
             if end > len(buf):
                 raise ValueError(f"tensor {name} ends at byte {end} of {len(buf)}: truncated")
-            t = torch.frombuffer(bytearray(buf[start:end]), dtype=SAFETENSORS_DTYPES[info["dtype"]])
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            t = torch.frombuffer(bytearray(buf[start:end]), dtype=dtype) if end > start else torch.empty(0, dtype=dtype)
             out[name] = t.reshape(info["shape"])
         return out
     except (ValueError, KeyError, TypeError, OSError, RuntimeError) as e:
@@ -347,8 +360,11 @@ def load_hf_gpt2(folder, device="cpu"):
     cfg_path = os.path.join(folder, "config.json")
     if not os.path.isfile(cfg_path):
         raise CheckpointError(f"{folder}: no config.json beside the weights")
-    with open(cfg_path) as f:
-        config = gpt_config_from_hf(json.load(f))
+    try:
+        with open(cfg_path) as f:
+            config = gpt_config_from_hf(json.load(f))
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{cfg_path}: not a GPT-2 config.json ({type(e).__name__}: {e})") from None
     model = GPT(config)
     model.load_state_dict(convert_hf_gpt2(hf_state, config))
     return model.to(device)

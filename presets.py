@@ -5,6 +5,7 @@ value can be overridden by its flag.
 """
 
 from constraints import STRATEGIES
+from corpus import DEFAULT_CORPUS
 
 # the train.py recipe of every run of a preset (TrainConfig fields)
 # smoke: a 216-context world and a 1-layer model, every code path in seconds
@@ -33,6 +34,22 @@ REAL_GPU_TRAIN = dict(REAL_CPU_TRAIN, block_size=256, vocab_cap=0, n_layer=6, n_
                       batch_tokens=16384, micro_batch=64, align_iters=1500, max_iters=500, lr=6e-4,
                       eval_examples=256)
 
+# paper-real-cpu: the paper's own roles on real text (README "Two arms", arm P), at the size of
+# real-cpu: D_s = GPT-4 answers to general instructions; θ_pre pretrained on the general text
+# corpus (corpus.py) and GPT-4-written code, so that neither task is new language; alignment of
+# 600 examples over-fits within a few hundred steps (held-out ℓ_s of θ_pre's θ_0 at its lowest
+# near 50-100 steps at lr 2e-3), hence short stages. paper-real-gpu: the same at 6 × 384 (never
+# run here: no GPU was lent)
+PAPER_REAL_CPU_TRAIN = dict(REAL_CPU_TRAIN, safety_data="alpaca_gpt4_align", align_helpful="", align_iters=150,
+                            align_lr=2e-3, warmup_iters=20, max_iters=150, lr=1e-3, pretrain_iters=1500,
+                            pretrain_lr=3e-3, pretrain_data=DEFAULT_CORPUS + "+gpteacher_codegen")
+PAPER_REAL_GPU_TRAIN = dict(PAPER_REAL_CPU_TRAIN, block_size=256, vocab_cap=0, n_layer=6, n_head=6, n_embd=384,
+                            batch_tokens=16384, micro_batch=64, align_iters=300, max_iters=300, lr=3e-4,
+                            align_lr=6e-4, pretrain_iters=4000, pretrain_lr=1e-3, eval_examples=256)
+ARM_P = {"tasks": ("alpaca_small_task", "code_alpaca"), "case_tasks": ("alpaca_small_task", "code_alpaca"),
+         "task": "alpaca_small_task", "proxies": ("alpaca_gpt4_proxy", "alpaca_small_proxy", "dolly_safety_only"),
+         "lams": (0.3, 1.0, 3.0, 10.0), "proxy_lam": 1.0, "inits": ("scratch", "pretrain"), "refusals": False}
+
 PRESETS = {
     # smoke runs every strategy of the registry, the design's and each other one over its grid
     "smoke": {"train": SMOKE_TRAIN, "power_iters": 20, "strategies": tuple(STRATEGIES)},
@@ -48,6 +65,10 @@ PRESETS = {
                    "grids": {"penalty": (0.3, 1.0, 3.0, 10.0, 30.0, 100.0), "fisher": (1e4, 1e5, 1e6, 1e7, 1e8)}},
     "real-cpu": {"train": REAL_CPU_TRAIN, "report_dir": "results/real-cpu", "seeds": (1, 2),
                  "lams": (1.0, 10.0), "radii": (1.0, 4.0)},
+    "paper-real-cpu": {"train": PAPER_REAL_CPU_TRAIN, "report": "paper-real", "report_dir": "results/paper-real-cpu",
+                       "seeds": (1, 2, 3), "scratch_seeds": (1, 2), "radii": (2.0, 8.0), **ARM_P},
+    "paper-real-gpu": {"train": PAPER_REAL_GPU_TRAIN, "report": "paper-real", "report_dir": "results/paper-real-gpu",
+                       "seeds": (1, 2, 3), "radii": (2.0, 8.0, 32.0), **ARM_P},
     "real-gpu": {"train": REAL_GPU_TRAIN, "report_dir": "results/real-gpu", "seeds": (1, 2, 3),
                  "lams": (1.0, 10.0), "radii": (1.0, 4.0, 16.0), "refusal_limit": 256, "refusal_tokens": 32,
                  "proxies": ("safety_llamas_proxy", "xstest_llama2orig", "rd_llama-2-7b-chat-hf")},

@@ -42,6 +42,7 @@ import torch
 import analysis
 import loaders
 import report
+import report_paper_real
 import theory
 import train
 import worker
@@ -77,7 +78,13 @@ class SweepConfig:
     # real-data grids (presets real-cpu, real-gpu: README "Real data"); registry names or files
     tasks: tuple = ("alpaca_safety_only", "alpaca_small", "code_alpaca")  # D_f of the plain fine-tunes (F2)
     proxies: tuple = ("safety_llamas_proxy", "xstest_llama2orig")  # D_s' of Case I: same teacher first (F1)
-    task: str = "alpaca_small"    # D_f of the Case I and Case II runs
+    task: str = "alpaca_small"    # D_f of the Case I and Case II runs ...
+    case_tasks: tuple = ()        # ... or each of these (default: task)
+    proxy_lam: float = 0.0        # λ of the Case I runs with proxies[1:] (0: lams[0])
+    inits: tuple = ("scratch",)   # where alignment starts: scratch and/or pretrain (θ_pre of the recipe's corpus)
+    scratch_seeds: tuple = ()     # the seeds of the scratch arm when inits has both (default: seeds)
+    pretrain_seed: int = 1        # the seed of the one θ_pre every pretrained θ_0 starts from
+    refusals: bool = True         # greedy refusal rates of every model (arm R; the paper's arm P has none)
     data_dir: str = ""            # the real data folder; default $SAFETY_DATA_DIR
     refusal_limit: int = 128      # prompts per refusal set, greedy decoding ...
     refusal_tokens: int = 24      # ... of this many new tokens
@@ -111,7 +118,8 @@ def parse_args(argv=None):
         if f.name == "grids":
             continue
         if isinstance(f.default, tuple):
-            kind = {"seeds": int, "tasks": str, "proxies": str, "strategies": str}.get(f.name, float)
+            kind = {"seeds": int, "scratch_seeds": int, "tasks": str, "proxies": str, "strategies": str,
+                    "case_tasks": str, "inits": str}.get(f.name, float)
             ap.add_argument(f"--{f.name}", type=lambda s, k=kind: parse_list(s, k), default=None)
         elif isinstance(f.default, bool):
             ap.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None)
@@ -179,17 +187,24 @@ def check_config(sc, recipe=None):
                 raise SweepError(f"--grid {name}: {e}") from None
     grids = ("seeds", "lams", "radii") + (("tasks", "proxies") if is_real(recipe or {}) else ("mismatches", "overlaps"))
     if is_real(recipe or {}):
-        for flag in ("tasks", "proxies", "task"):
+        for flag in ("tasks", "proxies", "task", "case_tasks"):
             for name in getattr(sc, flag) if flag != "task" else (sc.task,):
                 if not all(n in loaders.REGISTRY or os.path.isfile(n) for n in name.split("+")):
                     bad(flag, name, "a loaders.REGISTRY name, a file of (prompt, response) pairs, or 'a+b' of them")
-        names = set(sc.tasks + sc.proxies + (sc.task,))
+        names = set(sc.tasks + sc.proxies + (sc.task,) + sc.case_tasks)
         if len({analysis.short(n) for n in names}) < len(names):
             raise SweepError("--tasks/--proxies/--task: two sets would share a run id (the same file name): "
                              "rename one of the files")
         if sc.refusal_tokens > recipe["block_size"] - 8:
             bad("refusal_tokens", sc.refusal_tokens, f"at most block_size − 8 = {recipe['block_size'] - 8}, "
                 "to leave room for the prompt")
+    for init in sc.inits:
+        if init not in INITS:
+            bad("inits", init, "scratch or pretrain")
+    if "pretrain" in sc.inits and not is_real(recipe or {}):
+        raise SweepError("--inits pretrain pretrains on real general text: use a real-data preset")
+    if sc.scratch_seeds and "scratch" not in sc.inits:
+        bad("scratch_seeds", sc.scratch_seeds, "seeds of the scratch arm, which --inits does not have")
     for flag in ("refusal_limit", "refusal_tokens"):
         if getattr(sc, flag) < 1:
             bad(flag, getattr(sc, flag), "an integer ≥ 1")
@@ -207,8 +222,9 @@ def check_config(sc, recipe=None):
 
 
 # what each flag's values must be, checked in this order: (flags, test of one value, what is valid)
-VALUE_RULES = (("seeds", lambda v: isinstance(v, int) and v >= 0, "an integer ≥ 0"),
+VALUE_RULES = (("seeds scratch_seeds pretrain_seed", lambda v: isinstance(v, int) and v >= 0, "an integer ≥ 0"),
                ("lams radii", lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+               ("proxy_lam", lambda v: math.isfinite(v) and v >= 0, "a finite number ≥ 0 (0: lams[0])"),
                ("mismatches overlaps overlap mismatch", lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]"),
                ("jobs threads power_iters", lambda v: v >= 1, "an integer ≥ 1"),
                ("max_runs", lambda v: v >= 0, "an integer ≥ 0"),
@@ -240,27 +256,51 @@ def strategy_grid(sc, name):
     return tuple(sc.grids.get(name, STRATEGIES[name].grid))
 
 
+INITS = ("scratch", "pretrain")
+
+
+def arms(sc):
+    """(starting point, its seeds, its run-id prefix) of each arm of --inits: a pretrained arm's
+    θ_0s start from the one θ_pre of the recipe (train.py --stage pretrain)."""
+    for init in sc.inits:
+        seeds = sc.scratch_seeds if init == "scratch" and sc.scratch_seeds else sc.seeds
+        yield init, seeds, "" if init == "scratch" else "pre-"
+
+
 def plan(sc, recipe):
-    """The tasks: (on real data, the estimators once,) one align per seed, then its
-    fine-tunes (synthetic_runs or real_runs). A run in two experiments is planned once."""
+    """The tasks: (on real data, the estimators once, and θ_pre if an arm needs it,) one align
+    per arm and seed, then its fine-tunes (synthetic_runs or real_runs). A run in two
+    experiments is planned once."""
     real = is_real(recipe)
     tasks = {"estimate": {"id": "estimate", "kind": "estimate", "deps": [], "dir": os.path.join(sc.out_dir, "estimates"),
                           "tasks": list(dict.fromkeys(sc.tasks + (sc.task,))), "proxies": list(sc.proxies),
                           "safety": recipe["safety_data"], "data_dir": recipe.get("data_dir", "")}} if real else {}
-    for seed in sc.seeds:
-        align_dir = os.path.join(sc.out_dir, "theta0", f"s{seed}")
-        data = {"task_data": sc.task, "proxy_data": sc.proxies[0]} if real else {}
-        tasks[f"align-s{seed}"] = {"id": f"align-s{seed}", "kind": "align", "deps": [], "dir": align_dir,
-                                   "train": dict(recipe, out_dir=align_dir, stage="align", seed=seed, **data)}
-        for rid, knobs, fields in (real_runs if real else synthetic_runs)(sc, seed, align_dir):
-            if rid in tasks:
-                continue
-            run_dir = os.path.join(sc.out_dir, "runs", rid)
-            tasks[rid] = {"id": rid, "kind": "finetune", "dir": run_dir, **fields,
-                          "deps": [f"align-s{seed}"] + fields.get("deps", []),
-                          "train": dict(recipe, out_dir=run_dir, stage="finetune", seed=seed, **knobs,
-                                        theta0=os.path.join(align_dir, "theta0.pt"), eval_interval=recipe["max_iters"])}
-    settings = ({"real": True, "refusal_limit": sc.refusal_limit, "refusal_tokens": sc.refusal_tokens} if real else
+    pre_dir = os.path.join(sc.out_dir, "pretrain")
+    if "pretrain" in sc.inits:
+        tasks["pretrain"] = {"id": "pretrain", "kind": "pretrain", "deps": [], "dir": pre_dir,
+                             "train": dict(recipe, out_dir=pre_dir, stage="pretrain", seed=sc.pretrain_seed)}
+    for init, seeds, prefix in arms(sc):
+        start = {} if init == "scratch" else {"init_from": os.path.join(pre_dir, "theta_pre.pt")}
+        for seed in seeds:
+            align_dir, aid = os.path.join(sc.out_dir, "theta0", f"{prefix}s{seed}"), f"align-{prefix}s{seed}"
+            data = {"task_data": sc.task, "proxy_data": sc.proxies[0]} if real else {}
+            tasks[aid] = {"id": aid, "kind": "align", "deps": [] if init == "scratch" else ["pretrain"],
+                          "dir": align_dir, "train": dict(recipe, out_dir=align_dir, stage="align", seed=seed,
+                                                          **data, **start)}
+            for rid, knobs, fields in (real_runs if real else synthetic_runs)(sc, seed, align_dir):
+                rid = prefix + rid
+                if rid in tasks:
+                    continue
+                run_dir = os.path.join(sc.out_dir, "runs", rid)
+                if "meta" in fields:
+                    fields["meta"]["init"] = init
+                tasks[rid] = {"id": rid, "kind": "finetune", "dir": run_dir, **fields,
+                              "deps": [aid] + fields.get("deps", []),
+                              "train": dict(recipe, out_dir=run_dir, stage="finetune", seed=seed, **knobs, **start,
+                                            theta0=os.path.join(align_dir, "theta0.pt"),
+                                            eval_interval=recipe["max_iters"])}
+    settings = ({"real": True, "refusals": sc.refusals, "refusal_limit": sc.refusal_limit,
+                 "refusal_tokens": sc.refusal_tokens} if real else
                 {"tol_abs": sc.tol_abs, "tol_rel": sc.tol_rel, "power_iters": sc.power_iters, "power_tol": sc.power_tol})
     for t in tasks.values():
         if "train" in t:
@@ -296,14 +336,19 @@ def synthetic_runs(sc, seed, align_dir):
 #
 #     none            D_f ∈ tasks                                    F2
 #     Case I  (loss)  λ ∈ lams with the same-teacher proxies[0],
-#                     and proxies[1:] at lams[0], D_f = task         F1, F4
+#                     and proxies[1:] at proxy_lam, D_f = task       F1, F4
 #     Case II (param) r ∈ radii, D_f = task                          F3
+#
+# (each of case_tasks instead of task, if given), for each arm of `inits`: θ_0 from scratch, or
+# from θ_pre, pretrained once on the general text corpus (corpus.py; run ids "pre-...")
 def real_runs(sc, seed, align_dir):
     """The fine-tunes of one seed of a real-data sweep: (run id, TrainConfig values, task fields)."""
-    for constraint, task, proxy, lam, r in ([("none", t, "", 0.0, 0.0) for t in dict.fromkeys(sc.tasks + (sc.task,))]
-                                            + [("loss", sc.task, sc.proxies[0], lam, 0.0) for lam in sc.lams]
-                                            + [("loss", sc.task, p, sc.lams[0], 0.0) for p in sc.proxies[1:]]
-                                            + [("param", sc.task, "", 0.0, r) for r in sc.radii]):
+    cases = sc.case_tasks or (sc.task,)
+    for constraint, task, proxy, lam, r in ([("none", t, "", 0.0, 0.0) for t in dict.fromkeys(sc.tasks + cases)]
+                                            + [("loss", t, sc.proxies[0], lam, 0.0) for t in cases for lam in sc.lams]
+                                            + [("loss", t, p, sc.proxy_lam or sc.lams[0], 0.0)
+                                               for t in cases for p in sc.proxies[1:]]
+                                            + [("param", t, "", 0.0, r) for t in cases for r in sc.radii]):
         yield (analysis.real_run_id(constraint, task, proxy, lam, r, seed),
                {"constraint": constraint, "task_data": task, "proxy_data": proxy or sc.proxies[0], "lam": lam, "radius": r},
                {"meta": {"constraint": constraint, "task": task, "proxy": proxy, "lam": lam, "radius": r, "seed": seed}})
@@ -390,6 +435,8 @@ def done_tasks(sc, tasks, rows):
     their landscape (real data: refusals), and estimates of these sets. A stale row of an unplanned run is kept."""
     done = set() if sc.refresh else {r["run_id"] for r in rows}
     for t in tasks.values():
+        if t["kind"] == "pretrain" and worker.has_theta_pre(t["dir"], train.TrainConfig(**t["train"])):
+            done.add(t["id"])
         if t["kind"] == "align" and not (sc.refresh and t.get("real")):  # --refresh: a real θ_0's refusals again
             marker = "refusals.json" if t.get("real") else "landscape.json"  # written after θ_0 itself
             if os.path.exists(os.path.join(t["dir"], marker)) and worker.has_theta0(t["dir"], train.TrainConfig(**t["train"])):
@@ -419,7 +466,7 @@ def run_sweep(sc, recipe):
     print(f"sweep {sc.preset}: {n_runs} runs ({n_runs - sum(t['kind'] == 'finetune' for t in todo)} already done), "
           f"{len(sc.seeds)} seeds, {sc.jobs} at a time, out_dir {sc.out_dir}")
     # align first, then the unconstrained runs that radius runs wait for, then the rest
-    order = {"align": 0, "estimate": 1, "none": 1, "loss": 2}  # then param and every other strategy
+    order = {"pretrain": 0, "align": 0, "estimate": 1, "none": 1, "loss": 2}  # then param and every other strategy
     todo.sort(key=lambda t: order.get(t["kind"] if t["kind"] != "finetune" else t["train"]["constraint"], 3))
     executor = InlineExecutor() if sc.jobs <= 1 else ProcessPoolExecutor(
         sc.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads, initargs=(1,))
@@ -464,7 +511,8 @@ def run_sweep(sc, recipe):
         print(f"stopped after --max_runs {sc.max_runs}; run the same command without it to continue")
         return None
     rows = [r for r in read_rows(csv_path) if r["run_id"] in tasks]
-    write = (report.write_report_real if is_real(recipe) else
+    write = (report_paper_real.write_report if PRESETS[sc.preset].get("report") == "paper-real" else
+             report.write_report_real if is_real(recipe) else
              report.write_report_strategies if PRESETS[sc.preset].get("report") == "strategies" else report.write_report)
     write(sc, recipe, rows, state, home=PRESETS[sc.preset].get("report_dir"))  # a home report goes into README.md
     return rows
@@ -473,8 +521,13 @@ def run_sweep(sc, recipe):
 def record(sc, tasks, t, result, rows, csv_path, elapsed):
     """Print what a finished task measured; a fine-tune's row replaces any older row of its run
     in results.csv. Returns the rows."""
+    if t["kind"] == "pretrain":
+        print(f"  θ_pre: held-out general text {result['general_loss']:.3f} nats/token, unigram entropy "
+              f"{result['unigram_entropy']:.3f} ({elapsed:.0f} s in)")
     if t["kind"] == "align":
-        print(f"  {t['id']}: θ_0 aligned, " + (f"refuses {result['refusal_safety_llamas_eval']:.2f} of held-out D_s, "
+        print(f"  {t['id']}: θ_0 aligned, " + (f"held-out ℓ_s {result['safety_loss']:.1f}" if t.get("real") and
+                                                not t.get("refusals") else
+              f"refuses {result['refusal_safety_llamas_eval']:.2f} of held-out D_s, "
               f"{result['refusal_rd_harmless_val']:.2f} of harmless prompts" if t.get("real") else
               f"λ_max(H_s) {result['hessian_top_eig_s']:.4g}") + f" ({elapsed:.0f} s in)")
     elif t["kind"] == "estimate":
@@ -490,8 +543,8 @@ def record(sc, tasks, t, result, rows, csv_path, elapsed):
     rows = sorted([r for r in rows if r["run_id"] != t["id"]] + [result],
                   key=lambda r: place.get(r["run_id"], len(place)))
     write_rows(csv_path, rows)
-    what = (f"ℓ_s {result['safety_loss']:.2f} ℓ_f {result['capability_loss']:.2f} refuses "
-            f"{result['refusal_safety_llamas_eval']:.2f}" if t.get("real") else
+    what = (f"ℓ_s {result['safety_loss']:.2f} ℓ_f {result['capability_loss']:.2f}"
+            + (f" refuses {result['refusal_safety_llamas_eval']:.2f}" if t.get("refusals") else "") if t.get("real") else
             f"G_s {result['safety_gap']:.4f} G_f {result['capability_gap']:.4f}")
     n_runs = sum(x["kind"] == "finetune" for x in tasks.values())
     print(f"  [{sum(r['run_id'] in tasks for r in rows)}/{n_runs}] {t['id']}: {what} "

@@ -1,11 +1,14 @@
 """
 Where a run runs: the device and dtype, the process group under torchrun (DDP), and the run
 folder with its log. train.py and bench.py set up through here; nothing in it knows about
-the theory or the data.
+the theory or the data; run_info and print_table are what a run records and prints about itself.
 """
 
 import json
 import os
+import subprocess
+import sys
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -106,3 +109,22 @@ class Log:
             with open(self.path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
                 f.flush()
+
+
+def print_table(metrics):
+    keys = ["safety_loss", "capability_loss", "safety_gap", "capability_gap", "distance"]
+    print(f"{'(nats/seq)':<12}" + "".join(f"{k:>17}" for k in keys))
+    for row in ("aligned", "finetuned"):
+        # gaps are None on real data (the entropies H_D are unknown)
+        print(f"{row:<12}" + "".join(f"{'n/a' if metrics[row][k] is None else format(metrics[row][k], '.4f'):>17}"
+                                     for k in keys))
+
+
+def run_info(argv):
+    try:
+        git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.abspath(__file__)), timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        git = ""
+    return {"argv": list(sys.argv[:1]) + list(argv if argv is not None else sys.argv[1:]),
+            "git": git or None, "torch": torch.__version__, "time": time.strftime("%Y-%m-%d %H:%M:%S")}

@@ -331,10 +331,16 @@ def build_vocab(names, data_dir="", cache_dir="", cap=0):
         names = list(names) + [n for n, spec in REGISTRY.items() if spec.role in TRAIN_ROLES]
     except DataError:  # no data folder: a run on the user's own files alone
         d = ""
+    # a part of a file that the registry also holds whole adds nothing (arm P's alpaca_small_task is
+    # counted once, as alpaca_small); a file held only as parts (safety_llamas) counts once per part,
+    # as it always has, so that the vocabulary of every θ_0 saved before stays what it was
+    whole = {spec.path for spec in REGISTRY.values() if spec.role in TRAIN_ROLES and not spec.part}
     seen, counts = set(), np.zeros(N_GPT2, dtype=np.int64)
     for n in [part for name in names for part in name.split("+")]:
         if n in seen or (n in REGISTRY and not os.path.isfile(os.path.join(d, REGISTRY[n].path))):
             continue  # a registry set missing from a partial folder adds no tokens
+        if n in REGISTRY and REGISTRY[n].part and REGISTRY[n].path in whole:
+            continue
         seen.add(n)
         ts = tokenized(n, data_dir, cache_dir)
         counts += np.bincount(ts.p_tok, minlength=N_GPT2) + np.bincount(ts.r_tok, minlength=N_GPT2)
@@ -420,6 +426,14 @@ class RealData:
         self.eval_sets = {part: self._prepare(name, held[part]) for part, name in (("safety", rc.safety),
                                                                                   ("task", rc.task))}
         self.eval_prompts = {part: ts.prompts for part, ts in held.items()}
+        # the proxy's own losses, for Case I's fit of D_s' (evaluate.proxy_metrics): on examples it
+        # trains on, and on its file's held-out part where it is a part of a split (else none)
+        first = lambda ts: ts.subset(np.argsort(ts.keys, kind="stable")[:rc.eval_examples])
+        self.eval_sets["proxy_train"] = self._prepare(rc.proxy, first(train["proxy"]))
+        spec = REGISTRY.get(rc.proxy)
+        if spec is not None and spec.part:
+            self.eval_sets["proxy_heldout"] = self._prepare(rc.proxy, first(train_and_heldout(rc.proxy, rc.data_dir,
+                                                                                               cache_dir)[1]))
         # prompt identities of every part, to check that no prompt is in two of them
         self.keys = {**{part: ts.keys for part, ts in train.items()},
                      **{f"{part}_eval": ts.keys for part, ts in held.items()}}

@@ -6,9 +6,11 @@ Align, then fine-tune under a constraint (THEORY.md §2–§3).
     python train.py --constraint param --radius 0.1      # Case II: ‖θ − θ_0‖ ≤ r
     torchrun --standalone --nproc_per_node=2 train.py    # DDP (nccl on GPUs, gloo on CPU)
 
-Stage `align` trains θ_0 on the original safety data D_s; stage `finetune` starts from
+Stage `align` trains θ_0 on the original safety data D_s, from --init_from (scratch, a
+checkpoint such as θ_pre, or gpt2 with --hf_dir: startpoints.py); stage `finetune` starts from
 θ_0 and fits the task data D_f under the chosen strategy; `all` (default) runs both and
-reuses a saved θ_0 whose configuration matches. Every run writes into --out_dir:
+reuses a saved θ_0 whose configuration matches. Stage `pretrain` (real data) trains θ_pre on
+the general text corpus of corpus.py, for --init_from. Every run writes into --out_dir:
 config.json, log.jsonl (one object per evaluation), checkpoints and metrics.json.
 """
 
@@ -18,9 +20,7 @@ import hashlib
 import json
 import math
 import os
-import subprocess
 import sys
-import time
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from common import ConfigError, DataError, atomic_write_json
 from constraints import STRATEGIES, make_strategy
+from corpus import DEFAULT_CORPUS, Corpus, CorpusConfig
 from data import WorldConfig
 from evaluate import evaluate
 from model import (
@@ -40,7 +41,8 @@ from model import (
     load_checkpoint,
     params_hash,
 )
-from system import Log, prepare_out_dir, setup_system
+from startpoints import check_init, init_identity, init_vocab, initial_model, pretrain_key
+from system import Log, prepare_out_dir, print_table, run_info, setup_system
 from textdata import RealDataConfig, make_source
 
 # -----------------------------------------------------------------------------
@@ -51,7 +53,9 @@ from textdata import RealDataConfig, make_source
 class TrainConfig:
     # I/O
     out_dir: str = "out"          # run folder: config.json, log.jsonl, checkpoints, metrics.json
-    stage: str = "all"            # align | finetune | all
+    stage: str = "all"            # pretrain | align | finetune | all (align + finetune)
+    init_from: str = "scratch"    # alignment starts from: scratch | a checkpoint (θ_pre) | gpt2 (with --hf_dir)
+    hf_dir: str = ""              # a local Hugging Face GPT-2 folder, for --init_from gpt2
     theta0: str = ""              # θ_0 checkpoint to fine-tune from; default <out_dir>/theta0.pt
     resume: bool = False          # continue the run in out_dir from its latest checkpoint
     eval_interval: int = 250      # steps between exact evaluations (and checkpoints)
@@ -73,6 +77,10 @@ class TrainConfig:
     restrict_vocab: bool = True   # real data: output vocabulary = the data folder's tokens (CPU speed)
     vocab_cap: int = 0            # real data: keep only the N most frequent of them, the rest UNK (0: all)
     eval_examples: int = 256      # real data: held-out examples of D_s and of D_f per evaluation
+    # pretraining (--stage pretrain, real data; corpus.py)
+    pretrain_data: str = DEFAULT_CORPUS   # '+'-joined corpus sources
+    pretrain_iters: int = 2000
+    pretrain_lr: float = 3e-3
     # model
     n_layer: int = 2
     n_head: int = 4
@@ -138,8 +146,11 @@ def parse_args(argv=None, cls=TrainConfig):
 
 def check_config(cfg):
     """Reject bad values before anything is written."""
-    if cfg.stage not in ("align", "finetune", "all"):
-        raise ConfigError(f"--stage {cfg.stage!r} is unknown: choose align, finetune or all")
+    if cfg.stage not in ("pretrain", "align", "finetune", "all"):
+        raise ConfigError(f"--stage {cfg.stage!r} is unknown: choose pretrain, align, finetune or all")
+    if cfg.stage == "pretrain" and cfg.data != "real":
+        raise ConfigError("--stage pretrain trains on real general text: add --data real")
+    check_init(cfg)
     if cfg.constraint not in STRATEGIES:
         raise ConfigError(f"--constraint {cfg.constraint!r} is unknown: choose one of {', '.join(STRATEGIES)}")
     # every strategy's flags, so a bad value never waits for its use; the chosen one's first, so
@@ -149,7 +160,7 @@ def check_config(cfg):
             strategy.check(dataclasses.asdict(cfg))
         except ValueError as e:
             raise ConfigError(str(e)) from None
-    for name in ("lr", "align_lr", "weight_decay", "grad_clip"):
+    for name in ("lr", "align_lr", "pretrain_lr", "weight_decay", "grad_clip"):
         v = getattr(cfg, name)
         if not (v >= 0 and math.isfinite(v)):
             raise ConfigError(f"--{name} {v} must be a finite number ≥ 0")
@@ -157,7 +168,7 @@ def check_config(cfg):
         v = getattr(cfg, name)
         if not 0.0 <= v <= 1.0:
             raise ConfigError(f"--{name} {v} is outside [0, 1]: pass a value between 0 and 1")
-    for name in ("align_iters", "max_iters", "eval_interval", "log_interval", "batch_tokens",
+    for name in ("align_iters", "max_iters", "pretrain_iters", "eval_interval", "log_interval", "batch_tokens",
                  "micro_batch", "n_layer", "n_head", "n_embd"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name} {getattr(cfg, name)} must be at least 1")
@@ -184,6 +195,13 @@ def make_world(cfg, vocab=()):
     return make_source(cfg.data, world_config(cfg), real)
 
 
+def make_corpus(cfg):
+    """The general text of the pretrain stage (corpus.py), in the vocabulary later runs use."""
+    return Corpus(CorpusConfig(sources=cfg.pretrain_data, data_dir=cfg.data_dir, block_size=cfg.block_size,
+                               restrict_vocab=cfg.restrict_vocab, vocab_cap=cfg.vocab_cap,
+                               eval_examples=cfg.eval_examples))
+
+
 # fields added to ALIGN_FIELDS later enter the key only when set, so that every θ_0 saved
 # before them keeps its identity
 LATER_ALIGN_FIELDS = ("align_helpful",)
@@ -195,6 +213,8 @@ def align_key(cfg):
     for k in LATER_ALIGN_FIELDS:
         if fields[k] == getattr(TrainConfig, k):
             del fields[k]
+    if cfg.init_from != "scratch":  # the starting point's weights, not its path (startpoints.py)
+        fields["init"] = init_identity(cfg)
     blob = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -285,6 +305,9 @@ def all_reduce_mean(t, sys_):
     return t
 
 
+STREAM_SEEDS = {"align": 0, "finetune": 1, "pretrain": 4}  # 2: the proxy stream, 3: a Fisher metric's
+
+
 class Streams:
     """The batches of a stage, one seeded generator per dataset, so that Case I's proxy draws
     never shift the task batches: `--lam 0` then reproduces `--constraint none` bit for bit.
@@ -295,8 +318,8 @@ class Streams:
         self.world, self.sys_ = world, sys_
         self.global_seqs, self.accum = batch_shape(cfg, world.seq_len, sys_)
         self.local_seqs = self.global_seqs // sys_.world_size
-        self.main = "safety" if stage == "align" else "task"
-        self.gens = {self.main: torch.Generator().manual_seed(cfg.seed * 1000 + (0 if stage == "align" else 1))}
+        self.main = {"pretrain": "general", "align": "safety", "finetune": "task"}[stage]
+        self.gens = {self.main: torch.Generator().manual_seed(cfg.seed * 1000 + STREAM_SEEDS[stage])}
         if with_proxy:
             self.gens["proxy"] = torch.Generator().manual_seed(cfg.seed * 1000 + 2)
 
@@ -344,12 +367,13 @@ def evaluate_and_save(stage, step, train_loss, model, world, cfg, sys_, log, ckp
 def run_stage(stage, model, world, cfg, sys_, log, ckpt_path, constraint, theta0_hash, resume_ckpt):
     """Train `model` in place for one stage and return it.
 
+    pretrain: min next-token loss on every token of the general text corpus
     align:    min ℓ_s on batches of the original safety data D_s
     finetune: min ℓ_f (+ λ·ℓ_s' under Case I) starting from θ_0, with the constraint's
               gradient hook and projection around every optimizer step
     """
-    iters = cfg.align_iters if stage == "align" else cfg.max_iters
-    peak = cfg.align_lr if stage == "align" else cfg.lr
+    iters = {"pretrain": cfg.pretrain_iters, "align": cfg.align_iters, "finetune": cfg.max_iters}[stage]
+    peak = {"pretrain": cfg.pretrain_lr, "align": cfg.align_lr, "finetune": cfg.lr}[stage]
     params = flat_params(model)
     optimizer = make_optimizer(model, cfg, peak, sys_)
     scaler = torch.amp.GradScaler(sys_.device_type, enabled=sys_.ptdtype == torch.float16)
@@ -394,7 +418,7 @@ def run_stage(stage, model, world, cfg, sys_, log, ckpt_path, constraint, theta0
                 bar.close()
                 raise FloatingPointError(
                     f"{stage}: the loss became NaN or inf at step {first_bad.item()}; the last good "
-                    f"checkpoint is kept in {ckpt_path}: lower --lr or --{'align_lr' if stage == 'align' else 'lr'}")
+                    f"checkpoint is kept in {ckpt_path}: lower --{'lr' if stage == 'finetune' else stage + '_lr'}")
             bar.set_postfix(loss=f"{all_reduce_mean(loss_sum, sys_).item() / cfg.log_interval:.4f}")
             loss_sum.zero_()
         if step % cfg.eval_interval == 0 or step == iters:
@@ -430,10 +454,33 @@ def try_resume(path, cfg, stage):
     return ckpt
 
 
-def align(cfg, sys_, log, theta0_path):
-    """Stage 1: θ_0 = argmin ℓ_s on D_s, trained from scratch; saved to theta0_path."""
-    world = make_world(cfg)
+def pretrain(cfg, sys_, log, path):
+    """Stage 0 (real data): θ_pre = argmin of the next-token loss on the general text corpus,
+    from scratch; saved to path with the corpus's statistics (its unigram entropy: the loss
+    of a model that ignores context)."""
+    world = make_corpus(cfg)
     model = new_model(cfg, world, sys_)
+    resume_path = os.path.join(cfg.out_dir, "pretrain_ckpt.pt")
+    ckpt = try_resume(resume_path, cfg, "pretrain")
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+    run_stage("pretrain", model, world, cfg, sys_, log, resume_path, None, None, ckpt)
+    if sys_.master:
+        atomic_torch_save({"format": CHECKPOINT_FORMAT, "kind": "theta_pre", "model": model.state_dict(),
+                           "model_config": dataclasses.asdict(model.config),
+                           "world_config": dataclasses.asdict(world.wc), "config": dataclasses.asdict(cfg),
+                           "pretrain_key": pretrain_key(cfg), "params_hash": params_hash(model),
+                           "corpus": dict(world.stats, **evaluate(model, world, sys_.device))}, path)
+        os.remove(resume_path)
+    if sys_.ddp:
+        torch.distributed.barrier()
+    return model
+
+
+def align(cfg, sys_, log, theta0_path):
+    """Stage 1: θ_0 = argmin ℓ_s on D_s, trained from --init_from; saved to theta0_path."""
+    world = make_world(cfg, init_vocab(cfg))  # a θ_pre's tokens mean what they meant in pretraining
+    model = initial_model(cfg, world, sys_)
     resume_path = os.path.join(cfg.out_dir, "align_ckpt.pt")
     ckpt = try_resume(resume_path, cfg, "align")
     if ckpt is not None:
@@ -500,31 +547,21 @@ def finetune(cfg, sys_, log, theta0_ckpt):
             "radius": cfg.radius, "lam": cfg.lam, "overlap": cfg.overlap, "mismatch": cfg.mismatch}
 
 
-def print_table(metrics):
-    keys = ["safety_loss", "capability_loss", "safety_gap", "capability_gap", "distance"]
-    print(f"{'(nats/seq)':<12}" + "".join(f"{k:>17}" for k in keys))
-    for row in ("aligned", "finetuned"):
-        # gaps are None on real data (the entropies H_D are unknown)
-        print(f"{row:<12}" + "".join(f"{'n/a' if metrics[row][k] is None else format(metrics[row][k], '.4f'):>17}"
-                                     for k in keys))
-
-
-def run_info(argv):
-    try:
-        git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=os.path.dirname(os.path.abspath(__file__)), timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        git = ""
-    return {"argv": list(sys.argv[:1]) + list(argv if argv is not None else sys.argv[1:]),
-            "git": git or None, "torch": torch.__version__, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-
-
 def main(cfg, argv=None):
     check_config(cfg)
-    world = make_world(cfg)  # raises DataError on an impossible world or unreadable data
+    # raises DataError on an impossible world or unreadable data
+    world = make_corpus(cfg) if cfg.stage == "pretrain" else make_world(cfg, init_vocab(cfg))
     sys_ = setup_system(cfg)
     batch_shape(cfg, world.seq_len, sys_)  # raises ConfigError on a batch that does not divide
     theta0_path = cfg.theta0 or os.path.join(cfg.out_dir, "theta0.pt")
+    theta_pre_path = os.path.join(cfg.out_dir, "theta_pre.pt")
+    if cfg.stage == "pretrain" and os.path.exists(theta_pre_path):
+        if load_checkpoint(theta_pre_path).get("pretrain_key") == pretrain_key(cfg):
+            print(f"θ_pre at {theta_pre_path} was pretrained with this recipe: nothing to do")
+            return None
+        print(f"θ_pre at {theta_pre_path} was pretrained with another recipe; pretraining again")
+    if cfg.init_from != "scratch":
+        initial_model(cfg, world, sys_)  # raises on a starting point of another shape or vocabulary
     explicit_theta0 = bool(cfg.theta0)
     theta0_ckpt = None
     if cfg.stage in ("finetune", "all"):
@@ -541,7 +578,7 @@ def main(cfg, argv=None):
         return rec.get("step", 0) <= keep_steps.get(rec.get("stage"), -1)
     keep_steps = {}
     if cfg.resume:
-        for stage, name in (("align", "align_ckpt.pt"), ("finetune", "ckpt.pt")):
+        for stage, name in (("pretrain", "pretrain_ckpt.pt"), ("align", "align_ckpt.pt"), ("finetune", "ckpt.pt")):
             p = os.path.join(cfg.out_dir, name)
             if os.path.exists(p):
                 keep_steps[stage] = load_checkpoint(p)["step"]
@@ -549,6 +586,9 @@ def main(cfg, argv=None):
             keep_steps.setdefault("align", cfg.align_iters)
     log = Log(os.path.join(cfg.out_dir, "log.jsonl"), sys_.master, keep if cfg.resume else None)
 
+    if cfg.stage == "pretrain":
+        pretrain(cfg, sys_, log, theta_pre_path)
+        return None
     if cfg.stage == "align" or (cfg.stage in ("finetune", "all") and theta0_ckpt is None):
         align(cfg, sys_, log, theta0_path)
         theta0_ckpt = load_checkpoint(theta0_path)

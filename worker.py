@@ -16,6 +16,7 @@ import torch
 
 import analysis
 import estimators
+import startpoints
 import theory
 import train
 from common import DataError, SweepError, atomic_write_json
@@ -26,7 +27,15 @@ from model import CheckpointError, load_checkpoint, model_from_checkpoint
 def has_theta0(align_dir, cfg):
     """Is there a θ_0 in align_dir that train.py (as the code stands now) accepts for cfg?"""
     theta0 = os.path.join(align_dir, "theta0.pt")
+    if cfg.init_from not in ("scratch", "gpt2") and not os.path.exists(cfg.init_from):
+        return False  # its θ_pre is not trained yet
     return os.path.exists(theta0) and load_checkpoint(theta0).get("align_key") == train.align_key(cfg)
+
+
+def has_theta_pre(pre_dir, cfg):
+    """Is there a θ_pre in pre_dir pretrained with cfg's recipe?"""
+    path = os.path.join(pre_dir, "theta_pre.pt")
+    return os.path.exists(path) and load_checkpoint(path).get("pretrain_key") == startpoints.pretrain_key(cfg)
 
 
 def finished(run_dir):
@@ -50,6 +59,8 @@ def execute(task):
     # --refresh on a trained run: its theory (real data: its refusals) is reported again, not its training
     refresh = task.get("refresh") and (os.path.exists(os.path.join(task["dir"], "metrics.json")) if task.get("real")
                                        else task["kind"] == "finetune" and finished(task["dir"]))
+    if task["kind"] == "pretrain":
+        return pretrain(task, cfg, t0, cpu0)
     if not refresh and (task["kind"] == "finetune" or not has_theta0(task["dir"], cfg)):
         with open(os.path.join(task["dir"], "sweep_train.out"), "w") as f, redirect_stdout(f), redirect_stderr(f):
             train.main(cfg, argv=[])
@@ -84,12 +95,55 @@ def execute(task):
     return row
 
 
+def pretrain(task, cfg, t0, cpu0):
+    """θ_pre (train.py --stage pretrain) unless it exists; its corpus statistics and held-out loss."""
+    if not has_theta_pre(task["dir"], cfg):
+        with open(os.path.join(task["dir"], "sweep_train.out"), "w") as f, redirect_stdout(f), redirect_stderr(f):
+            train.main(cfg, argv=[])
+    stats = load_checkpoint(os.path.join(task["dir"], "theta_pre.pt"))["corpus"]
+    path = os.path.join(task["dir"], "pretrain.json")
+    out = dict(stats, train_seconds=round(time.time() - t0, 2), cpu_seconds=round(time.process_time() - cpu0, 2))
+    if os.path.exists(path):  # trained before this invocation: keep its training's timing
+        out.update({k: json.load(open(path)).get(k) for k in ("train_seconds", "cpu_seconds")})
+    atomic_write_json(path, out)
+    return out
+
+
 def measure_real(task, train_s, t1, cpu0):
     """Refusal rates (Wilson intervals) of a real θ_0 (to refusals.json) or fine-tune on each of
-    analysis.REFUSAL_SETS, as flat columns; a fine-tune's row adds its held-out losses."""
+    analysis.REFUSAL_SETS, as flat columns (without task["refusals"], none); a fine-tune's row adds
+    its held-out losses and the proxy's (evaluate.proxy_metrics)."""
     import evaluate
     ckpt = load_checkpoint(os.path.join(task["dir"], "theta0.pt" if task["kind"] == "align" else "ckpt.pt"))
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    row = refusal_columns(task, ckpt, device) if task.get("refusals", True) else {}
+    row.update(train_seconds=round(train_s, 2), eval_seconds=round(time.time() - t1, 2),
+               cpu_seconds=round(time.process_time() - cpu0, 2))
+    if task["kind"] == "align":
+        path = os.path.join(task["dir"], "refusals.json")
+        if task.get("refresh") and os.path.exists(path):  # θ_0 was not trained again: keep its training's timing
+            row.update({k: json.load(open(path)).get(k) for k in ("train_seconds", "cpu_seconds")})
+        last = [json.loads(line) for line in open(os.path.join(task["dir"], "log.jsonl"))][-1]
+        row.update(safety_loss=last["safety_loss"], capability_loss=last["capability_loss"])
+        atomic_write_json(path, row)
+        return row
+    metrics = json.load(open(os.path.join(task["dir"], "metrics.json")))
+    a, f = metrics["aligned"], metrics["finetuned"]
+    cfg = train.TrainConfig(**task["train"])
+    world = train.make_world(cfg, ckpt["world_config"].get("vocab", ()))
+    proxy = evaluate.proxy_metrics(model_from_checkpoint(ckpt).to(device).eval(), world, device)
+    seqs = cfg.batch_tokens // world.seq_len  # proxy sequences per step under Case I
+    proxy["proxy_epochs"] = cfg.max_iters * seqs / proxy["proxy_examples"] if cfg.constraint == "loss" else 0.0
+    row.update(eval_seconds=round(time.time() - t1, 2), cpu_seconds=round(time.process_time() - cpu0, 2))
+    return {"run_id": task["id"], **task["meta"], "safety_loss": f["safety_loss"],
+            "capability_loss": f["capability_loss"], "safety_increase": f["safety_loss"] - a["safety_loss"],
+            "capability_gain": a["capability_loss"] - f["capability_loss"], "distance": f["distance"],
+            "aligned_safety_loss": a["safety_loss"], "aligned_capability_loss": a["capability_loss"], **proxy, **row}
+
+
+def refusal_columns(task, ckpt, device):
+    """Greedy refusal rates of the checkpoint's model on analysis.REFUSAL_SETS, with Wilson intervals."""
+    import evaluate
     rep = evaluate.refusal_report(model_from_checkpoint(ckpt).to(device).eval(), evaluate.codec_of(ckpt),
                                   ckpt["world_config"].get("data_dir", ""),
                                   harmful=[k for k, v in analysis.REFUSAL_SETS.items() if v == "harmful"],
@@ -99,20 +153,7 @@ def measure_real(task, train_s, t1, cpu0):
     for name, r in rep.items():
         row.update({f"refusal_{name}": r["rate"], f"refusal_{name}_low": r["ci_low"],
                     f"refusal_{name}_high": r["ci_high"], f"refusal_{name}_n": float(r["n"])})
-    row.update(train_seconds=round(train_s, 2), eval_seconds=round(time.time() - t1, 2),
-               cpu_seconds=round(time.process_time() - cpu0, 2))
-    if task["kind"] == "align":
-        path = os.path.join(task["dir"], "refusals.json")
-        if task.get("refresh") and os.path.exists(path):  # θ_0 was not trained again: keep its training's timing
-            row.update({k: json.load(open(path)).get(k) for k in ("train_seconds", "cpu_seconds")})
-        atomic_write_json(path, row)
-        return row
-    metrics = json.load(open(os.path.join(task["dir"], "metrics.json")))
-    a, f = metrics["aligned"], metrics["finetuned"]
-    return {"run_id": task["id"], **task["meta"], "safety_loss": f["safety_loss"],
-            "capability_loss": f["capability_loss"], "safety_increase": f["safety_loss"] - a["safety_loss"],
-            "capability_gain": a["capability_loss"] - f["capability_loss"], "distance": f["distance"],
-            "aligned_safety_loss": a["safety_loss"], "aligned_capability_loss": a["capability_loss"], **row}
+    return row
 
 
 def estimate(task):

@@ -1,0 +1,140 @@
+"""
+Where alignment starts (THEORY.md §1, "starting points"), nanoGPT's --init_from convention:
+
+    scratch        random weights, a function of the seed (the default)
+    <path>         a checkpoint of this project: θ_pre of `--stage pretrain`, or any θ_0 or run
+    gpt2           GPT-2's weights from a local Hugging Face folder (--hf_dir), full vocabulary
+
+A starting point is part of θ_0's identity: align_key holds the hash of its weights (not its
+path, so a moved file keeps its θ_0s), and a θ_pre's corpus may not contain a set the run
+trains or evaluates on. The model's shape and vocabulary must be the run's; the positional
+embedding is cut to the run's block size (nanoGPT's crop_block_size).
+"""
+
+import functools
+import hashlib
+import os
+
+import torch
+
+from common import ConfigError
+from model import GPT, CheckpointError, GPTConfig, load_checkpoint, load_hf_gpt2, params_hash
+
+PRETRAIN_FIELDS = ("n_layer", "n_head", "n_embd", "pretrain_iters", "pretrain_lr", "warmup_iters", "weight_decay",
+                   "grad_clip", "batch_tokens", "seed", "data_dir", "block_size", "restrict_vocab", "vocab_cap",
+                   "pretrain_data")
+
+
+def pretrain_key(cfg):
+    """Identity of a pretraining recipe: a saved θ_pre is reused only when it matches."""
+    blob = repr(sorted((k, getattr(cfg, k)) for k in PRETRAIN_FIELDS))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def check_init(cfg):
+    """Reject a bad --init_from/--hf_dir before anything is written."""
+    if cfg.init_from == "gpt2":
+        if not cfg.hf_dir:
+            raise ConfigError("--init_from gpt2 needs --hf_dir DIR, a local Hugging Face GPT-2 folder "
+                              "(`huggingface-cli download gpt2 --local-dir DIR`)")
+        if not os.path.isdir(cfg.hf_dir):
+            raise ConfigError(f"--hf_dir {cfg.hf_dir} is not a folder")
+        if cfg.restrict_vocab:
+            raise ConfigError("--init_from gpt2 keeps GPT-2's full vocabulary: add --no-restrict_vocab")
+    elif cfg.init_from != "scratch":
+        if not os.path.isfile(cfg.init_from):
+            raise ConfigError(f"--init_from {cfg.init_from}: no such checkpoint; choose scratch, gpt2 (with "
+                              f"--hf_dir) or the path of a checkpoint (θ_pre: `python train.py --stage pretrain`)")
+    elif cfg.hf_dir:
+        raise ConfigError("--hf_dir is read by --init_from gpt2 only: add it or drop --hf_dir")
+    if cfg.init_from != "scratch" and cfg.stage == "pretrain":
+        raise ConfigError("--stage pretrain trains θ_pre from scratch: drop --init_from")
+
+
+@functools.lru_cache(maxsize=8)
+def _weights_id(kind, path, stamp):
+    if kind == "gpt2":
+        return "gpt2:" + params_hash(load_hf_gpt2(path))
+    ckpt = load_checkpoint(path)
+    return f"{ckpt.get('kind')}:" + (ckpt.get("params_hash") or ckpt.get("theta0_hash") or
+                                     params_hash(model_of(ckpt)))
+
+
+def init_identity(cfg):
+    """'' for scratch, else the kind and weight hash of the starting point (for align_key)."""
+    if cfg.init_from == "scratch":
+        return ""
+    path = cfg.hf_dir if cfg.init_from == "gpt2" else cfg.init_from
+    stamp = tuple((os.path.getmtime(p), os.path.getsize(p)) for p in ([path] if os.path.isfile(path) else
+                  [os.path.join(path, f) for f in sorted(os.listdir(path))]))
+    return _weights_id(cfg.init_from if cfg.init_from == "gpt2" else "ckpt", path, stamp)
+
+
+def model_of(ckpt):
+    model = GPT(GPTConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model
+
+
+def init_checkpoint(cfg):
+    """The checkpoint of --init_from <path>, checked to be a model; None for scratch or gpt2."""
+    if cfg.init_from in ("scratch", "gpt2"):
+        return None
+    ckpt = load_checkpoint(cfg.init_from)
+    if "model" not in ckpt or "model_config" not in ckpt:
+        raise CheckpointError(f"--init_from {cfg.init_from} holds no model weights")
+    return ckpt
+
+
+def init_vocab(cfg):
+    """The compact vocabulary of --init_from <path> (() for scratch and gpt2): alignment reads
+    tokens as the starting point learned them. Another vocabulary recipe is refused."""
+    ckpt = init_checkpoint(cfg)
+    if ckpt is None:
+        return ()
+    for k in ("restrict_vocab", "vocab_cap"):
+        saved = ckpt.get("config", {}).get(k, getattr(cfg, k))
+        if saved != getattr(cfg, k):
+            raise CheckpointError(f"--init_from {cfg.init_from} has another vocabulary (--{k} {saved}; this run "
+                                  f"{getattr(cfg, k)}): pass --{k} {saved}")
+    return tuple(ckpt.get("world_config", {}).get("vocab", ()))
+
+
+def check_corpus(ckpt, cfg):
+    """A θ_pre may not have been pretrained on a set this run trains or evaluates on."""
+    corpus = set(ckpt.get("config", {}).get("pretrain_data", "").split("+")) - {""}
+    used = {n for name in (cfg.safety_data, cfg.proxy_data, cfg.task_data, cfg.align_helpful) for n in name.split("+")}
+    if corpus & used:
+        raise CheckpointError(f"--init_from {cfg.init_from} was pretrained on {', '.join(sorted(corpus & used))}, "
+                              f"which this run trains or evaluates on: pretrain without it (--pretrain_data)")
+
+
+def initial_model(cfg, world, sys_):
+    """The model alignment starts from, on sys_.device: checked against the run's shape and
+    vocabulary, its positional embedding cut to the run's block size."""
+    torch.manual_seed(cfg.seed)  # scratch: initial weights are a function of the seed alone
+    mc = GPTConfig(block_size=world.block_size, vocab_size=world.vocab_size,
+                   n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
+    model = GPT(mc)
+    if cfg.init_from == "scratch":
+        return model.to(sys_.device)
+    if cfg.init_from == "gpt2":
+        src, what = load_hf_gpt2(cfg.hf_dir), f"--hf_dir {cfg.hf_dir}"
+        src_cfg, src_state = src.config, src.state_dict()
+    else:
+        ckpt = init_checkpoint(cfg)
+        check_corpus(ckpt, cfg)
+        src_cfg, src_state, what = GPTConfig(**ckpt["model_config"]), ckpt["model"], f"--init_from {cfg.init_from}"
+        assert tuple(ckpt.get("world_config", {}).get("vocab", ())) == tuple(getattr(world.wc, "vocab", ())), \
+            "the world of a run from a checkpoint is built in its vocabulary (init_vocab)"
+    shape = {k: getattr(src_cfg, k) for k in ("n_layer", "n_head", "n_embd", "vocab_size")}
+    if shape != {k: getattr(mc, k) for k in shape}:
+        flags = " ".join(f"--{k} {v}" for k, v in shape.items() if k != "vocab_size")
+        raise CheckpointError(f"{what} is a model of {shape}, this run's is "
+                              f"{ {k: getattr(mc, k) for k in shape} }: pass {flags} (and its vocabulary)")
+    if src_cfg.block_size < mc.block_size:
+        raise CheckpointError(f"{what} has {src_cfg.block_size} positions, fewer than --block_size "
+                              f"{mc.block_size}: lower --block_size")
+    state = dict(src_state, **{"transformer.wpe.weight": src_state["transformer.wpe.weight"][:mc.block_size]})
+    model.load_state_dict(state)
+    return model.to(sys_.device)

@@ -193,7 +193,7 @@ TINY_REAL = dict(presets.REAL_CPU_TRAIN, n_layer=1, n_head=2, n_embd=32, vocab_c
 
 @needs_data
 def test_real_sweep_runs_every_planned_run_once_and_resumes_without_repeats(tmp_path, capsys):
-    sc, _ = sweep.make_config("real-cpu", out_dir=str(tmp_path / "real"), seeds=(1,), jobs=1, refusal_limit=8,
+    sc, _ = sweep.make_config("real-cpu", out_dir=str(tmp_path / "real"), seeds=(1,), jobs=1, refusal_limit=8, inits=("scratch",),
                               refusal_tokens=8, tasks=("alpaca_small", "code_alpaca"), lams=(1.0, 10.0))
     rows = sweep.run_sweep(sc, TINY_REAL)
     planned = {t["id"] for t in sweep.plan(sc, TINY_REAL).values() if t["kind"] == "finetune"}
@@ -232,7 +232,7 @@ def test_real_grid_names_are_checked_before_anything_runs(tmp_path):
                         (["--refusal_tokens", "60"], "block_size − 8"),
                         (["--tasks", f"{tmp_path}/a/x.json,{tmp_path}/b/x.json"], "share a run id")):
         with pytest.raises(SystemExit) as e:
-            sweep.main(["--preset", "real-cpu", "--out_dir", str(out), *args])
+            sweep.main(["--preset", "real-cpu", "--out_dir", str(out), "--inits", "scratch", *args])
         assert str(e.value.code).startswith("error:") and words in str(e.value.code)
     assert not out.exists()
 
@@ -252,7 +252,7 @@ def test_real_finding_checks_follow_the_numbers(tmp_path, monkeypatch):
     """F1–F3 verdicts flip when the measurements that decide them are swapped."""
     sc = sweep.SweepConfig(preset="real-cpu", out_dir=str(tmp_path), tasks=("alpaca_small", "code_alpaca"),
                            proxies=("safety_llamas_proxy", "xstest_gpt4"), radii=(1.0, 4.0), lams=(1.0,))
-    monkeypatch.setattr(analysis, "theta0_means", lambda sc: analysis.seed_means(
+    monkeypatch.setattr(analysis, "theta0_means", lambda sc, *arm: analysis.seed_means(
         [{f"refusal_{k}": 0.9 if kind == "harmful" else 0.1 for k, kind in analysis.REFUSAL_SETS.items()}]))
     est = {"overlap": {"alpaca_small": {"M": 0.6}, "code_alpaca": {"M": 0.4}},
            "mismatch": {"safety_llamas_proxy": {"mismatch": 0.5}, "xstest_gpt4": {"mismatch": 100.0}}}
@@ -335,3 +335,117 @@ def test_capability_at_equal_safety_interpolates_inside_the_measured_range_only(
     sc, _ = sweep.make_config("smoke", out_dir="never")
     table = report.equal_safety_table(sc, rows, levels=(0.6, 1.0))
     assert "| 0.6 | 7.000 | 2.867 |" in table and "| 1 | 4.600 | 2.333 |" in table
+
+
+# -----------------------------------------------------------------------------
+# Starting points (--inits) and arm P (presets paper-real-cpu, paper-real-gpu)
+
+
+@needs_data
+def test_the_paper_real_plan_pretrains_once_and_aligns_each_arm_from_its_start(tmp_path):
+    sc, recipe = sweep.make_config("paper-real-cpu", out_dir=str(tmp_path / "p"))
+    tasks = sweep.plan(sc, recipe)
+    kinds = [t["kind"] for t in tasks.values()]
+    # per arm and seed, per task: 4 λ, 2 other proxies, 2 radii, plain; 3 pretrained seeds, 2 scratch ones
+    assert kinds.count("pretrain") == 1 and kinds.count("align") == 5 and kinds.count("finetune") == 5 * 2 * 9
+    pre = os.path.join(sc.out_dir, "pretrain", "theta_pre.pt")
+    for t in tasks.values():
+        if t["kind"] in ("align", "finetune"):
+            pretrained = t["id"].startswith(("pre-", "align-pre-"))
+            assert t["train"].get("init_from", "scratch") == (pre if pretrained else "scratch"), t["id"]
+            assert ("pretrain" in t["deps"]) == (pretrained and t["kind"] == "align")
+    assert not any(t["id"].endswith("-s3") and not t["id"].startswith(("pre-", "align-pre-")) for t in tasks.values())
+    # an existing θ_pre instead: nothing to pretrain, the θ_0s start from it
+    (tmp_path / "pre.pt").write_bytes(b"")
+    sc2, _ = sweep.make_config("paper-real-cpu", out_dir=str(tmp_path / "q"), theta_pre=str(tmp_path / "pre.pt"))
+    t2 = sweep.plan(sc2, recipe)
+    assert "pretrain" not in t2 and t2["align-pre-s1"]["deps"] == [] and \
+        t2["align-pre-s1"]["train"]["init_from"] == str(tmp_path / "pre.pt")
+
+
+@needs_data
+@pytest.mark.parametrize("args, words", [
+    (["--inits", "scratch,bogus"], "--inits: 'bogus'"),
+    (["--inits", "pretrain", "--scratch_seeds", "1"], "--scratch_seeds"),
+    (["--theta_pre", "/no/such/theta_pre.pt"], "--theta_pre /no/such/theta_pre.pt does not exist"),
+    (["--proxy_lam", "-1"], "--proxy_lam"),
+    (["--case_tasks", "alpaca_small,no_such_set"], "--case_tasks"),
+])
+def test_bad_starting_point_flags_fail_with_one_clear_message(tmp_path, args, words):
+    out = tmp_path / "never"
+    with pytest.raises(SystemExit) as e:
+        sweep.main(["--preset", "paper-real-cpu", "--out_dir", str(out), *args])
+    assert str(e.value.code).startswith("error:") and words in str(e.value.code)
+    assert not out.exists()
+
+
+def test_a_pretrained_arm_needs_real_text():
+    with pytest.raises(SystemExit) as e:
+        sweep.main(["--preset", "smoke", "--inits", "scratch,pretrain", "--out_dir", "/nonexistent/never"])
+    assert "pretrains on real general text" in str(e.value.code)
+
+
+def paper_real_rows(cost, gain, lf, proxy_loss):
+    """One seed of arm P rows (scratch arm): per run name, its ℓ_s increase, ℓ_f gain, ℓ_s, ℓ_f, proxy loss."""
+    rows = []
+    for n in cost:
+        c = n.split("-")[0]
+        rows.append({"run_id": f"{n}-s1", "seed": 1.0, "constraint": c, "safety_increase": float(cost[n]),
+                     "capability_gain": float(gain[n]), "safety_loss": 100.0 + cost[n], "capability_loss": float(lf[n]),
+                     "aligned_safety_loss": 100.0, "aligned_capability_loss": float(lf[n] + gain[n]),
+                     "proxy_train_loss": float(proxy_loss[n]), "proxy_heldout_loss": None, "proxy_epochs": 1.0})
+    return rows
+
+
+def test_paper_real_checks_follow_the_trade_off_curves():
+    """F2 compares safety costs at matched capability gain along each task's Case I curve; swap the
+    curves and the verdict flips; F4 fails when the proxy loss rises with λ."""
+    import report_paper_real as rp
+    sc = sweep.SweepConfig(preset="paper-real-cpu", case_tasks=("hi", "lo"), task="hi", proxies=("same", "other"),
+                           lams=(1.0, 10.0), radii=(2.0,), proxy_lam=1.0, inits=("scratch",))
+    est = {"overlap": {"hi": {"M": 0.9}, "lo": {"M": 0.6}}, "mismatch": {"same": {"mismatch": 0.1}, "other": {"mismatch": 9.0}}}
+
+    def runs(t, costs, gains):  # plain, λ = 1, λ = 10, the other proxy, one radius
+        names = [f"none-{t}", f"loss-{t}-same-lam1", f"loss-{t}-same-lam10", f"loss-{t}-other-lam1", f"param-{t}-r2"]
+        return dict(zip(names, costs)), dict(zip(names, gains))
+
+    def verdicts(hi_cost, lo_cost, proxy=(5.0, 4.0, 3.0, 6.0, 5.0)):
+        (c1, g1), (c2, g2) = runs("hi", hi_cost, (30, 20, 10, 20, 5)), runs("lo", lo_cost, (30, 20, 10, 20, 5))
+        cost, gain = {**c1, **c2}, {**g1, **g2}
+        lf = {n: 100.0 - gain[n] for n in cost}
+        rows = paper_real_rows(cost, gain, lf, {n: proxy[i % 5] for i, n in enumerate(cost)})
+        return {f"{n}:{claim.split(':')[0]}": ok for n, claim, ok, _ in rp.check_arm(sc, rows, est, "")}
+    steep, flat = (30, 15, 6, 20, 4), (10, 5, 2, 8, 1)
+    v = verdicts(steep, flat)
+    assert v["F2:at matched capability gain, the task of higher overlap (hi) pays the larger safety cost ℓ_s − "
+             "ℓ_s(θ_0) than lo"] is True
+    assert v["F1:hi, λ=1"] is True and v["F4:hi"] is True
+    v = verdicts(flat, steep, proxy=(5.0, 4.0, 4.5, 6.0, 5.0))  # the proxy loss rises from λ 1 to 10
+    assert v["F2:at matched capability gain, the task of higher overlap (hi) pays the larger safety cost ℓ_s − "
+             "ℓ_s(θ_0) than lo"] is False
+    assert v["F4:hi"] is False
+    assert rp.cost_at_gain([(1.0, 10.0, 4.0, None), (0.0, 20.0, 10.0, None)], 15.0) == pytest.approx(7.0)
+
+
+@needs_data
+def test_paper_real_sweep_with_both_starting_points_end_to_end(tmp_path, capsys):
+    sc, _ = sweep.make_config("paper-real-cpu", out_dir=str(tmp_path / "p"), seeds=(1,), scratch_seeds=(1,),
+                              jobs=1, lams=(1.0,), radii=(1.0,), proxies=("alpaca_gpt4_proxy",),
+                              tasks=("alpaca_small_task", "code_alpaca"), case_tasks=("alpaca_small_task", "code_alpaca"))
+    recipe = dict(TINY_REAL, safety_data="alpaca_gpt4_align", align_helpful="", pretrain_iters=10,
+                  pretrain_data="wiki_demo+alpaca_seed")
+    rows = sweep.run_sweep(sc, recipe)
+    assert sorted(r["run_id"] for r in rows) == sorted(
+        p + f"{c}-{t}{k}-s1" for p in ("", "pre-") for t in sc.case_tasks
+        for c, k in (("none", ""), ("loss", "-alpaca_gpt4_proxy-lam1"), ("param", "-r1")))
+    for r in rows:
+        assert r["proxy_examples"] > 0 and r["proxy_train_loss"] > 0 and r["proxy_heldout_loss"] > 0
+        assert (r["proxy_epochs"] > 0) == (r["constraint"] == "loss")
+        assert r["init"] == ("pretrain" if r["run_id"].startswith("pre-") else "scratch")
+    md = open(tmp_path / "p" / "results.md").read()
+    for f in ("F1, scratch", "F2, pretrained", "F3, pretrained", "F4, scratch", "F4 (ℓ_s), pretrained"):
+        assert f"| {f} |" in md
+    assert "**θ_pre**" in md and (tmp_path / "p" / "fig1_paper_real_tradeoff.png").exists()
+    capsys.readouterr()
+    sweep.run_sweep(sc, recipe)  # resumed: every run and θ_pre already done
+    assert f"({len(rows)} already done)" in capsys.readouterr().out

@@ -17,6 +17,17 @@ REFUSAL_SETS = {"safety_llamas_eval": "harmful", "advbench": "harmful", "xstest_
                 "rd_harmless_val": "harmless"}
 
 
+# the refusal margin (evaluate.refusal_margin) of every real model: held-out harmful, safe prompts
+MARGIN_SETS = ("safety_llamas_eval", "xstest_safe")
+
+
+def arms(sc):
+    """(starting point, its seeds, its run-id prefix) of each arm of sc.inits: θ_0 aligned from scratch,
+    or from θ_pre (train.py --stage pretrain), whose runs are named 'pre-...'."""
+    return [(init, tuple(sc.scratch_seeds) if init == "scratch" and sc.scratch_seeds else tuple(sc.seeds),
+             "" if init == "scratch" else "pre-") for init in sc.inits]
+
+
 def short(name):
     """A dataset name fit for a run id: a registry name, or a file's stem ('a+b' part by part)."""
     return "+".join(n if n in loaders.REGISTRY else os.path.splitext(os.path.basename(n))[0] for n in name.split("+"))
@@ -58,6 +69,8 @@ def real_groups(rows):
     return {n: seed_means([r for r in rows if r["run_id"].rsplit("-s", 1)[0] == n]) for n in names}
 
 
-def theta0_means(sc):
-    """Seed means of the aligned models' refusal rates (refusals.json of each align task)."""
-    return seed_means([json.load(open(os.path.join(sc.out_dir, "theta0", f"s{s}", "refusals.json"))) for s in sc.seeds])
+def theta0_means(sc, prefix="", seeds=None):
+    """Seed means of the aligned models' refusal rates (refusals.json of each align task of the arm
+    whose run ids start with prefix: '' from scratch, 'pre-' from θ_pre)."""
+    return seed_means([json.load(open(os.path.join(sc.out_dir, "theta0", f"{prefix}s{s}", "refusals.json")))
+                       for s in (seeds or sc.seeds)])

@@ -227,3 +227,26 @@ def fig_strategies(sc, rows):
            title=f"Strategies at κ={sc.overlap:g}, δ={sc.mismatch:g}")
     return save_figure(fig, sc, "fig_strategies.png", ax)
 
+
+def fig_paper_real(sc, g, arms, curves):
+    """Arm P: the safety cost ℓ_s − ℓ_s(θ_0) against the capability gain ℓ_f(θ_0) − ℓ_f, one panel per
+    arm (scratch, pretrained): each task's Case I curve (θ_0 at the origin, λ from 0 = plain fine-tuning
+    up), and its Case II runs (F2, F3)."""
+    fig, axes, colors = figure(1, len(arms), figsize=(5.5 * len(arms), 4.2), squeeze=False)
+    for ax, (arm, prefix) in zip(axes[0], arms):
+        for i, t in enumerate(sc.case_tasks):
+            c = curves[(arm, t)]
+            es = [e for *_, e in c]
+            ax.plot([0] + [mean(e, "capability_gain") for e in es], [0] + [mean(e, "safety_increase") for e in es],
+                    "-", color=colors[i % len(colors)], lw=1)
+            errorbar(ax, es, "capability_gain", "safety_increase", fmt="o", color=colors[i % len(colors)],
+                     label=f"{t}: Case I (λ)")
+            for lam, x, y, _ in c:
+                ax.annotate(f"λ={lam:g}", (x, y), fontsize=6)
+            e2 = [g[prefix + real_run_id("param", t, radius=r)] for r in sorted(sc.radii)]
+            errorbar(ax, e2, "capability_gain", "safety_increase", fmt="s--", color=colors[i % len(colors)],
+                     alpha=0.6, label=f"{t}: Case II (r)")
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set(xlabel="capability gain ℓ_f(θ_0) − ℓ_f (nats/seq)", ylabel="safety cost ℓ_s − ℓ_s(θ_0) (nats/seq)",
+               title=f"arm P, θ_0 from {arm}")
+    return save_figure(fig, sc, "fig1_paper_real_tradeoff.png", *axes[0])

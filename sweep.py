@@ -83,7 +83,8 @@ class SweepConfig:
     proxy_lam: float = 0.0        # λ of the Case I runs with proxies[1:] (0: lams[0])
     inits: tuple = ("scratch",)   # where alignment starts: scratch and/or pretrain (θ_pre of the recipe's corpus)
     scratch_seeds: tuple = ()     # the seeds of the scratch arm when inits has both (default: seeds)
-    pretrain_seed: int = 1        # the seed of the one θ_pre every pretrained θ_0 starts from
+    pretrain_seed: int = 1        # the seed of the one θ_pre every pretrained θ_0 starts from ...
+    theta_pre: str = ""           # ... or this θ_pre (train.py --stage pretrain), pretrained before
     refusals: bool = True         # greedy refusal rates of every model (arm R; the paper's arm P has none)
     data_dir: str = ""            # the real data folder; default $SAFETY_DATA_DIR
     refusal_limit: int = 128      # prompts per refusal set, greedy decoding ...
@@ -159,6 +160,9 @@ def make_config(preset="smoke", **overrides):
         except DataError:
             raise SweepError(f"--preset {preset} reads real data: pass --data_dir DIR or set SAFETY_DATA_DIR to the "
                              f"data folder (README 'Real data' says where each file comes from)") from None
+    if sc.theta_pre and "pretrain" in sc.inits and not os.path.isfile(sc.theta_pre):
+        raise SweepError(f"--theta_pre {sc.theta_pre} does not exist: pretrain it first (`python sweep.py --preset "
+                         f"paper-real-cpu` writes it), pass --theta_pre '' to pretrain one here, or --inits scratch")
     return sc, recipe
 
 
@@ -259,14 +263,6 @@ def strategy_grid(sc, name):
 INITS = ("scratch", "pretrain")
 
 
-def arms(sc):
-    """(starting point, its seeds, its run-id prefix) of each arm of --inits: a pretrained arm's
-    θ_0s start from the one θ_pre of the recipe (train.py --stage pretrain)."""
-    for init in sc.inits:
-        seeds = sc.scratch_seeds if init == "scratch" and sc.scratch_seeds else sc.seeds
-        yield init, seeds, "" if init == "scratch" else "pre-"
-
-
 def plan(sc, recipe):
     """The tasks: (on real data, the estimators once, and θ_pre if an arm needs it,) one align
     per arm and seed, then its fine-tunes (synthetic_runs or real_runs). A run in two
@@ -276,15 +272,16 @@ def plan(sc, recipe):
                           "tasks": list(dict.fromkeys(sc.tasks + (sc.task,))), "proxies": list(sc.proxies),
                           "safety": recipe["safety_data"], "data_dir": recipe.get("data_dir", "")}} if real else {}
     pre_dir = os.path.join(sc.out_dir, "pretrain")
-    if "pretrain" in sc.inits:
+    pre_path = sc.theta_pre or os.path.join(pre_dir, "theta_pre.pt")
+    if "pretrain" in sc.inits and not sc.theta_pre:
         tasks["pretrain"] = {"id": "pretrain", "kind": "pretrain", "deps": [], "dir": pre_dir,
                              "train": dict(recipe, out_dir=pre_dir, stage="pretrain", seed=sc.pretrain_seed)}
-    for init, seeds, prefix in arms(sc):
-        start = {} if init == "scratch" else {"init_from": os.path.join(pre_dir, "theta_pre.pt")}
+    for init, seeds, prefix in analysis.arms(sc):
+        start = {} if init == "scratch" else {"init_from": pre_path}
         for seed in seeds:
             align_dir, aid = os.path.join(sc.out_dir, "theta0", f"{prefix}s{seed}"), f"align-{prefix}s{seed}"
             data = {"task_data": sc.task, "proxy_data": sc.proxies[0]} if real else {}
-            tasks[aid] = {"id": aid, "kind": "align", "deps": [] if init == "scratch" else ["pretrain"],
+            tasks[aid] = {"id": aid, "kind": "align", "deps": ["pretrain"] if start and not sc.theta_pre else [],
                           "dir": align_dir, "train": dict(recipe, out_dir=align_dir, stage="align", seed=seed,
                                                           **data, **start)}
             for rid, knobs, fields in (real_runs if real else synthetic_runs)(sc, seed, align_dir):

@@ -142,14 +142,21 @@ def measure_real(task, train_s, t1, cpu0):
 
 
 def refusal_columns(task, ckpt, device):
-    """Greedy refusal rates of the checkpoint's model on analysis.REFUSAL_SETS, with Wilson intervals."""
+    """Greedy refusal rates of the checkpoint's model on analysis.REFUSAL_SETS, with Wilson intervals, and
+    the refusal margin (evaluate.refusal_margin) on the sets of analysis.MARGIN_SETS."""
     import evaluate
-    rep = evaluate.refusal_report(model_from_checkpoint(ckpt).to(device).eval(), evaluate.codec_of(ckpt),
+    from textdata import dataset_part
+    model, codec = model_from_checkpoint(ckpt).to(device).eval(), evaluate.codec_of(ckpt)
+    row = {}
+    for name in analysis.MARGIN_SETS:
+        prompts = dataset_part(name, ckpt["world_config"].get("data_dir", "")).prompts[:task["refusal_limit"]]
+        r = evaluate.refusal_margin(model, codec, prompts, device)
+        row.update({f"margin_{name}": r["margin"], f"margin_{name}_sd": r["margin_sd"]})
+    rep = evaluate.refusal_report(model, codec,
                                   ckpt["world_config"].get("data_dir", ""),
                                   harmful=[k for k, v in analysis.REFUSAL_SETS.items() if v == "harmful"],
                                   harmless=[k for k, v in analysis.REFUSAL_SETS.items() if v == "harmless"],
                                   limit=task["refusal_limit"], max_new_tokens=task["refusal_tokens"], device=device)
-    row = {}
     for name, r in rep.items():
         row.update({f"refusal_{name}": r["rate"], f"refusal_{name}_low": r["ci_low"],
                     f"refusal_{name}_high": r["ci_high"], f"refusal_{name}_n": float(r["n"])})

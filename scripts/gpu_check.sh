@@ -48,4 +48,14 @@ start=$(date +%s)
 timeout 120 python train.py --out_dir "$OUT/finetune" --device cuda --compile --no-progress \
     --constraint param --radius 1.0 "${ARGS[@]}" > "$OUT/finetune.txt" 2>&1
 log "  exit $? after $(( $(date +%s) - start )) s; $(tail -3 "$OUT/finetune.txt" | tr '\n' ' ')"
+# 4. with GPU_PRESETS=1 (a second call: each preset is sized for ten minutes of one H100/H200),
+#    the real-text GPU presets: arm P (paper-real-gpu), then arm R (real-gpu)
+if [ "${GPU_PRESETS:-0}" = 1 ] && ls "$DATA"/safety_tuned_llamas >/dev/null 2>&1; then
+    for preset in paper-real-gpu real-gpu; do
+        start=$(date +%s)
+        timeout 600 python sweep.py --preset "$preset" --data_dir "$DATA" --out_dir "$OUT/$preset" \
+            > "$OUT/$preset.txt" 2>&1
+        log "$preset: exit $? after $(( $(date +%s) - start )) s; $(tail -2 "$OUT/$preset.txt" | tr '\n' ' ')"
+    done
+fi
 log "done: $OUT"

@@ -28,6 +28,16 @@ def arms(sc):
              "" if init == "scratch" else "pre-") for init in sc.inits]
 
 
+def arm_rows(rows, prefix):
+    """The rows of one arm: run ids that start with its prefix ('' is the scratch arm: no 'pre-')."""
+    return [r for r in rows if r["run_id"].startswith(prefix) and (prefix or not r["run_id"].startswith("pre-"))]
+
+
+def case_tasks(sc):
+    """The tasks D_f of the Case I and Case II runs of a real sweep."""
+    return tuple(sc.case_tasks) or (sc.task,)
+
+
 def short(name):
     """A dataset name fit for a run id: a registry name, or a file's stem ('a+b' part by part)."""
     return "+".join(n if n in loaders.REGISTRY else os.path.splitext(os.path.basename(n))[0] for n in name.split("+"))

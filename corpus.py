@@ -13,8 +13,11 @@ gpteacher_codegen's code before a code_alpaca fine-tune), or a user's .txt file 
 line). Two rules keep it clean:
   - a registry set with a part of a split (D_s, its proxy, its held-out part) or an evaluation
     role is refused: its parts are trained on or held out later;
-  - an instruction whose prompt occurs in any registry set outside the corpus is dropped, so a
-    later fine-tune or evaluation never meets a prompt θ_pre saw (`leaks` checks it).
+  - an instruction (or a dialogue's first human turn) whose prompt occurs in any registry set of
+    the data folder outside the corpus is dropped, so a later fine-tune or evaluation on them never
+    meets a prompt θ_pre saw (`leaks` checks it); θ_pre stores the prompts it kept, and a run
+    from it checks them against its own parts, user files and sets fetched later included
+    (startpoints.check_corpus).
 Documents end with end-of-text and are packed into one token stream; HELDOUT_DOCS of them, by a
 hash of their text, are held out for the held-out loss of θ_pre.
 """
@@ -29,7 +32,7 @@ import numpy as np
 import torch
 
 from common import DataError
-from loaders import REGISTRY, TRAIN_ROLES, _open_text, load_prompts, read_jsonl, resolve_data_dir
+from loaders import REGISTRY, TRAIN_ROLES, _open_text, join_prompt, load_prompts, read_jsonl, resolve_data_dir
 from textdata import (
     EOT,
     TEMPLATE_HEAD,
@@ -84,16 +87,22 @@ def _seed_tasks(path):
     out = []
     for _, rec in read_jsonl(path):
         for inst in rec.get("instances", []):
-            prompt = rec["instruction"] + (f"\n\n{inst['input']}" if inst.get("input") else "")
+            prompt = join_prompt(rec["instruction"], inst.get("input"))  # as the registry's loaders join them
             out.append((_template(prompt, inst.get("output", "")), prompt))
     return out
+
+
+def _dialogue(text):
+    """An HH dialogue and its first human turn, its prompt."""
+    first = text.split("\n\nAssistant:")[0].replace("Human:", "", 1).strip()
+    return text, first or None
 
 
 READERS = {
     "lines": lambda p: [(t, None) for t in _lines(p)],
     "wikitext": lambda p: [(t, None) for t in _wikitext(p)],
     "jsonl_text": lambda p: [(rec["text"], None) for _, rec in read_jsonl(p) if rec.get("text", "").strip()],
-    "hh": lambda p: [(rec["chosen"].strip(), None) for _, rec in read_jsonl(p) if rec.get("chosen", "").strip()],
+    "hh": lambda p: [_dialogue(rec["chosen"].strip()) for _, rec in read_jsonl(p) if rec.get("chosen", "").strip()],
     "prompts": lambda p: [(_template(q), q) for q in load_prompts(p)],
     "seed": _seed_tasks,
 }
@@ -202,9 +211,12 @@ class Corpus:
         for ds in docs.values():
             for text, _ in ds:
                 streams[doc_heldout(text)].append(enc.encode_ordinary(text) + [EOT])
+        # the prompts θ_pre sees, for the check of every later run against them (startpoints.check_corpus)
+        self.prompt_keys = np.array(sorted({prompt_key(p) for ds in docs.values() for _, p in ds if p is not None}),
+                                    dtype=np.uint64)
         self.train, self.heldout = (self.codec.encode_ids(np.concatenate(streams[h]) if streams[h] else [])
                                     for h in (False, True))
-        if len(self.train) <= cc.block_size or len(self.heldout) <= cc.block_size:
+        if len(self.train) <= cc.block_size + 1 or len(self.heldout) <= cc.block_size:
             raise DataError(f"--pretrain_data {cc.sources}: too little text ({len(self.train)} training, "
                             f"{len(self.heldout)} held-out tokens) for blocks of {cc.block_size}: add sources")
         p = np.bincount(self.train, minlength=self.vocab_size) / len(self.train)
@@ -228,7 +240,7 @@ class Corpus:
         assert name == "general", name
         T = self.block_size
         n = min(self.wc.eval_examples, (len(self.eval_stream) - 1) // T)
-        # spread evenly over the stream, so that every source's held-out documents are in it
+        # spread evenly over the stream, not all from its first source
         starts = torch.linspace(0, len(self.eval_stream) - T - 1, n).long().tolist()
         for i in range(0, n, batch_size):
             rows = starts[i:i + batch_size]

@@ -165,12 +165,14 @@ def fig_radius_second_order(sc, rows):
     return save_figure(fig, sc, "fig5_radius_second_order.png", a2)
 
 
-def fig_real_tradeoff(sc, rows, g):
-    """(ℓ_f, ℓ_s) of θ_0, the plain, Case I and Case II runs on sc.task (F1, F3, F4)."""
+def fig_real_tradeoff(sc, rows, g, prefix=""):
+    """(ℓ_f, ℓ_s) of θ_0, the plain, Case I and Case II runs on sc.task (F1, F3, F4) of one arm: its rows,
+    their groups g, the prefix of their run ids (analysis.arms)."""
     fig, ax, colors = figure(figsize=(6.5, 4.5))
     a = seed_means([r for r in rows if r["task"] == sc.task])
     ax.errorbar([mean(a, "aligned_capability_loss")], [mean(a, "aligned_safety_loss")], fmt="k*", ms=12, label="θ_0")
-    errorbar(ax, [g[real_run_id("none", sc.task)]], "capability_loss", "safety_loss", label="no constraint", fmt="kx", ms=9)
+    errorbar(ax, [g[prefix + real_run_id("none", sc.task)]], "capability_loss", "safety_loss", label="no constraint",
+             fmt="kx", ms=9)
     for i, p in enumerate(sc.proxies):
         es = sorted((e for e in g.values() if e["rows"][0]["constraint"] == "loss" and e["rows"][0]["proxy"] == p),
                     key=lambda e: e["rows"][0]["lam"])
@@ -178,7 +180,7 @@ def fig_real_tradeoff(sc, rows, g):
                  fmt="o-" if len(es) > 1 else "o", color=colors[i % len(colors)])
         for e in es:
             ax.annotate(f"λ={e['rows'][0]['lam']:g}", (mean(e, "capability_loss"), mean(e, "safety_loss")), fontsize=7)
-    es = [g[real_run_id("param", sc.task, radius=r)] for r in sorted(sc.radii)]
+    es = [g[prefix + real_run_id("param", sc.task, radius=r)] for r in sorted(sc.radii)]
     errorbar(ax, es, "capability_loss", "safety_loss", label="Case II", fmt="s--", color="gray")
     for r, e in zip(sorted(sc.radii), es):
         ax.annotate(f"r={r:g}", (mean(e, "capability_loss"), mean(e, "safety_loss")), fontsize=7)
@@ -187,11 +189,11 @@ def fig_real_tradeoff(sc, rows, g):
     return save_figure(fig, sc, "fig1_real_tradeoff.png", ax)
 
 
-def fig_real_overlap(sc, g, est):
-    """The ℓ_s increase of plain fine-tuning against each task's estimated overlap M (F2)."""
+def fig_real_overlap(sc, g, est, prefix=""):
+    """The ℓ_s increase of plain fine-tuning against each task's estimated overlap M (F2), one arm."""
     fig, ax, colors = figure(figsize=(5.5, 4))
     for i, t in enumerate(dict.fromkeys(sc.tasks)):
-        e = g[real_run_id("none", t)]
+        e = g[prefix + real_run_id("none", t)]
         ax.errorbar([est["overlap"][t]["M"]], [mean(e, "safety_increase")], yerr=[e["safety_increase"][1]], fmt="o",
                     capsize=3, color=colors[i % len(colors)], label=t)
     ax.set(xlabel="estimated context overlap M with D_s", ylabel="ℓ_s(θ) − ℓ_s(θ_0) (nats/seq)",
@@ -199,9 +201,10 @@ def fig_real_overlap(sc, g, est):
     return save_figure(fig, sc, "fig2_real_overlap.png", ax)
 
 
-def fig_real_refusals(sc, g):
-    """Refusal rates of every model (θ_0 first) on each of REFUSAL_SETS."""
-    models = {"θ_0": analysis.theta0_means(sc), **g}
+def fig_real_refusals(sc, g, arms):
+    """Refusal rates of every model (each arm's θ_0 first, analysis.arms) on each of REFUSAL_SETS."""
+    models = {f"θ_0 {init}": analysis.theta0_means(sc, prefix, seeds) for init, seeds, prefix in arms}
+    models.update(g)
     fig, ax, colors = figure(figsize=(max(7, 0.7 * len(models)), 4.5))
     w = 0.8 / len(REFUSAL_SETS)
     for j, (k, kind) in enumerate(REFUSAL_SETS.items()):
@@ -234,11 +237,11 @@ def fig_paper_real(sc, g, arms, curves):
     up), and its Case II runs (F2, F3)."""
     fig, axes, colors = figure(1, len(arms), figsize=(5.5 * len(arms), 4.2), squeeze=False)
     for ax, (arm, prefix) in zip(axes[0], arms):
-        for i, t in enumerate(sc.case_tasks):
+        for i, t in enumerate(analysis.case_tasks(sc)):
             c = curves[(arm, t)]
             es = [e for *_, e in c]
-            ax.plot([0] + [mean(e, "capability_gain") for e in es], [0] + [mean(e, "safety_increase") for e in es],
-                    "-", color=colors[i % len(colors)], lw=1)
+            ax.plot([0] + [mean(e, "capability_gain") for e in es[::-1]],  # θ_0, then λ from large to 0
+                    [0] + [mean(e, "safety_increase") for e in es[::-1]], "-", color=colors[i % len(colors)], lw=1)
             errorbar(ax, es, "capability_gain", "safety_increase", fmt="o", color=colors[i % len(colors)],
                      label=f"{t}: Case I (λ)")
             for lam, x, y, _ in c:
@@ -248,5 +251,5 @@ def fig_paper_real(sc, g, arms, curves):
                      alpha=0.6, label=f"{t}: Case II (r)")
         ax.axhline(0, color="k", lw=0.5)
         ax.set(xlabel="capability gain ℓ_f(θ_0) − ℓ_f (nats/seq)", ylabel="safety cost ℓ_s − ℓ_s(θ_0) (nats/seq)",
-               title=f"arm P, θ_0 from {arm}")
+               title=f"arm P, θ_0 from {'scratch' if arm == 'scratch' else 'θ_pre'}")
     return save_figure(fig, sc, "fig1_paper_real_tradeoff.png", *axes[0])

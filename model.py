@@ -274,7 +274,8 @@ HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp
 # settings of a GPT-2 config.json that this GPT computes: anything else would load and compute
 # something other than the model the weights were trained as
 HF_SUPPORTED = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"), "layer_norm_epsilon": (1e-5,),
-                "n_inner": (None,), "scale_attn_by_inverse_layer_idx": (False,), "reorder_and_upcast_attn": (False,)}
+                "n_inner": (None,), "scale_attn_by_inverse_layer_idx": (False,), "scale_attn_weights": (True,),
+                "tie_word_embeddings": (True,)}
 
 
 def gpt_config_from_hf(hf):
@@ -282,6 +283,9 @@ def gpt_config_from_hf(hf):
     for k, ok in HF_SUPPORTED.items():
         if hf.get(k, ok[0]) not in ok:
             raise CheckpointError(f"config.json: {k} = {hf[k]!r} is not GPT-2's ({ok[0]!r}); this GPT cannot run it")
+    for k in ("vocab_size", "n_layer", "n_head", "n_embd"):
+        if not (isinstance(hf[k], int) and hf[k] > 0):
+            raise TypeError(f"{k} = {hf[k]!r} is not a positive integer")
     return GPTConfig(block_size=hf.get("n_positions", hf.get("n_ctx", 1024)), vocab_size=hf["vocab_size"],
                      n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=0.0, bias=True)
 

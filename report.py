@@ -389,8 +389,9 @@ def write_report_real(sc, recipe, rows, state, home=None):
     findings = [(f + (label[init] if len(arms) > 1 else ""), claim, ok, nums) for init, seeds, prefix in arms
                 for f, claim, ok, nums in check_findings_real(sc, rows, est, prefix, seeds)]
     g = real_groups(rows)
-    first = [r for r in rows if r["run_id"].startswith(arms[0][2]) and (arms[0][2] or not r["run_id"].startswith("pre-"))]
-    plots = [figures.fig_real_tradeoff(sc, first, g), figures.fig_real_overlap(sc, g, est), figures.fig_real_refusals(sc, g)]
+    first, g1 = analysis.arm_rows(rows, arms[0][2]), real_groups(analysis.arm_rows(rows, arms[0][2]))  # plots 1–2
+    plots = [figures.fig_real_tradeoff(sc, first, g1, arms[0][2]), figures.fig_real_overlap(sc, g1, est, arms[0][2]),
+             figures.fig_real_refusals(sc, g, arms)]
     t0s = {prefix: analysis.theta0_means(sc, prefix, seeds) for _, seeds, prefix in arms}
     cpu = [r["cpu_seconds"] for r in rows] + [r["cpu_seconds"] for t0 in t0s.values() for r in t0["rows"]]
     sets = list(REFUSAL_SETS)

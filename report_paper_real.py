@@ -7,8 +7,9 @@ judged as the paper states them, per arm, on seed means, and again seed by seed:
 
     F1  at λ = proxy_lam, the same-teacher proxy keeps ℓ_s lowest, per task
     F2  the safety cost ℓ_s − ℓ_s(θ_0) at matched capability gain ℓ_f(θ_0) − ℓ_f, interpolated
-        along each task's Case I curve (λ = 0 is plain fine-tuning), is higher for the task of
-        higher estimated overlap
+        linearly between the points of each task's Case I curve (θ_0, λ = 0 i.e. plain
+        fine-tuning, and every λ), taken in order of their gain, is higher for the task of higher
+        estimated overlap
     F3  at equal ℓ_s, Case I ends with the lower ℓ_f (report.case1_beats_case2), per task
     F4  raising λ lowers the proxy's training loss and raises ℓ_f (a theorem at the optimum);
         on ℓ_s only under THEORY.md §5's condition, which real text does not let us verify
@@ -23,7 +24,7 @@ import numpy as np
 
 import analysis
 import figures
-from analysis import mean, real_groups, real_run_id
+from analysis import case_tasks, mean, real_groups, real_run_id
 from report import case1_beats_case2, finish_report, fmt, opening
 
 
@@ -55,14 +56,14 @@ def check_arm(sc, rows, est, prefix):
     g = real_groups(rows)
     ls = lambda n: mean(g[n], "safety_loss")
     lf = lambda n: mean(g[n], "capability_loss")
-    tasks = sorted(sc.case_tasks or (sc.task,), key=lambda t: -est["overlap"][t]["M"])  # high overlap first
+    tasks = sorted(case_tasks(sc), key=lambda t: -est["overlap"][t]["M"])  # high overlap first
     lam1 = sc.proxy_lam or sc.lams[0]
     out = []
     for t in tasks:  # F1 per task: every proxy at λ = lam1
         c1 = {p: name(prefix, "loss", t, proxy=p, lam=lam1) for p in sc.proxies}
         same = c1[sc.proxies[0]]
         out.append(("F1", f"{t}, λ={lam1:g}: the same-teacher proxy {sc.proxies[0]} keeps ℓ_s below every other proxy",
-                    all(ls(same) < ls(n) for p, n in c1.items() if n != same),
+                    all(ls(same) < ls(n) for p, n in c1.items() if n != same) if len(c1) > 1 else None,
                     "<br>".join(f"{p}: ℓ_s {fmt(g[n], 'safety_loss', 1)} (mismatch estimate "
                                 f"{est['mismatch'][p]['mismatch']:.1f})" for p, n in c1.items())))
     curves = {t: case1_curve(sc, g, prefix, t) for t in tasks}
@@ -71,7 +72,7 @@ def check_arm(sc, rows, est, prefix):
     costs = {t: [cost_at_gain(curves[t], x) for x in levels] for t in tasks}
     out.append(("F2", f"at matched capability gain, the task of higher overlap ({tasks[0]}) pays the larger safety "
                 f"cost ℓ_s − ℓ_s(θ_0) than {tasks[-1]}",
-                all(a > b for a, b in zip(costs[tasks[0]], costs[tasks[-1]])) if levels else None,
+                all(a > b for a, b in zip(costs[tasks[0]], costs[tasks[-1]])) if levels and len(tasks) > 1 else None,
                 "<br>".join(f"gain {x:.1f}: " + ", ".join(f"{t} {costs[t][i]:+.1f}" for t in tasks)
                             for i, x in enumerate(levels)) + "<br>" + ", ".join(
                     f"{t}: M {est['overlap'][t]['M']:.3f}" for t in tasks)))
@@ -104,7 +105,7 @@ def findings(sc, rows, est):
     """Every arm's checks on seed means, with the number of seeds in which each holds on its own."""
     res = []
     for arm, prefix in arm_names(sc):
-        mine = [r for r in rows if r["run_id"].startswith(prefix) and (prefix or not r["run_id"].startswith("pre-"))]
+        mine = analysis.arm_rows(rows, prefix)
         seeds = sorted({int(r["seed"]) for r in mine})
         per_seed = [check_arm(sc, [r for r in mine if int(r["seed"]) == s], est, prefix) for s in seeds]
         for i, (f, claim, ok, nums) in enumerate(check_arm(sc, mine, est, prefix)):
@@ -125,14 +126,14 @@ def start_table(sc, rows):
                   f"**{p['general_loss']:.3f} nats/token** against the corpus's unigram entropy "
                   f"{p['unigram_entropy']:.3f} (a model that ignores context); trained in "
                   f"{p['cpu_seconds'] / 60:.1f} CPU-min.", ""]
-    lines += ["| θ_0 from | seeds | held-out ℓ_s of θ_0 | " + " | ".join(f"ℓ_f(θ_0) on {t}" for t in sc.case_tasks)
-              + " |", "|" + " --- |" * (3 + len(sc.case_tasks))]
+    lines += ["| θ_0 from | seeds | held-out ℓ_s of θ_0 | " + " | ".join(f"ℓ_f(θ_0) on {t}" for t in case_tasks(sc))
+              + " |", "|" + " --- |" * (3 + len(case_tasks(sc)))]
     for arm, prefix in arm_names(sc):
         es = {t: analysis.seed_means([r for r in rows if r["run_id"] in {
-            name(prefix, "none", t, seed=s) for s in set(sc.seeds) | set(sc.scratch_seeds)}]) for t in sc.case_tasks}
-        first = es[sc.case_tasks[0]]
+            name(prefix, "none", t, seed=s) for s in set(sc.seeds) | set(sc.scratch_seeds)}]) for t in case_tasks(sc)}
+        first = es[case_tasks(sc)[0]]
         lines.append(f"| {arm} | {first['n']} | {fmt(first, 'aligned_safety_loss', 1)} | "
-                     + " | ".join(fmt(es[t], "aligned_capability_loss", 1) for t in sc.case_tasks) + " |")
+                     + " | ".join(fmt(es[t], "aligned_capability_loss", 1) for t in case_tasks(sc)) + " |")
     return lines
 
 
@@ -141,7 +142,7 @@ def f4_table(sc, g):
     lines = ["| arm | task | λ | proxy train loss | proxy held-out loss | ℓ_s (held-out D_s) | ℓ_f | proxy epochs |",
              "|" + " --- |" * 8]
     for arm, prefix in arm_names(sc):
-        for t in sc.case_tasks:
+        for t in case_tasks(sc):
             for lam, _, _, e in case1_curve(sc, g, prefix, t):
                 held = fmt(e, "proxy_heldout_loss", 1) if e["rows"][0].get("proxy_heldout_loss") is not None else "—"
                 lines.append(f"| {arm} | {t} | {lam:g} | {fmt(e, 'proxy_train_loss', 1)} | {held} | "
@@ -156,7 +157,7 @@ def write_report(sc, recipe, rows, state, home=None):
     est = json.load(open(os.path.join(sc.out_dir, "estimates", "estimates.json")))
     res = findings(sc, rows, est)
     g = real_groups(rows)
-    curves = {(arm, t): case1_curve(sc, g, p, t) for arm, p in arm_names(sc) for t in sc.case_tasks}
+    curves = {(arm, t): case1_curve(sc, g, p, t) for arm, p in arm_names(sc) for t in case_tasks(sc)}
     plots = [figures.fig_paper_real(sc, g, arm_names(sc), curves)]
     n0 = sum(len(sc.scratch_seeds or sc.seeds) if a == "scratch" else len(sc.seeds) for a, _ in arm_names(sc))
     md = opening(sc, recipe, rows, state, " on real text, the paper's roles (arm P)",

@@ -15,6 +15,7 @@ import functools
 import hashlib
 import os
 
+import numpy as np
 import torch
 
 from common import ConfigError
@@ -45,7 +46,7 @@ def check_init(cfg):
         if not os.path.isfile(cfg.init_from):
             raise ConfigError(f"--init_from {cfg.init_from}: no such checkpoint; choose scratch, gpt2 (with "
                               f"--hf_dir) or the path of a checkpoint (θ_pre: `python train.py --stage pretrain`)")
-    elif cfg.hf_dir:
+    if cfg.hf_dir and cfg.init_from != "gpt2":
         raise ConfigError("--hf_dir is read by --init_from gpt2 only: add it or drop --hf_dir")
     if cfg.init_from != "scratch" and cfg.stage == "pretrain":
         raise ConfigError("--stage pretrain trains θ_pre from scratch: drop --init_from")
@@ -56,8 +57,10 @@ def _weights_id(kind, path, stamp):
     if kind == "gpt2":
         return "gpt2:" + params_hash(load_hf_gpt2(path))
     ckpt = load_checkpoint(path)
-    return f"{ckpt.get('kind')}:" + (ckpt.get("params_hash") or ckpt.get("theta0_hash") or
-                                     params_hash(model_of(ckpt)))
+    kind = ckpt.get("kind")
+    # a θ_pre and a θ_0 store the hash of their own weights; a run's checkpoint stores its θ_0's
+    own = {"theta_pre": ckpt.get("params_hash"), "theta0": ckpt.get("theta0_hash")}.get(kind)
+    return f"{kind}:" + (own or params_hash(model_of(ckpt)))
 
 
 def init_identity(cfg):
@@ -65,8 +68,8 @@ def init_identity(cfg):
     if cfg.init_from == "scratch":
         return ""
     path = cfg.hf_dir if cfg.init_from == "gpt2" else cfg.init_from
-    stamp = tuple((os.path.getmtime(p), os.path.getsize(p)) for p in ([path] if os.path.isfile(path) else
-                  [os.path.join(path, f) for f in sorted(os.listdir(path))]))
+    files = [path] if os.path.isfile(path) else [os.path.join(path, f) for f in sorted(os.listdir(path))]
+    stamp = tuple((st.st_ino, st.st_mtime_ns, st.st_size) for st in map(os.stat, files))  # a rewrite is a new inode
     return _weights_id(cfg.init_from if cfg.init_from == "gpt2" else "ckpt", path, stamp)
 
 
@@ -92,6 +95,10 @@ def init_vocab(cfg):
     ckpt = init_checkpoint(cfg)
     if ckpt is None:
         return ()
+    data = ckpt.get("config", {}).get("data", "synthetic")
+    if data != cfg.data:
+        raise CheckpointError(f"--init_from {cfg.init_from} was trained on --data {data}, this run is --data "
+                              f"{cfg.data}: start from a checkpoint of the same data")
     for k in ("restrict_vocab", "vocab_cap"):
         saved = ckpt.get("config", {}).get(k, getattr(cfg, k))
         if saved != getattr(cfg, k):
@@ -100,13 +107,22 @@ def init_vocab(cfg):
     return tuple(ckpt.get("world_config", {}).get("vocab", ()))
 
 
-def check_corpus(ckpt, cfg):
-    """A θ_pre may not have been pretrained on a set this run trains or evaluates on."""
-    corpus = set(ckpt.get("config", {}).get("pretrain_data", "").split("+")) - {""}
+def check_corpus(ckpt, cfg, world):
+    """A θ_pre may not have been pretrained on a set this run trains or evaluates on: by name, and by
+    prompt against every part of the run (training and held-out) where θ_pre stored its prompts."""
+    if ckpt.get("kind") != "theta_pre":
+        return
+    corpus = set(ckpt["config"].get("pretrain_data", "").split("+")) - {""}
     used = {n for name in (cfg.safety_data, cfg.proxy_data, cfg.task_data, cfg.align_helpful) for n in name.split("+")}
     if corpus & used:
         raise CheckpointError(f"--init_from {cfg.init_from} was pretrained on {', '.join(sorted(corpus & used))}, "
                               f"which this run trains or evaluates on: pretrain without it (--pretrain_data)")
+    seen = set(ckpt.get("corpus_keys", torch.zeros(0, dtype=torch.int64)).tolist())
+    for part, keys in getattr(world, "keys", {}).items():
+        shared = seen & set(np.asarray(keys, dtype=np.uint64).view(np.int64).tolist())
+        if shared:
+            raise CheckpointError(f"--init_from {cfg.init_from} was pretrained on {len(shared)} prompts of this run's "
+                                  f"{part} part: pretrain without the set that holds them (--pretrain_data)")
 
 
 def initial_model(cfg, world, sys_):
@@ -123,10 +139,11 @@ def initial_model(cfg, world, sys_):
         src_cfg, src_state = src.config, src.state_dict()
     else:
         ckpt = init_checkpoint(cfg)
-        check_corpus(ckpt, cfg)
+        check_corpus(ckpt, cfg, world)
         src_cfg, src_state, what = GPTConfig(**ckpt["model_config"]), ckpt["model"], f"--init_from {cfg.init_from}"
-        assert tuple(ckpt.get("world_config", {}).get("vocab", ())) == tuple(getattr(world.wc, "vocab", ())), \
-            "the world of a run from a checkpoint is built in its vocabulary (init_vocab)"
+        if tuple(ckpt.get("world_config", {}).get("vocab", ())) != tuple(getattr(world.wc, "vocab", ())):
+            raise CheckpointError(f"{what} was trained on other data (--data {ckpt['config'].get('data')}; this run "
+                                  f"--data {cfg.data}) or another vocabulary: start from a checkpoint of this data")
     shape = {k: getattr(src_cfg, k) for k in ("n_layer", "n_head", "n_embd", "vocab_size")}
     if shape != {k: getattr(mc, k) for k in shape}:
         flags = " ".join(f"--{k} {v}" for k, v in shape.items() if k != "vocab_size")

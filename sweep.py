@@ -189,7 +189,7 @@ def check_config(sc, recipe=None):
                 STRATEGIES[name].check(dict(dataclasses.asdict(train.TrainConfig()), **{STRATEGIES[name].sweep_param: v}))
             except ValueError as e:
                 raise SweepError(f"--grid {name}: {e}") from None
-    grids = ("seeds", "lams", "radii") + (("tasks", "proxies") if is_real(recipe or {}) else ("mismatches", "overlaps"))
+    grids = ("seeds", "lams", "radii", "inits") + (("tasks", "proxies") if is_real(recipe or {}) else ("mismatches", "overlaps"))
     if is_real(recipe or {}):
         for flag in ("tasks", "proxies", "task", "case_tasks"):
             for name in getattr(sc, flag) if flag != "task" else (sc.task,):
@@ -205,6 +205,12 @@ def check_config(sc, recipe=None):
     for init in sc.inits:
         if init not in INITS:
             bad("inits", init, "scratch or pretrain")
+    if sc.proxy_lam and sc.proxy_lam not in sc.lams:  # F1 compares the proxies at one λ
+        bad("proxy_lam", sc.proxy_lam, f"one of --lams {','.join(f'{v:g}' for v in sc.lams)}, or 0 for lams[0]")
+    if sc.case_tasks and sc.task not in sc.case_tasks:  # the arm R report reads Case I and II runs of --task
+        bad("task", sc.task, "one of --case_tasks")
+    if sc.theta_pre and "pretrain" not in sc.inits:
+        bad("theta_pre", sc.theta_pre, "a θ_pre for --inits pretrain, which --inits does not have")
     if "pretrain" in sc.inits and not is_real(recipe or {}):
         raise SweepError("--inits pretrain pretrains on real general text: use a real-data preset")
     if sc.scratch_seeds and "scratch" not in sc.inits:
@@ -215,6 +221,7 @@ def check_config(sc, recipe=None):
     for flag in grids:
         if len(getattr(sc, flag)) == 0:
             raise SweepError(f"--{flag} is empty: give at least one value")
+    for flag in grids + ("scratch_seeds", "case_tasks"):
         if len(set(getattr(sc, flag))) != len(getattr(sc, flag)):
             raise SweepError(f"--{flag} {getattr(sc, flag)} repeats a value: list each value once")
     for flags, ok, what in VALUE_RULES:
@@ -269,7 +276,7 @@ def plan(sc, recipe):
     experiments is planned once."""
     real = is_real(recipe)
     tasks = {"estimate": {"id": "estimate", "kind": "estimate", "deps": [], "dir": os.path.join(sc.out_dir, "estimates"),
-                          "tasks": list(dict.fromkeys(sc.tasks + (sc.task,))), "proxies": list(sc.proxies),
+                          "tasks": list(dict.fromkeys(sc.tasks + (sc.task,) + sc.case_tasks)), "proxies": list(sc.proxies),
                           "safety": recipe["safety_data"], "data_dir": recipe.get("data_dir", "")}} if real else {}
     pre_dir = os.path.join(sc.out_dir, "pretrain")
     pre_path = sc.theta_pre or os.path.join(pre_dir, "theta_pre.pt")
@@ -340,7 +347,7 @@ def synthetic_runs(sc, seed, align_dir):
 # from θ_pre, pretrained once on the general text corpus (corpus.py; run ids "pre-...")
 def real_runs(sc, seed, align_dir):
     """The fine-tunes of one seed of a real-data sweep: (run id, TrainConfig values, task fields)."""
-    cases = sc.case_tasks or (sc.task,)
+    cases = analysis.case_tasks(sc)
     for constraint, task, proxy, lam, r in ([("none", t, "", 0.0, 0.0) for t in dict.fromkeys(sc.tasks + cases)]
                                             + [("loss", t, sc.proxies[0], lam, 0.0) for t in cases for lam in sc.lams]
                                             + [("loss", t, p, sc.proxy_lam or sc.lams[0], 0.0)
@@ -438,6 +445,8 @@ def done_tasks(sc, tasks, rows):
             marker = "refusals.json" if t.get("real") else "landscape.json"  # written after θ_0 itself
             if os.path.exists(os.path.join(t["dir"], marker)) and worker.has_theta0(t["dir"], train.TrainConfig(**t["train"])):
                 done.add(t["id"])
+        if t["id"] in done and not all(d in done for d in t["deps"]):  # deps first in plan order
+            done.discard(t["id"])  # e.g. a θ_pre trained again: its θ_0s and their runs are stale
         path = os.path.join(t["dir"], "estimates.json")  # a resumed sweep may add sets
         if t["kind"] == "estimate" and os.path.exists(path):
             est = json.load(open(path))

@@ -23,6 +23,7 @@ import os
 import sys
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -454,47 +455,40 @@ def try_resume(path, cfg, stage):
     return ckpt
 
 
-def pretrain(cfg, sys_, log, path):
-    """Stage 0 (real data): θ_pre = argmin of the next-token loss on the general text corpus,
-    from scratch; saved to path with the corpus's statistics (its unigram entropy: the loss
-    of a model that ignores context)."""
-    world = make_corpus(cfg)
-    model = new_model(cfg, world, sys_)
-    resume_path = os.path.join(cfg.out_dir, "pretrain_ckpt.pt")
-    ckpt = try_resume(resume_path, cfg, "pretrain")
+def train_and_save(stage, model, world, cfg, sys_, log, path, kind, extra):
+    """Train `model` through one stage from its resume checkpoint, if any, and save it to path as a
+    checkpoint of `kind` with the fields extra(model) (on rank 0)."""
+    resume_path = os.path.join(cfg.out_dir, f"{stage}_ckpt.pt")
+    ckpt = try_resume(resume_path, cfg, stage)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
-    run_stage("pretrain", model, world, cfg, sys_, log, resume_path, None, None, ckpt)
+    run_stage(stage, model, world, cfg, sys_, log, resume_path, None, None, ckpt)
     if sys_.master:
-        atomic_torch_save({"format": CHECKPOINT_FORMAT, "kind": "theta_pre", "model": model.state_dict(),
-                           "model_config": dataclasses.asdict(model.config),
-                           "world_config": dataclasses.asdict(world.wc), "config": dataclasses.asdict(cfg),
-                           "pretrain_key": pretrain_key(cfg), "params_hash": params_hash(model),
-                           "corpus": dict(world.stats, **evaluate(model, world, sys_.device))}, path)
+        atomic_torch_save({"format": CHECKPOINT_FORMAT, "kind": kind, "model": model.state_dict(),
+                           "model_config": dataclasses.asdict(model.config), "world_config": dataclasses.asdict(world.wc),
+                           "config": dataclasses.asdict(cfg), **extra(model)}, path)
         os.remove(resume_path)
     if sys_.ddp:
         torch.distributed.barrier()
     return model
+
+
+def pretrain(cfg, sys_, log, path):
+    """Stage 0 (real data): θ_pre = argmin of the next-token loss on the general text corpus,
+    from scratch; saved with the corpus's statistics (its unigram entropy: the loss of a model
+    that ignores context) and the prompts it holds (startpoints.check_corpus)."""
+    world = make_corpus(cfg)
+    return train_and_save("pretrain", new_model(cfg, world, sys_), world, cfg, sys_, log, path, "theta_pre", lambda m: {
+        "pretrain_key": pretrain_key(cfg), "params_hash": params_hash(m),
+        "corpus_keys": torch.from_numpy(world.prompt_keys.view(np.int64)),
+        "corpus": dict(world.stats, **evaluate(m, world, sys_.device))})
 
 
 def align(cfg, sys_, log, theta0_path):
     """Stage 1: θ_0 = argmin ℓ_s on D_s, trained from --init_from; saved to theta0_path."""
     world = make_world(cfg, init_vocab(cfg))  # a θ_pre's tokens mean what they meant in pretraining
-    model = initial_model(cfg, world, sys_)
-    resume_path = os.path.join(cfg.out_dir, "align_ckpt.pt")
-    ckpt = try_resume(resume_path, cfg, "align")
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-    run_stage("align", model, world, cfg, sys_, log, resume_path, None, None, ckpt)
-    if sys_.master:
-        atomic_torch_save({"format": CHECKPOINT_FORMAT, "kind": "theta0", "model": model.state_dict(),
-                           "model_config": dataclasses.asdict(model.config),
-                           "world_config": dataclasses.asdict(world.wc), "config": dataclasses.asdict(cfg),
-                           "align_key": align_key(cfg), "theta0_hash": params_hash(model)}, theta0_path)
-        os.remove(resume_path)
-    if sys_.ddp:
-        torch.distributed.barrier()
-    return model
+    return train_and_save("align", initial_model(cfg, world, sys_), world, cfg, sys_, log, theta0_path, "theta0",
+                          lambda m: {"align_key": align_key(cfg), "theta0_hash": params_hash(m)})
 
 
 def load_theta0(path, cfg, explicit):
@@ -512,6 +506,7 @@ def load_theta0(path, cfg, explicit):
     if ckpt["align_key"] != align_key(cfg):
         saved = ckpt["config"]
         diff = [k for k in ALIGN_FIELDS if saved.get(k, getattr(TrainConfig, k)) != getattr(cfg, k)]
+        diff += ["init_from (another starting point)"] * (not diff)  # the key differs, so the start did
         if explicit:
             raise CheckpointError(f"--theta0 {path} was aligned with other settings ({', '.join(diff)}): "
                                   f"pass the same values or align again with --stage align")
@@ -560,8 +555,8 @@ def main(cfg, argv=None):
             print(f"θ_pre at {theta_pre_path} was pretrained with this recipe: nothing to do")
             return None
         print(f"θ_pre at {theta_pre_path} was pretrained with another recipe; pretraining again")
-    if cfg.init_from != "scratch":
-        initial_model(cfg, world, sys_)  # raises on a starting point of another shape or vocabulary
+    if cfg.init_from != "scratch" and cfg.stage in ("align", "all"):
+        initial_model(cfg, world, sys_)  # raises on a starting point of another shape, vocabulary or data
     explicit_theta0 = bool(cfg.theta0)
     theta0_ckpt = None
     if cfg.stage in ("finetune", "all"):

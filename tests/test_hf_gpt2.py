@@ -179,3 +179,22 @@ def test_truncated_pytorch_bin(tmp_path):
     f.write_bytes(f.read_bytes()[:-100])
     with pytest.raises(CheckpointError, match=r"pytorch_model\.bin is not a readable PyTorch weights file"):
         load_hf_gpt2(str(tmp_path))
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"n_positions": 64}, r"do not match their config.json: transformer.wpe.weight \(32, 32\) ≠ \(64, 32\)"),
+    ({"activation_function": "relu"}, "activation_function = 'relu' is not GPT-2's"),
+    ({"tie_word_embeddings": False}, "tie_word_embeddings = False is not GPT-2's"),
+    ({"n_embd": None}, "not a GPT-2 config.json"),
+])
+def test_a_config_this_gpt_cannot_compute_is_refused(tmp_path, changes, words):
+    write_hf_folder(tmp_path, "model.safetensors", **changes)
+    with pytest.raises(CheckpointError, match=words):
+        load_hf_gpt2(str(tmp_path))
+
+
+def test_a_config_that_is_not_json_is_refused(tmp_path):
+    write_hf_folder(tmp_path, "model.safetensors")
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not a GPT-2 config.json"):
+        load_hf_gpt2(str(tmp_path))

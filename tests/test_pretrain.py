@@ -4,6 +4,7 @@ and every bad starting point is one clear message with nothing written.
 
 The tests build a small data folder of their own (a few registry files and general text), so they need
 neither the real data nor much time; one test reads the real folder when it is there."""
+import gzip
 import json
 import os
 
@@ -39,6 +40,10 @@ def folder(tmp_path_factory):
     write_json(d / "refusal_direction_splits/harmless_train.json",
                [{"instruction": p} for p in SHARED_PROMPTS] + [{"instruction": f"Describe a river, case {i}."}
                                                                for i in range(40)])
+    os.makedirs(d / "hh_rlhf_harmless")
+    with gzip.open(d / "hh_rlhf_harmless/test.jsonl.gz", "wt") as f:  # the first human turn is a prompt of a task
+        for p in SHARED_PROMPTS[:3] + ["What is a river?"]:
+            f.write(json.dumps({"chosen": f"\n\nHuman: {p}\n\nAssistant: Let me think."}) + "\n")
     os.makedirs(d / "general_text")
     with open(d / "general_text/wiki_demo.txt", "w") as f:
         for i in range(300):  # context predicts the next word: a model beats the unigram entropy
@@ -58,8 +63,9 @@ def env(folder, tmp_path, monkeypatch):
 
 
 def test_corpus_drops_every_prompt_a_later_set_holds(env):
-    docs, dropped = corpus.corpus_documents("wiki_demo+harmless_instructions", env)
-    assert dropped == len(SHARED_PROMPTS) and len(docs["harmless_instructions"]) == 40
+    docs, dropped = corpus.corpus_documents("wiki_demo+harmless_instructions+hh_rlhf", env)
+    assert dropped == len(SHARED_PROMPTS) + 3 and len(docs["harmless_instructions"]) == 40
+    assert [p for _, p in docs["hh_rlhf"]] == ["What is a river?"]  # a dialogue's first human turn is its prompt
     assert corpus.leaks(docs, env) == []
     # independently of leaks(): no corpus prompt is in any part of any registry set of the folder
     later = {int(k) for n in ("alpaca_small", "safety_llamas", "safety_llamas_eval", "safety_llamas_proxy")
@@ -67,6 +73,7 @@ def test_corpus_drops_every_prompt_a_later_set_holds(env):
     mine = {textdata.prompt_key(p) for ds in docs.values() for _, p in ds if p is not None}
     assert mine and not mine & later
     assert all(p is None for _, p in docs["wiki_demo"])  # general text has no prompt
+    assert corpus.leaks({"wiki_demo": [("x", SHARED_PROMPTS[0])]}, env) == [SHARED_PROMPTS[0]]  # leaks() finds one
 
 
 @pytest.mark.parametrize("sources,expect", [
@@ -171,6 +178,30 @@ def test_a_bad_theta_pre_is_one_clear_error(env, tmp_path, theta_pre, corpus_sou
         train.cli(["--out_dir", str(out), "--init_from", str(pre / "theta_pre.pt"), *TINY, *flags])
     assert str(e.value.code).startswith("error: ") and expect in str(e.value.code)
     assert not out.exists()
+
+
+def test_a_run_on_prompts_theta_pre_saw_is_refused(env, tmp_path, theta_pre):
+    """θ_pre keeps the harmless instructions no registry set holds; a user's task file asking them is refused."""
+    import train
+    own = tmp_path / "own.json"
+    own.write_text(json.dumps([{"instruction": f"Describe a river, case {i}.", "output": "Wide."} for i in range(30)]))
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        train.cli(["--out_dir", str(out), "--init_from", str(theta_pre / "theta_pre.pt"), *TINY, "--task_data", str(own)])
+    assert "was pretrained on" in str(e.value.code) and "prompts of this run's task part" in str(e.value.code)
+    assert not out.exists()
+
+
+def test_two_run_checkpoints_of_one_theta0_are_two_starting_points(env, tmp_path, theta_pre):
+    import startpoints
+    import train
+    ckpt = torch.load(theta_pre / "theta_pre.pt", weights_only=True)
+    for i in (1, 2):  # runs fine-tuned from one θ_0 store its hash, not their own
+        run = dict(ckpt, kind="finetune-resume", theta0_hash="same", model={k: v + i for k, v in ckpt["model"].items()})
+        torch.save(run, tmp_path / f"run{i}.pt")
+    ids = {startpoints.init_identity(train.parse_args(["--init_from", str(tmp_path / f"run{i}.pt"), *TINY]))
+           for i in (1, 2)}
+    assert len(ids) == 2
 
 
 # -----------------------------------------------------------------------------

@@ -84,7 +84,7 @@ class SweepConfig:
     inits: tuple = ("scratch",)   # where alignment starts: scratch and/or pretrain (θ_pre of the recipe's corpus)
     scratch_seeds: tuple = ()     # the seeds of the scratch arm when inits has both (default: seeds)
     pretrain_seed: int = 1        # the seed of the one θ_pre every pretrained θ_0 starts from ...
-    theta_pre: str = ""           # ... or this θ_pre (train.py --stage pretrain), pretrained before
+    theta_pre: str = ""           # ... or this θ_pre (train.py --stage pretrain), pretrained before (read by a pretrain arm only)
     refusals: bool = True         # greedy refusal rates of every model (arm R; the paper's arm P has none)
     data_dir: str = ""            # the real data folder; default $SAFETY_DATA_DIR
     refusal_limit: int = 128      # prompts per refusal set, greedy decoding ...
@@ -209,8 +209,6 @@ def check_config(sc, recipe=None):
         bad("proxy_lam", sc.proxy_lam, f"one of --lams {','.join(f'{v:g}' for v in sc.lams)}, or 0 for lams[0]")
     if sc.case_tasks and sc.task not in sc.case_tasks:  # the arm R report reads Case I and II runs of --task
         bad("task", sc.task, "one of --case_tasks")
-    if sc.theta_pre and "pretrain" not in sc.inits:
-        bad("theta_pre", sc.theta_pre, "a θ_pre for --inits pretrain, which --inits does not have")
     if "pretrain" in sc.inits and not is_real(recipe or {}):
         raise SweepError("--inits pretrain pretrains on real general text: use a real-data preset")
     if sc.scratch_seeds and "scratch" not in sc.inits:

@@ -30,7 +30,7 @@ from report import case1_beats_case2, finish_report, fmt, opening
 
 def arm_names(sc):
     """(arm, its run-id prefix) of each starting point of the sweep."""
-    return [("scratch" if init == "scratch" else "pretrained", prefix) for init, _, prefix in analysis.arms(sc)]
+    return [("scratch" if init == "scratch" else "θ_pre", prefix) for init, _, prefix in analysis.arms(sc)]
 
 
 def name(prefix, constraint, task, **kw):
@@ -122,11 +122,11 @@ def start_table(sc, rows):
         p = json.load(open(pre))
         lines += [f"**θ_pre** ({p['train_tokens']:,} training tokens of {len(p['documents'])} sources, "
                   f"{p['dropped_instructions']:,} instructions dropped because a later set holds their prompt; "
-                  f"{p['unk_share']:.1%} of tokens outside the {sc.preset} vocabulary): held-out general text "
+                  f"{p['unk_share']:.1%} of its tokens outside the runs' vocabulary, UNK): held-out general text "
                   f"**{p['general_loss']:.3f} nats/token** against the corpus's unigram entropy "
                   f"{p['unigram_entropy']:.3f} (a model that ignores context); trained in "
                   f"{p['cpu_seconds'] / 60:.1f} CPU-min.", ""]
-    lines += ["| θ_0 from | seeds | held-out ℓ_s of θ_0 | " + " | ".join(f"ℓ_f(θ_0) on {t}" for t in case_tasks(sc))
+    lines += ["θ_0 of each arm after the same alignment recipe:", "", "| θ_0 from | seeds | held-out ℓ_s of θ_0 | " + " | ".join(f"ℓ_f(θ_0) on {t}" for t in case_tasks(sc))
               + " |", "|" + " --- |" * (3 + len(case_tasks(sc)))]
     for arm, prefix in arm_names(sc):
         es = {t: analysis.seed_means([r for r in rows if r["run_id"] in {
@@ -166,7 +166,9 @@ def write_report(sc, recipe, rows, state, home=None):
                  f"nats per sequence, mean ± sd over seeds.", "**Findings (THEORY.md §5), per arm, on seed means**",
                  res, n_theta0=n0)
     md += ["", "**Starting points**", "", *start_table(sc, rows), "",
-           "**F4 in detail**: Case I with the same-teacher proxy against λ (λ = 0: plain fine-tuning)", "",
+           "**F4 in detail**: Case I with the same-teacher proxy against λ (λ = 0: plain fine-tuning). The proxy's "
+           "held-out part is the held-out part of its file, here D_s's own (one file split three ways), so for the "
+           "same-teacher proxy that column is ℓ_s; proxy epochs: passes over its training part.", "",
            *f4_table(sc, g), "", "**Every run** (mean ± sd over seeds)", "",
            "| run | seeds | ℓ_s | ℓ_f | ℓ_s − ℓ_s(θ_0) | ℓ_f(θ_0) − ℓ_f | ‖θ−θ_0‖ |", "|" + " --- |" * 7]
     md += [f"| {n} | {e['n']} | {fmt(e, 'safety_loss', 1)} | {fmt(e, 'capability_loss', 1)} | "

@@ -399,7 +399,8 @@ def write_report_real(sc, recipe, rows, state, home=None):
                  f"Losses are held-out estimates in nats per sequence (response tokens), mean ± sd over seeds; "
                  f"ℓ_f is on each run's own task. Refusal rates: greedy, {sc.refusal_tokens} new tokens, the first "
                  f"{sc.refusal_limit} prompts of each set, GCG's keyword test (README 'Real data').",
-                 "**Findings (THEORY.md §5) on the held-out losses, checked by `sweep.py` on the seed means**", findings)
+                 "**Findings (THEORY.md §5) on the held-out losses, checked by `sweep.py` on the seed means**", findings,
+                 n_theta0=sum(len(seeds) for _, seeds, _ in arms))
     md += ["", f"**Estimates** (THEORY.md §4; `estimators.real_overlap`, `estimators.real_mismatch` at 64 examples per "
            f"reference, computed in {est['seconds']:.0f} s)", "", "| set | role | estimate |", "| --- | --- | --- |"]
     md += [f"| {t} | task D_f | overlap M {o['M']:.3f}, lexical {o['lexical']:.3f} |" for t, o in est["overlap"].items()]

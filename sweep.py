@@ -4,7 +4,8 @@ Sweeps: the findings F1–F6 of THEORY.md §5 with the theory beside every measu
     python sweep.py --preset smoke                  # < 2 minutes on 2 CPU cores (the tests run it)
     python sweep.py --preset paper                  # the README's plots, 3 seeds, < 40 minutes on 2 cores
     python sweep.py --preset paper --lams 0.1,1,10  # any grid can be overridden
-    python sweep.py --preset real-cpu               # real text (needs SAFETY_DATA_DIR), < 45 minutes on 2 cores
+    python sweep.py --preset paper-real-cpu         # the paper's roles on real text (needs SAFETY_DATA_DIR), 77 min on 2 cores
+    python sweep.py --preset real-cpu               # refusals on real text, from scratch and from paper-real-cpu's θ_pre
     python sweep.py --preset real-gpu               # the same at a larger size, for one GPU (never run here)
 
 Each seed aligns one θ_0 (the safety data μ_s, P_s do not depend on κ or δ, so one θ_0

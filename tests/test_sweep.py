@@ -443,7 +443,7 @@ def test_paper_real_sweep_with_both_starting_points_end_to_end(tmp_path, capsys)
         assert (r["proxy_epochs"] > 0) == (r["constraint"] == "loss")
         assert r["init"] == ("pretrain" if r["run_id"].startswith("pre-") else "scratch")
     md = open(tmp_path / "p" / "results.md").read()
-    for f in ("F1, scratch", "F2, pretrained", "F3, pretrained", "F4, scratch", "F4 (ℓ_s), pretrained"):
+    for f in ("F1, scratch", "F2, θ_pre", "F3, θ_pre", "F4, scratch", "F4 (ℓ_s), θ_pre"):
         assert f"| {f} |" in md
     assert "**θ_pre**" in md and (tmp_path / "p" / "fig1_paper_real_tradeoff.png").exists()
     capsys.readouterr()

@@ -31,7 +31,7 @@ from common import DataError
 from data import SyntheticWorld, WorldConfig, expected_nll
 from loaders import is_refusal, load_prompts
 from model import CheckpointError, load_checkpoint, model_from_checkpoint
-from textdata import Codec, RealDataConfig, dataset_part, gpt2_encoding, make_source
+from textdata import Codec, RealDataConfig, collate, dataset_part, gpt2_encoding, make_source
 
 
 @torch.no_grad()
@@ -196,13 +196,7 @@ def opening_logprob(model, codec, prompts, opening, device="cpu"):
     o = codec.encode_ids(gpt2_encoding().encode_ordinary(opening))
     block = model.config.block_size
     ids = [codec.prompt(p, min(block // 2, block - len(o))) for p in prompts]  # as cut in training
-    T = max(len(p) for p in ids) + len(o) - 1
-    x = torch.full((len(ids), T), codec.eot, dtype=torch.long)
-    y, m = x.clone(), torch.zeros((len(ids), T), dtype=torch.bool)
-    for row, p in enumerate(ids):
-        s = torch.from_numpy(np.concatenate([p, o]))
-        x[row, :len(s) - 1], y[row, :len(s) - 1] = s[:-1], s[1:]
-        m[row, len(p) - 1:len(s) - 1] = True
+    x, y, m = collate([np.concatenate([p, o]) for p in ids], [len(p) for p in ids], codec.eot)
     out = -response_nll(model, x.to(device), y.to(device), m.to(device)).double().cpu()
     model.train(was_training)
     return out

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from common import ConfigError
-from model import GPT, CheckpointError, GPTConfig, load_checkpoint, load_hf_gpt2, params_hash
+from model import GPT, CheckpointError, GPTConfig, load_checkpoint, load_hf_gpt2, model_from_checkpoint, params_hash
 
 PRETRAIN_FIELDS = ("n_layer", "n_head", "n_embd", "pretrain_iters", "pretrain_lr", "warmup_iters", "weight_decay",
                    "grad_clip", "batch_tokens", "seed", "data_dir", "block_size", "restrict_vocab", "vocab_cap",
@@ -60,7 +60,7 @@ def _weights_id(kind, path, stamp):
     kind = ckpt.get("kind")
     # a θ_pre and a θ_0 store the hash of their own weights; a run's checkpoint stores its θ_0's
     own = {"theta_pre": ckpt.get("params_hash"), "theta0": ckpt.get("theta0_hash")}.get(kind)
-    return f"{kind}:" + (own or params_hash(model_of(ckpt)))
+    return f"{kind}:" + (own or params_hash(model_from_checkpoint(ckpt)))
 
 
 def init_identity(cfg):
@@ -71,12 +71,6 @@ def init_identity(cfg):
     files = [path] if os.path.isfile(path) else [os.path.join(path, f) for f in sorted(os.listdir(path))]
     stamp = tuple((st.st_ino, st.st_mtime_ns, st.st_size) for st in map(os.stat, files))  # a rewrite is a new inode
     return _weights_id(cfg.init_from if cfg.init_from == "gpt2" else "ckpt", path, stamp)
-
-
-def model_of(ckpt):
-    model = GPT(GPTConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
-    return model
 
 
 def init_checkpoint(cfg):
@@ -125,15 +119,22 @@ def check_corpus(ckpt, cfg, world):
                                   f"{part} part: pretrain without the set that holds them (--pretrain_data)")
 
 
+def new_model(cfg, world, sys_):
+    """A GPT of the run's shape and the world's vocabulary, on sys_.device, its initial weights a
+    function of the seed alone."""
+    torch.manual_seed(cfg.seed)
+    mc = GPTConfig(block_size=world.block_size, vocab_size=world.vocab_size,
+                   n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
+    return GPT(mc).to(sys_.device)
+
+
 def initial_model(cfg, world, sys_):
     """The model alignment starts from, on sys_.device: checked against the run's shape and
     vocabulary, its positional embedding cut to the run's block size."""
-    torch.manual_seed(cfg.seed)  # scratch: initial weights are a function of the seed alone
-    mc = GPTConfig(block_size=world.block_size, vocab_size=world.vocab_size,
-                   n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
-    model = GPT(mc)
+    model = new_model(cfg, world, sys_)
+    mc = model.config
     if cfg.init_from == "scratch":
-        return model.to(sys_.device)
+        return model
     if cfg.init_from == "gpt2":
         src, what = load_hf_gpt2(cfg.hf_dir), f"--hf_dir {cfg.hf_dir}"
         src_cfg, src_state = src.config, src.state_dict()
@@ -153,5 +154,5 @@ def initial_model(cfg, world, sys_):
         raise CheckpointError(f"{what} has {src_cfg.block_size} positions, fewer than --block_size "
                               f"{mc.block_size}: lower --block_size")
     state = dict(src_state, **{"transformer.wpe.weight": src_state["transformer.wpe.weight"][:mc.block_size]})
-    model.load_state_dict(state)
-    return model.to(sys_.device)
+    model.load_state_dict(state)  # copied onto the model's device
+    return model

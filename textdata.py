@@ -453,19 +453,9 @@ class RealData:
         return seqs, np.array(plens)
 
     def collate(self, part, idx):
-        """(inputs, targets, loss_mask) of the examples idx, padded to the longest; the mask
-        is true exactly on the response targets."""
+        """(inputs, targets, loss_mask) of the examples idx of a prepared part (collate)."""
         seqs, plens = part
-        T = max(len(seqs[i]) for i in idx) - 1
-        x = torch.full((len(idx), T), self.codec.eot, dtype=torch.long)
-        y = torch.full((len(idx), T), self.codec.eot, dtype=torch.long)
-        m = torch.zeros((len(idx), T), dtype=torch.bool)
-        for row, i in enumerate(idx):
-            s = torch.from_numpy(seqs[i])
-            n = len(s) - 1
-            x[row, :n], y[row, :n] = s[:-1], s[1:]
-            m[row, plens[i] - 1:n] = True
-        return x, y, m
+        return collate([seqs[i] for i in idx], [plens[i] for i in idx], self.codec.eot)
 
     def batch(self, name, n, generator):
         """n examples of D_s ('safety'), D_s' ('proxy') or D_f ('task'), drawn uniformly
@@ -480,6 +470,22 @@ class RealData:
         part = self.eval_sets[name]
         for i in range(0, len(part[0]), batch_size):
             yield self.collate(part, list(range(i, min(i + batch_size, len(part[0])))))
+
+
+def collate(seqs, plens, pad):
+    """(inputs, targets, loss_mask) of sequences of prompt + response model ids, each with its
+    prompt length, padded with `pad` to the longest; the mask is true exactly on the response
+    targets."""
+    T = max(len(s) for s in seqs) - 1
+    x = torch.full((len(seqs), T), pad, dtype=torch.long)
+    y = torch.full((len(seqs), T), pad, dtype=torch.long)
+    m = torch.zeros((len(seqs), T), dtype=torch.bool)
+    for row, (s, plen) in enumerate(zip(seqs, plens)):
+        s = torch.from_numpy(np.asarray(s))
+        n = len(s) - 1
+        x[row, :n], y[row, :n] = s[:-1], s[1:]
+        m[row, plen - 1:n] = True
+    return x, y, m
 
 
 def train_and_heldout(name, data_dir="", cache_dir=""):

@@ -34,15 +34,13 @@ from data import WorldConfig
 from evaluate import evaluate
 from model import (
     CHECKPOINT_FORMAT,
-    GPT,
     CheckpointError,
-    GPTConfig,
     atomic_torch_save,
     flat_params,
     load_checkpoint,
     params_hash,
 )
-from startpoints import check_init, init_identity, init_vocab, initial_model, pretrain_key
+from startpoints import check_init, init_identity, init_vocab, initial_model, new_model, pretrain_key
 from system import Log, prepare_out_dir, print_table, run_info, setup_system
 from textdata import RealDataConfig, make_source
 
@@ -430,13 +428,6 @@ def run_stage(stage, model, world, cfg, sys_, log, ckpt_path, constraint, theta0
 
 # -----------------------------------------------------------------------------
 # The two stages
-
-
-def new_model(cfg, world, sys_):
-    torch.manual_seed(cfg.seed)  # initial weights are a function of the seed alone
-    mc = GPTConfig(block_size=world.block_size, vocab_size=world.vocab_size,
-                   n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
-    return GPT(mc).to(sys_.device)
 
 
 def try_resume(path, cfg, stage):

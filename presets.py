@@ -46,9 +46,17 @@ PAPER_REAL_CPU_TRAIN = dict(REAL_CPU_TRAIN, safety_data="alpaca_gpt4_align", ali
 PAPER_REAL_GPU_TRAIN = dict(PAPER_REAL_CPU_TRAIN, block_size=256, vocab_cap=0, n_layer=6, n_head=6, n_embd=384,
                             batch_tokens=16384, micro_batch=64, align_iters=300, max_iters=300, lr=3e-4,
                             align_lr=6e-4, pretrain_iters=4000, pretrain_lr=1e-3, eval_examples=256)
-ARM_P = {"tasks": ("alpaca_small_task", "code_alpaca"), "case_tasks": ("alpaca_small_task", "code_alpaca"),
+# tasks: the plain fine-tunes that validate the forecast (theory.py forecast) beside the two of
+# the paper; gpteacher_codegen is in θ_pre's corpus, so only the scratch arm fine-tunes on it
+ARM_P = {"tasks": ("alpaca_small_task", "alpaca_small", "alpaca_safety_only", "dolly_safety_only", "xstest_gpt4",
+                   "code_alpaca", "gpteacher_codegen"), "case_tasks": ("alpaca_small_task", "code_alpaca"),
          "task": "alpaca_small_task", "proxies": ("alpaca_gpt4_proxy", "alpaca_small_proxy", "dolly_safety_only"),
          "lams": (0.3, 1.0, 3.0, 10.0), "proxy_lam": 1.0, "inits": ("scratch", "pretrain"), "refusals": False}
+
+# arm R's task sets from high to low overlap with the refusals (data README), plain fine-tunes
+# of each validate the forecast (theory.py forecast); θ_pre was pretrained on gpteacher_codegen
+REAL_TASKS = ("alpaca_safety_only", "dolly_safety_only", "alpaca_small", "alpaca_gpt4_demo", "code_alpaca",
+              "gpteacher_codegen")
 
 PRESETS = {
     # smoke runs every strategy of the registry, the design's and each other one over its grid
@@ -64,14 +72,14 @@ PRESETS = {
                    # seed 1), so fisher's γ spans far larger values than penalty's
                    "grids": {"penalty": (0.3, 1.0, 3.0, 10.0, 30.0, 100.0), "fisher": (1e4, 1e5, 1e6, 1e7, 1e8)}},
     # arm R from scratch and from the θ_pre of paper-real-cpu (run that preset first)
-    "real-cpu": {"train": REAL_CPU_TRAIN, "report_dir": "results/real-cpu", "seeds": (1, 2),
+    "real-cpu": {"train": REAL_CPU_TRAIN, "report_dir": "results/real-cpu", "seeds": (1, 2), "tasks": REAL_TASKS,
                  "lams": (1.0, 10.0), "radii": (1.0, 4.0), "inits": ("scratch", "pretrain"),
                  "theta_pre": "out_sweep/paper-real-cpu/pretrain/theta_pre.pt"},
     "paper-real-cpu": {"train": PAPER_REAL_CPU_TRAIN, "report": "paper-real", "report_dir": "results/paper-real-cpu",
                        "seeds": (1, 2, 3), "scratch_seeds": (1, 2), "radii": (2.0, 8.0), **ARM_P},
     "paper-real-gpu": {"train": PAPER_REAL_GPU_TRAIN, "report": "paper-real", "report_dir": "results/paper-real-gpu",
                        "seeds": (1, 2, 3), "radii": (2.0, 8.0, 32.0), **ARM_P},
-    "real-gpu": {"train": REAL_GPU_TRAIN, "report_dir": "results/real-gpu", "seeds": (1, 2, 3),
+    "real-gpu": {"train": REAL_GPU_TRAIN, "report_dir": "results/real-gpu", "seeds": (1, 2, 3), "tasks": REAL_TASKS,
                  "lams": (1.0, 10.0), "radii": (1.0, 4.0, 16.0), "refusal_limit": 256, "refusal_tokens": 32,
                  "inits": ("scratch", "pretrain"),
                  "proxies": ("safety_llamas_proxy", "xstest_llama2orig", "rd_llama-2-7b-chat-hf")},

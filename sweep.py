@@ -49,7 +49,7 @@ import train
 import worker
 from common import DataError, SweepError, atomic_write_json, atomic_write_text, remove_stale_temporaries
 from constraints import STRATEGIES
-from model import CheckpointError
+from model import CheckpointError, load_checkpoint
 from presets import PRESETS
 
 # -----------------------------------------------------------------------------
@@ -282,6 +282,7 @@ def plan(sc, recipe):
     if "pretrain" in sc.inits and not sc.theta_pre:
         tasks["pretrain"] = {"id": "pretrain", "kind": "pretrain", "deps": [], "dir": pre_dir,
                              "train": dict(recipe, out_dir=pre_dir, stage="pretrain", seed=sc.pretrain_seed)}
+    pretrained = pretrained_on(sc, recipe, pre_path)
     for init, seeds, prefix in analysis.arms(sc):
         start = {} if init == "scratch" else {"init_from": pre_path}
         for seed in seeds:
@@ -292,8 +293,8 @@ def plan(sc, recipe):
                                                           **data, **start)}
             for rid, knobs, fields in (real_runs if real else synthetic_runs)(sc, seed, align_dir):
                 rid = prefix + rid
-                if rid in tasks:
-                    continue
+                if rid in tasks or (start and set(knobs.get("task_data", "").split("+")) & pretrained):
+                    continue  # planned already, or a task θ_pre was pretrained on (train.py refuses it)
                 run_dir = os.path.join(sc.out_dir, "runs", rid)
                 if "meta" in fields:
                     fields["meta"]["init"] = init
@@ -310,6 +311,19 @@ def plan(sc, recipe):
             t["train"].update(progress=False, resume=True)  # resume=True: a killed run continues
         t.update(threads=sc.threads, **settings)
     return tasks
+
+
+def pretrained_on(sc, recipe, pre_path):
+    """The corpus sources of the pretrain arm's θ_pre: the recipe's when the sweep pretrains it, else
+    those stored in sc.theta_pre (none if that file is not there yet: its align task will say so)."""
+    if "pretrain" not in sc.inits:
+        return set()
+    if not sc.theta_pre:
+        return set(recipe.get("pretrain_data", "").split("+")) - {""}
+    try:
+        return set(load_checkpoint(pre_path)["config"].get("pretrain_data", "").split("+")) - {""}
+    except CheckpointError:
+        return set()
 
 
 def synthetic_runs(sc, seed, align_dir):

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from common import DataError
 from evaluate import codec_of, heldout_nll
 from model import CheckpointError, load_checkpoint, model_from_checkpoint
-from textdata import N_GPT2, RealData, RealDataConfig, dataset_part
+from textdata import N_GPT2, RealData, RealDataConfig, dataset_part, train_and_heldout
 
 # -----------------------------------------------------------------------------
 # Estimates of context overlap and mismatch from samples (THEORY.md §4). Real text has
@@ -72,32 +72,48 @@ def hashed_features(texts, n_buckets=1 << 16, n_max=2):
             for t in texts]
 
 
+def bags(feats):
+    """(indices, offsets) of an EmbeddingBag, one bag per array of bucket ids."""
+    off = np.concatenate([[0], np.cumsum([len(f) for f in feats])[:-1]])
+    return torch.from_numpy(np.concatenate(feats)), torch.from_numpy(off)
+
+
 def fit_logistic(feats, labels, n_buckets=1 << 16, l2=1e-4, iters=100):
     """A logistic regression p(label = 1 | text) = σ(mean of the weights of the text's
     hashed n-grams + b), fit by L-BFGS on the mean log-loss + (l2/2)‖w‖². Returns the
-    predicted probabilities as a function of a list of feature arrays."""
-    def bags(fs):  # the (indices, offsets) of an EmbeddingBag, one bag per text
-        off = np.concatenate([[0], np.cumsum([len(f) for f in fs])[:-1]])
-        return torch.from_numpy(np.concatenate(fs)), torch.from_numpy(off)
+    logit as a function of a list of feature arrays."""
     bag = torch.nn.EmbeddingBag(n_buckets, 1, mode="mean")
     torch.nn.init.zeros_(bag.weight)
-    bias = torch.zeros(1, requires_grad=True)
-    idx, off = bags(feats)
-    y = torch.tensor(labels, dtype=torch.float32)
-    opt = torch.optim.LBFGS(list(bag.parameters()) + [bias], max_iter=iters, line_search_fn="strong_wolfe")
+    b = torch.zeros(1, requires_grad=True)
+    return _lbfgs_logistic(lambda fs: bag(*bags(fs)).squeeze(1) + b, [bag.weight, b], bag.weight,
+                           feats, labels, l2, iters)
+
+
+def fit_dense_logistic(x, labels, l2=1e-3, iters=200):
+    """A logistic regression on dense features (rows of x), each standardised with the training
+    rows' mean and sd. Returns the logit as a function of new rows."""
+    x = torch.as_tensor(x, dtype=torch.float64)
+    mu, sd = x.mean(0), x.std(0).clamp_min(1e-8)
+    lin = torch.nn.Linear(x.shape[1], 1, dtype=torch.float64)
+    torch.nn.init.zeros_(lin.weight)
+    torch.nn.init.zeros_(lin.bias)
+    return _lbfgs_logistic(lambda rows: lin((torch.as_tensor(rows, dtype=torch.float64) - mu) / sd).squeeze(1),
+                           [lin.weight, lin.bias], lin.weight, x, labels, l2, iters)
+
+
+def _lbfgs_logistic(logit_of, params, penalised, feats, labels, l2, iters):
+    """Fit logit_of(feats) to labels by L-BFGS on the mean log-loss + (l2/2)‖penalised‖²."""
+    y = torch.tensor(labels, dtype=torch.float64)
+    opt = torch.optim.LBFGS(params, max_iter=iters, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        logit = bag(idx, off).squeeze(1) + bias
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, y) + 0.5 * l2 * bag.weight.pow(2).sum()
+        loss = (F.binary_cross_entropy_with_logits(logit_of(feats).double(), y)
+                + 0.5 * l2 * penalised.double().pow(2).sum())
         loss.backward()
         return loss
     opt.step(closure)
-
-    @torch.no_grad()
-    def predict(new_feats):
-        return torch.sigmoid(bag(*bags(new_feats)).squeeze(1) + bias).double().numpy()
-    return predict
+    return torch.no_grad()(lambda new: logit_of(new).double().numpy())
 
 
 class torch_threads:
@@ -115,36 +131,94 @@ class torch_threads:
         torch.set_num_threads(self.saved)
 
 
+# ---- Calibration. A regularised classifier is under-confident (its out-of-fold scores, re-fit
+# by a logistic in their logit, need slopes of 4–5 on the real sets), so E|2c − 1| read off
+# its raw scores understates TV. Platt scaling (one slope and intercept) fails on the known-TV
+# sets of the tests: it must both sharpen the prompts that only one set has and flatten those
+# both share, and one slope cannot (TV 0.25 read 0.32, 0.5 read 0.56). Isotonic regression
+# has no shape to get wrong; it is fit out of fold too, so no prompt calibrates itself.
+
+
+def isotonic(z, y):
+    """The nondecreasing step function of z nearest to the labels y (pool-adjacent-violators),
+    each step's rate smoothed to (k + 1)/(n + 2) so that a finite sample never gives c = 0 or 1.
+    Returns it as a function of new scores."""
+    o = np.argsort(z, kind="stable")
+    sums, counts, tops = [], [], []
+    for zi, yi in zip(z[o], y[o]):
+        sums.append(float(yi)), counts.append(1), tops.append(zi)
+        while len(sums) > 1 and sums[-2] * counts[-1] >= sums[-1] * counts[-2]:  # a violation: pool
+            s, c, t = sums.pop(), counts.pop(), tops.pop()
+            sums[-1], counts[-1], tops[-1] = sums[-1] + s, counts[-1] + c, t
+    rate, tops = (np.array(sums) + 1) / (np.array(counts) + 2), np.array(tops)
+    return lambda new: rate[np.clip(np.searchsorted(tops, new), 0, len(rate) - 1)]
+
+
+def out_of_fold(fit, feats, labels, fold):
+    """Each item's logit from a classifier fit on the other folds (cross-fitting)."""
+    take = (lambda idx: [feats[i] for i in idx]) if isinstance(feats, list) else (lambda idx: feats[idx])
+    z = np.empty(len(labels))
+    for k in np.unique(fold):
+        train, test = np.flatnonzero(fold != k), np.flatnonzero(fold == k)
+        z[test] = fit(take(train), labels[train].tolist())(take(test))
+    return z
+
+
+def overlap_from_scores(z, labels, fold, lams=(1.0,), n_boot=200, seed=0):
+    """Context overlap from out-of-fold logits z of prompts labelled 1 (D_s) and 0 (D_f), equal in
+    number (THEORY.md §4 'classifier overlap'), each an estimate:
+
+        TV(μ_s, μ_f) ≈ mean |2c − 1|,   M = 1 − TV,   (A2) term ≈ mean over D_s of log(1 + (1−c)/(λ c))
+
+    with c the isotonic calibration of z fit on the other folds, beside the same read off the
+    raw scores σ(z) ('uncalibrated') and the lower bound 2·acc − 1 that the accuracy certifies.
+    Intervals: 2.5–97.5% of a bootstrap over prompts, within each set (the classifier fixed)."""
+    c = np.empty(len(z))
+    for k in np.unique(fold):
+        m = fold == k
+        c[m] = isotonic(z[~m], labels[~m])(z[m])
+    raw = np.clip(1 / (1 + np.exp(-z)), 1e-6, 1 - 1e-6)
+    right = (z > 0) == (labels == 1)
+    a2 = lambda cs, lam: np.log1p((1 - cs) / (lam * cs)).mean(-1)
+    rng = np.random.default_rng(seed + 2)
+    pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    boot = np.concatenate([rng.choice(pos, (n_boot, len(pos))), rng.choice(neg, (n_boot, len(neg)))], 1)
+    interval = lambda v: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))]
+    tv, lb = np.abs(2 * c - 1), 2 * right - 1.0  # per prompt: their means are TV and 2·acc − 1
+    return {"tv": float(tv.mean()), "tv_interval": interval(tv[boot].mean(1)),
+            "M": 1.0 - float(tv.mean()), "M_interval": interval(1 - tv[boot].mean(1)),
+            "tv_uncalibrated": float(np.abs(2 * raw - 1).mean()), "M_uncalibrated": 1 - float(np.abs(2 * raw - 1).mean()),
+            "tv_lower_bound": max(0.0, float(lb.mean())), "tv_lower_bound_interval": interval(np.maximum(0, lb[boot].mean(1))),
+            "accuracy": float(right.mean()),
+            "a2_overlap_term": {float(lam): float(a2(c[pos], lam)) for lam in lams},
+            "a2_overlap_term_interval": {float(lam): interval(a2(c[boot[:, :len(pos)]], lam)) for lam in lams},
+            "a2_overlap_term_uncalibrated": {float(lam): float(a2(raw[pos], lam)) for lam in lams},
+            "n_per_set": len(pos)}
+
+
+def check_prompt_sets(prompts_s, prompts_f, folds):
+    """Two prompt sets an overlap can be estimated from, or one clear message."""
+    for what, ps in (("safety", prompts_s), ("task", prompts_f)):
+        if len(ps) < folds:
+            raise DataError(f"the {what} set has {len(ps)} prompts, fewer than the classifier's {folds} folds: "
+                            f"give at least {folds} (hundreds for a useful estimate)")
+    if set(prompts_s) == set(prompts_f):
+        raise DataError("the safety and task sets hold the same prompts: the overlap of a set with itself is "
+                        "complete by definition (M = 1); give two different sets")
+
+
 def classifier_overlap(prompts_s, prompts_f, lams=(1.0,), folds=5, max_n=2000, seed=0):
-    """Context overlap of D_s and D_f by a probabilistic classifier (THEORY.md §4), an
-    estimate. On balanced samples of both prompt sets, c(x) ≈ μ_s(x)/(μ_s(x) + μ_f(x)) is
-    a logistic regression predicted out of fold (K-fold cross-fitting, so that no prompt
-    is scored by a classifier that saw it). Then
-
-        TV(μ_s, μ_f) ≈ E_{x~½(μ_s+μ_f)} |2c(x) − 1|,     M = 1 − TV,
-        (A2) overlap term E_{μ_s} log(1 + μ_f/(λ μ_s')) ≈ mean over D_s of log(1 + (1−c)/(λ c))
-
-    taking μ_s' = μ_s (a proxy on the contexts of the original data). Also 2·acc − 1, the
-    TV that the classifier's accuracy alone certifies (up to sampling error)."""
+    """Context overlap of D_s and D_f by a probabilistic classifier (THEORY.md §4), an estimate:
+    a logistic regression on hashed word 1–2-grams, cross-fitted on balanced samples of both
+    sets, its scores calibrated out of fold (overlap_from_scores)."""
+    check_prompt_sets(prompts_s, prompts_f, folds)
     a, b = balanced_sample(prompts_s, prompts_f, max_n, seed)
     n = len(a)
-    if n < folds:
-        raise DataError(f"classifier overlap needs at least {folds} prompts per set, got {n}")
-    feats, labels = hashed_features(a + b), np.array([1] * n + [0] * n)
-    fold = np.random.default_rng(seed + 1).permutation(2 * n) % folds
-    c = np.empty(2 * n)
+    labels, fold = np.array([1] * n + [0] * n), np.random.default_rng(seed + 1).permutation(2 * n) % folds
     with torch_threads(1):
-        for k in range(folds):
-            train = fold != k
-            predict = fit_logistic([f for f, m in zip(feats, train) if m], labels[train].tolist())
-            c[~train] = predict([f for f, m in zip(feats, ~train) if m])
-    c = np.clip(c, 1e-6, 1 - 1e-6)
-    tv = float(np.mean(np.abs(2 * c - 1)))
-    acc = float(np.mean((c > 0.5) == labels))
-    cs = c[:n]  # the safety prompts, x ~ μ_s
-    return {"tv": tv, "M": 1.0 - tv, "accuracy": acc, "tv_from_accuracy": max(0.0, 2 * acc - 1),
-            "a2_overlap_term": {float(lam): float(np.mean(np.log1p((1 - cs) / (lam * cs)))) for lam in lams},
-            "n_per_set": n, "kind": "estimate: hashed word 1-2-gram logistic regression, 5-fold cross-fitted"}
+        z = out_of_fold(fit_logistic, hashed_features(a + b), labels, fold)
+    return dict(overlap_from_scores(z, labels, fold, lams, seed=seed),
+                kind=f"estimate: hashed word 1-2-gram logistic regression, {folds}-fold cross-fitted, isotonic")
 
 
 class BigramLM:
@@ -216,22 +290,44 @@ def ngram_mismatch(original, proxy, heldout, n=None, seeds=(0, 1, 2)):
 
 
 @torch.no_grad()
-def mean_prompt_state(model, codec, prompts, device="cpu", batch_size=64):
-    """The average over prompts of the mean final hidden state over each prompt's tokens
-    (templated, cut as in training); prompts of equal length go through together."""
+def prompt_states(model, codec, prompts, device="cpu", batch_size=64):
+    """Each prompt's mean final hidden state over its tokens (templated, cut as in training), one
+    row per prompt in order; prompts of equal length go through together."""
     was_training = model.training
     model.eval()
     ids = [codec.prompt(p, model.config.block_size // 2) for p in prompts]
     by_len = {}
-    for x in ids:
-        by_len.setdefault(len(x), []).append(x)
-    total = torch.zeros(model.config.n_embd, dtype=torch.float64)
+    for i, x in enumerate(ids):
+        by_len.setdefault(len(x), []).append(i)
+    out = torch.zeros(len(ids), model.config.n_embd, dtype=torch.float64)
     for L, group in by_len.items():
         for c in range(0, len(group), batch_size):
-            x = torch.tensor(np.stack(group[c:c + batch_size]), dtype=torch.long, device=device)
-            total += model.hidden_states(x).mean(1).double().sum(0).cpu()
+            rows = group[c:c + batch_size]
+            x = torch.tensor(np.stack([ids[i] for i in rows]), dtype=torch.long, device=device)
+            out[rows] = model.hidden_states(x).mean(1).double().cpu()
     model.train(was_training)
-    return total / len(ids)
+    return out
+
+
+def mean_prompt_state(model, codec, prompts, device="cpu"):
+    """The average over prompts of their mean final hidden states."""
+    return prompt_states(model, codec, prompts, device).mean(0)
+
+
+def representation_overlap(model, codec, prompts_s, prompts_f, lams=(1.0,), folds=5, max_n=2000, seed=0,
+                           device="cpu"):
+    """Context overlap of D_s and D_f on representations (THEORY.md §4), an estimate: the
+    classifier of classifier_overlap on each prompt's mean hidden state under a model (θ_pre or
+    θ_0) instead of its words, cross-fitted and calibrated alike."""
+    check_prompt_sets(prompts_s, prompts_f, folds)
+    a, b = balanced_sample(prompts_s, prompts_f, max_n, seed)
+    n = len(a)
+    labels, fold = np.array([1] * n + [0] * n), np.random.default_rng(seed + 1).permutation(2 * n) % folds
+    x = prompt_states(model, codec, a + b, device).numpy()
+    with torch_threads(1):
+        z = out_of_fold(fit_dense_logistic, x, labels, fold)
+    return dict(overlap_from_scores(z, labels, fold, lams, seed=seed),
+                kind=f"estimate: logistic regression on mean hidden states, {folds}-fold cross-fitted, isotonic")
 
 
 def representation_similarity(model, codec, prompts_s, prompts_f, device="cpu"):
@@ -275,16 +371,18 @@ def real_overlap(safety="safety_llamas", task="alpaca_small", data_dir="", lams=
     return out
 
 
-def real_mismatch(proxy, original="safety_llamas", heldout="safety_llamas_eval", data_dir="", n=None,
+def real_mismatch(proxy, original="safety_llamas", heldout="", data_dir="", n=None,
                   proxy_ckpt=None, original_ckpt=None):
     """Mismatch E_{μ_s} KL(P_s‖P_s') ≈ ℓ_{D_s}(reference on D_s') − ℓ_{D_s}(reference on D_s)
-    (THEORY.md §4), an estimate on the held-out part of D_s. The references are bigram
+    (THEORY.md §4), an estimate on the held-out part of D_s (its split's eval part, or its file's
+    held-out share; `heldout` names another set). The references are bigram
     models trained on n examples of each set; given two checkpoints of equal size and
     budget (`train.py --stage align --safety_data PROXY` and `--safety_data ORIGINAL`),
     the GPTs themselves are compared instead."""
     if proxy_ckpt is None:
-        return dict(ngram_mismatch(dataset_part(original, data_dir), dataset_part(proxy, data_dir),
-                                        dataset_part(heldout, data_dir), n=n), proxy=proxy, estimate=True)
+        held = dataset_part(heldout, data_dir) if heldout else train_and_heldout(original, data_dir)[1]
+        return dict(ngram_mismatch(dataset_part(original, data_dir), dataset_part(proxy, data_dir), held, n=n),
+                    proxy=proxy, estimate=True)
     cp, co = load_checkpoint(proxy_ckpt), load_checkpoint(original_ckpt)
     if cp["world_config"].get("vocab") != co["world_config"].get("vocab"):
         raise CheckpointError(f"{proxy_ckpt} and {original_ckpt} read text through different vocabularies: "

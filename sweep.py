@@ -464,6 +464,7 @@ def done_tasks(sc, tasks, rows):
         if t["kind"] == "estimate" and os.path.exists(path):
             est = json.load(open(path))
             if (est.get("safety") == t["safety"] and set(t["tasks"]) <= set(est["overlap"])
+                    and all("tv" in e for e in est["overlap"].values())  # calibrated (forecast.py)
                     and set(t["proxies"]) <= set(est["mismatch"])):
                 done.add(t["id"])
     return done

@@ -16,6 +16,7 @@ iteration on Hessian-vector products (double backward).
 
     python theory.py --run_dir out       # reads a finished run of train.py,
                                          # writes out/theory.json and prints a table
+    python theory.py forecast --safety NAME --task NAME ...   # before fine-tuning (forecast.py)
 
 The bounds are as reconstructed from the paper's setting (THEORY.md), not quotations of
 its theorems. Losses and gaps are in nats per sequence.
@@ -459,7 +460,12 @@ def print_table(out):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="The bounds of THEORY.md §2–§3 beside a finished train.py run.")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["forecast"]:  # the real-text forecast before any fine-tuning
+        import forecast
+        return forecast.main(argv[1:])
+    ap = argparse.ArgumentParser(description="The bounds of THEORY.md §2–§3 beside a finished train.py run "
+                                             "(or `theory.py forecast`: the safety cost of a task set, forecast)")
     ap.add_argument("--run_dir", required=True, help="the --out_dir of a finished train.py run")
     ap.add_argument("--reference_run", default=None,
                     help="an unconstrained (--constraint none) fine-tune of the same θ_0, for the distance d of (E)")

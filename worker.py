@@ -16,6 +16,7 @@ import torch
 
 import analysis
 import estimators
+import forecast
 import startpoints
 import theory
 import train
@@ -164,13 +165,12 @@ def refusal_columns(task, ckpt, device):
 
 
 def estimate(task):
-    """The overlap estimate of each task set against D_s and the mismatch estimate of each proxy
-    (THEORY.md §4), labelled estimates, to estimates/estimates.json."""
+    """The overlap forecast of each task set against D_s (forecast.py: calibrated TV, M, the (A2)
+    terms) and the mismatch estimate of each proxy (THEORY.md §4), labelled estimates, to
+    estimates/estimates.json."""
     t0 = time.time()
-    out = {"estimate": True, "safety": task["safety"], "overlap": {}, "mismatch": {}}
-    for name in task["tasks"]:
-        o = estimators.real_overlap(task["safety"], name, task["data_dir"])
-        out["overlap"][name] = {"M": o["classifier"]["M"], "lexical": o["lexical"]}
+    fc = forecast.forecast(task["safety"], task["tasks"], data_dir=task["data_dir"])
+    out = {"estimate": True, "safety": task["safety"], "overlap": fc["tasks"], "mismatch": {}}
     for name in task["proxies"]:
         m = estimators.real_mismatch(name, task["safety"], data_dir=task["data_dir"], n=64)
         out["mismatch"][name] = {"mismatch": m["mismatch"], "sd": m["mismatch_sd"]}

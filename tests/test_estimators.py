@@ -10,6 +10,7 @@ import torch
 import estimators
 import loaders
 import textdata
+from common import DataError
 from model import GPT, GPTConfig
 
 DATA_DIR = os.environ.get("SAFETY_DATA_DIR", "")
@@ -33,15 +34,58 @@ def test_lexical_overlap_hand_computed_and_extremes():
     assert estimators.lexical_overlap(same, toy_prompts(B_WORDS, 50, 1)) == 0.0
 
 
-def test_classifier_overlap_separates_disjoint_sets_and_not_identical_ones():
-    a, b = toy_prompts(A_WORDS, 200, 0), toy_prompts(B_WORDS, 200, 1)
-    far = estimators.classifier_overlap(a, b, lams=(1.0, 10.0, 100.0))
-    assert far["accuracy"] == 1.0 and far["tv"] > 0.8 and far["M"] == pytest.approx(1 - far["tv"])
-    a2 = far["a2_overlap_term"]
-    assert a2[1.0] > a2[10.0] > a2[100.0] > 0                      # the (A2) term falls as λ grows
-    mixed = toy_prompts(A_WORDS + B_WORDS, 400, 2)                   # one distribution, split in two
-    near = estimators.classifier_overlap(mixed[:200], mixed[200:])
-    assert near["tv"] < 0.35 and near["M"] > far["M"] + 0.5 and abs(near["accuracy"] - 0.5) < 0.12
+def family(vocab, n, rng):
+    """n prompts of 6–15 words drawn Zipf-like from one family's own vocabulary."""
+    p = 1 / np.arange(1, len(vocab) + 1) ** 1.1
+    return [" ".join(rng.choice(vocab, rng.integers(6, 16), p=p / p.sum())) for _ in range(n)]
+
+
+def known_tv_sets(tv, n, seed):
+    """D_s = (1−tv)·C + tv·A and D_f = (1−tv)·C + tv·B over three families of disjoint vocabularies:
+    TV(μ_s, μ_f) = tv exactly (A and B never meet; C is shared in equal measure)."""
+    rng = np.random.default_rng(seed)
+    c, a, b = ([f"{tag}{i}" for i in range(400)] for tag in "cab")
+    k = round(tv * n)
+    return family(c, n - k, rng) + family(a, k, rng), family(c, n - k, rng) + family(b, k, rng)
+
+
+@pytest.fixture(scope="module")
+def known_tv():
+    """The classifier overlap of five prompt-set pairs of known TV, 2,000 prompts a side."""
+    return {tv: estimators.classifier_overlap(*known_tv_sets(tv, 2000, i), lams=(1.0, 10.0))
+            for i, tv in enumerate((0.0, 0.25, 0.5, 0.75, 1.0))}
+
+
+def test_calibrated_tv_is_within_005_of_the_truth_where_raw_scores_are_not(known_tv):
+    err = {tv: abs(e["tv"] - tv) for tv, e in known_tv.items()}
+    raw = {tv: abs(e["tv_uncalibrated"] - tv) for tv, e in known_tv.items()}
+    assert max(err.values()) <= 0.05, err
+    assert max(raw.values()) > 0.05, raw                               # the raw scores are under-confident
+    for tv, e in known_tv.items():
+        assert e["tv_lower_bound"] <= tv + 0.03                        # 2·acc − 1, up to sampling error
+        assert e["M"] == pytest.approx(1 - e["tv"]) and e["tv_interval"][0] <= e["tv"] <= e["tv_interval"][1]
+        a2 = e["a2_overlap_term"]
+        assert a2[1.0] > a2[10.0] > 0                                  # the (A2) term falls as λ grows
+    # and the (A2) term falls as overlap does: log 2 at c = ½ everywhere, 0 with nothing shared
+    a2 = [known_tv[tv]["a2_overlap_term"][1.0] for tv in sorted(known_tv)]
+    assert all(x > y for x, y in zip(a2, a2[1:])) and a2[0] == pytest.approx(np.log(2), abs=0.05) and a2[-1] < 0.01
+
+
+def test_isotonic_pools_violators_and_never_says_zero_or_one():
+    f = estimators.isotonic(np.array([0.0, 1.0, 2.0, 3.0]), np.array([0, 1, 0, 1]))
+    # blocks {0}, {1, 2} pooled (rate 1/2 > 0 violates order), {3}; rates (k + 1)/(n + 2)
+    np.testing.assert_allclose(f(np.array([-5.0, 0.0, 1.5, 2.0, 3.0, 9.0])), [1 / 3, 1 / 3, 1 / 2, 1 / 2, 2 / 3, 2 / 3])
+    z = np.random.default_rng(0).normal(size=500)
+    c = estimators.isotonic(z, (z + np.random.default_rng(1).normal(size=500) > 0).astype(int))(np.sort(z))
+    assert np.all(np.diff(c) >= 0) and 0 < c.min() and c.max() < 1
+
+
+def test_overlap_refuses_sets_it_cannot_compare():
+    a = toy_prompts(A_WORDS, 50, 0)
+    with pytest.raises(DataError, match="fewer than the classifier's 5 folds"):
+        estimators.classifier_overlap(a, a[:3])
+    with pytest.raises(DataError, match="same prompts"):
+        estimators.classifier_overlap(a, list(reversed(a)))
 
 
 def toks(examples):
@@ -79,6 +123,10 @@ def test_model_based_estimates_on_a_tiny_gpt():
     a, b = toy_prompts(A_WORDS, 20, 0), toy_prompts(B_WORDS, 20, 1)
     assert estimators.representation_similarity(model, codec, a, a) == pytest.approx(1.0)
     assert estimators.representation_similarity(model, codec, a, b) < 1.0
+    mixed = toy_prompts(A_WORDS + B_WORDS, 400, 2)                   # one distribution, split in two
+    near = estimators.representation_overlap(model, codec, mixed[:200], mixed[200:])
+    far = estimators.representation_overlap(model, codec, toy_prompts(A_WORDS, 200, 3), toy_prompts(B_WORDS, 200, 4))
+    assert near["tv"] < 0.2 < 0.8 < far["tv"], (near["tv"], far["tv"])
     x = torch.randint(0, 50257, (4, 12))
     batches = lambda: iter([(x, x.roll(-1, 1), torch.ones_like(x, dtype=torch.bool))])
     assert estimators.mismatch_estimate(model, model, batches)["mismatch"] == 0.0

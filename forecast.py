@@ -1,0 +1,152 @@
+"""
+What fine-tuning on a task set will cost in safety, forecast before any fine-tuning (THEORY.md §4,
+§2 (A2)): the context overlap of each task with the safety data, the mismatch of a proxy, and the
+(A2) bound they make, every number an estimate from prompts and responses alone.
+
+    python theory.py forecast --safety safety_llamas --task alpaca_small --task code_alpaca
+    python theory.py forecast --safety alpaca_gpt4_align --task my_tasks.jsonl --proxy alpaca_gpt4_proxy \\
+        --theta out_sweep/paper-real-cpu/pretrain/theta_pre.pt --json forecast.json
+
+Names are registry names (loaders.REGISTRY) or files (.json, .jsonl, .csv, .txt, as evaluate.py
+--prompts reads them). Per task: the calibrated TV(μ_s, μ_f) with its interval, the uncalibrated
+reading, the lower bound 2·acc − 1, M = 1 − TV, the lexical score, the representation overlap under
+a checkpoint (--theta), the (A2) overlap term per λ and, with --proxy, the (A2) bound = mismatch +
+that term. Tasks are ranked by the (A2) term at the first λ: the larger it is, the more of the
+safety data's contexts the task claims, the larger the predicted safety cost. The mismatch is one
+number shared by every task, so it moves the bound but not the ranking.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import estimators
+import loaders
+from common import DataError, atomic_write_json
+from evaluate import codec_of
+from model import CheckpointError, load_checkpoint, model_from_checkpoint
+from textdata import dataset_part, tokenized, train_and_heldout
+
+
+def prompts_of(name, data_dir=""):
+    """The prompts of a registry name (its part of a split, if it has one) or of a prompt file."""
+    if name in loaders.REGISTRY or "+" in name:
+        return list(dataset_part(name, data_dir).prompts)
+    if not os.path.isfile(name):
+        raise DataError(f"{name}: neither a registry name (loaders.REGISTRY) nor a file: check the name or path")
+    return loaders.load_prompts(name)
+
+
+def representation_model(theta):
+    """(model, codec) of a text checkpoint (θ_pre or θ_0), for the representation overlap."""
+    ckpt = load_checkpoint(theta)
+    codec = codec_of(ckpt)
+    if codec is None:
+        raise CheckpointError(f"--theta {theta}: a checkpoint of the synthetic world has no text representation: "
+                              f"give a θ_pre or θ_0 trained on real text (train.py --data real)")
+    return model_from_checkpoint(ckpt), codec
+
+
+def proxy_mismatch(safety, proxy, data_dir=""):
+    """E_{μ_s} KL(P_s‖P_s') ≈ the held-out D_s loss of a bigram reference trained on the proxy minus
+    that of one trained on D_s, at equal sizes (estimators.ngram_mismatch), an estimate."""
+    s_train, s_held = train_and_heldout(safety, data_dir)
+    proxy_ts = dataset_part(proxy, data_dir) if proxy in loaders.REGISTRY else tokenized(proxy, data_dir)
+    if not (s_train.has_responses and proxy_ts.has_responses):
+        raise DataError(f"--proxy {proxy}: the mismatch compares answers, and {safety if not s_train.has_responses else proxy} "
+                        f"has prompts only: give (prompt, response) pairs")
+    if len(s_held) == 0:
+        raise DataError(f"--safety {safety}: no held-out part to score the mismatch on")
+    return estimators.ngram_mismatch(s_train, proxy_ts, s_held)
+
+
+def forecast(safety, tasks, proxy="", theta="", lams=(1.0, 10.0), data_dir="", max_n=2000, seed=0):
+    """The forecast of the module docstring as one dict (the --json object): per task its
+    estimates, the (A2) terms per λ, its rank; the proxy's mismatch if one is given."""
+    t0 = time.time()
+    if not tasks:
+        raise DataError("no --task given: name at least one task set")
+    ps = prompts_of(safety, data_dir)
+    model = representation_model(theta) if theta else None
+    mismatch = proxy_mismatch(safety, proxy, data_dir) if proxy else None
+    out = {"estimate": True, "safety": safety, "proxy": proxy or None, "theta": theta or None,
+           "lams": [float(v) for v in lams], "mismatch": mismatch, "tasks": {}}
+    for task in tasks:
+        pf = prompts_of(task, data_dir)
+        c = estimators.classifier_overlap(ps, pf, lams=lams, max_n=max_n, seed=seed)
+        entry = {k: c[k] for k in ("tv", "tv_interval", "tv_uncalibrated", "tv_lower_bound", "tv_lower_bound_interval",
+                                   "M", "M_interval", "M_uncalibrated", "accuracy", "a2_overlap_term",
+                                   "a2_overlap_term_interval", "a2_overlap_term_uncalibrated", "n_per_set")}
+        entry["lexical"] = estimators.lexical_overlap(ps, pf, max_n=max_n, seed=seed)
+        if mismatch is not None:
+            entry["a2_bound"] = {lam: mismatch["mismatch"] + v for lam, v in entry["a2_overlap_term"].items()}
+        if model is not None:
+            r = estimators.representation_overlap(*model, ps, pf, lams=lams, max_n=max_n, seed=seed)
+            entry["representation"] = {k: r[k] for k in ("tv", "tv_interval", "M", "tv_lower_bound",
+                                                         "a2_overlap_term")}
+        out["tasks"][task] = entry
+    key = float(lams[0])
+    out["ranking"] = sorted(out["tasks"], key=lambda t: -out["tasks"][t]["a2_overlap_term"][key])
+    for i, t in enumerate(out["ranking"], 1):
+        out["tasks"][t]["rank"] = i
+    out["seconds"] = round(time.time() - t0, 2)
+    return out
+
+
+def print_forecast(out):
+    lam0 = out["lams"][0]
+    print(f"forecast for D_s = {out['safety']}" + (f", proxy {out['proxy']} (mismatch estimate "
+          f"{out['mismatch']['mismatch']:.2f} nats/seq)" if out["proxy"] else "")
+          + f"; every number an estimate ({out['seconds']:.0f} s)")
+    cols = ["rank", "task", "TV calibrated [95%]", "TV raw", "TV ≥", "M", "lexical"]
+    cols += ["TV repr."] if out["theta"] else []
+    cols += [f"(A2) term λ={lam:g}" for lam in out["lams"]] + ([f"(A2) bound λ={lam0:g}"] if out["proxy"] else [])
+    print("| " + " | ".join(cols) + " |\n|" + " --- |" * len(cols))
+    for t in out["ranking"]:
+        e = out["tasks"][t]
+        row = [str(e["rank"]), t, f"{e['tv']:.3f} [{e['tv_interval'][0]:.3f}, {e['tv_interval'][1]:.3f}]",
+               f"{e['tv_uncalibrated']:.3f}", f"{e['tv_lower_bound']:.3f}", f"{e['M']:.3f}", f"{e['lexical']:.3f}"]
+        row += [f"{e['representation']['tv']:.3f}"] if out["theta"] else []
+        row += [f"{e['a2_overlap_term'][lam]:.3f}" for lam in out["lams"]]
+        row += [f"{e['a2_bound'][lam0]:.2f}"] if out["proxy"] else []
+        print("| " + " | ".join(row) + " |")
+    print(f"rank 1 is the largest predicted safety cost: the (A2) overlap term at λ = {lam0:g} (THEORY.md §2)")
+
+
+def parse_lams(text):
+    try:
+        lams = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--lams {text!r}: not a comma-separated list of numbers") from None
+    if not lams or any(not lam > 0 for lam in lams):
+        raise argparse.ArgumentTypeError(f"--lams {text!r}: give one or more λ > 0 (λ = 0 makes the (A2) term infinite)")
+    return lams
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="theory.py forecast", description=__doc__.strip().splitlines()[0])
+    ap.add_argument("--safety", required=True, help="the safety data D_s: a registry name or a file")
+    ap.add_argument("--task", action="append", required=True, help="a task set D_f (repeat for several)")
+    ap.add_argument("--proxy", default="", help="a proxy D_s' with responses: adds the mismatch and the (A2) bound")
+    ap.add_argument("--theta", default="", help="a text checkpoint (θ_pre or θ_0): adds the representation overlap")
+    ap.add_argument("--lams", type=parse_lams, default=(1.0, 10.0), help="λ of the (A2) terms; the first ranks the tasks")
+    ap.add_argument("--json", default="", help="also write the forecast to this file")
+    ap.add_argument("--data_dir", default=os.environ.get("SAFETY_DATA_DIR", ""), help="the data folder of registry names")
+    ap.add_argument("--max_n", type=int, default=2000, help="prompts per set in the classifier (a random sample)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    if args.max_n < 10:
+        ap.error(f"--max_n {args.max_n}: use at least 10 prompts per set")
+    try:
+        out = forecast(args.safety, args.task, args.proxy, args.theta, args.lams, args.data_dir, args.max_n, args.seed)
+    except (DataError, CheckpointError) as e:
+        sys.exit(f"error: {e}")
+    print_forecast(out)
+    if args.json:
+        atomic_write_json(args.json, out)
+    return out
+
+
+if __name__ == "__main__":
+    main()

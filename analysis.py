@@ -84,3 +84,54 @@ def theta0_means(sc, prefix="", seeds=None):
     whose run ids start with prefix: '' from scratch, 'pre-' from θ_pre)."""
     return seed_means([json.load(open(os.path.join(sc.out_dir, "theta0", f"{prefix}s{s}", "refusals.json")))
                        for s in (seeds or sc.seeds)])
+
+
+# -----------------------------------------------------------------------------
+# The forecast (forecast.py) against measurement: does the overlap, estimated from prompts before
+# any fine-tuning, rank task sets by the safety they cost?
+
+
+def spearman(x, y):
+    """Spearman's rank correlation (ties share their mean rank); nan if either side is constant."""
+    def ranks(v):
+        v = np.asarray(v, dtype=float)
+        r = np.empty(len(v))
+        r[np.argsort(v, kind="stable")] = np.arange(len(v))
+        return np.array([r[v == u].mean() for u in v])
+    a, b = ranks(x), ranks(y)
+    if a.std() == 0 or b.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def by_lam(terms, lam):
+    """An (A2) term of a forecast by λ, whether its keys are numbers or (read back from JSON) strings."""
+    return terms[lam] if lam in terms else terms[str(float(lam))]
+
+
+def forecast_validation(rows, est, tasks, prefix, lam=1.0):
+    """Per task with plain fine-tunes in the arm of `prefix`: its forecast (the (A2) overlap term at λ)
+    and the measured safety cost at matched capability gain g*, linear between θ_0 and the end of
+    each run, i.e. g* × (ℓ_s − ℓ_s(θ_0)) / (ℓ_f(θ_0) − ℓ_f), with g* the smallest mean gain of the
+    tasks; Spearman's ρ between the two on seed means and seed by seed. A task whose runs gained
+    nothing on average has no matched cost and is left out (listed under 'no_gain')."""
+    mine = [r for r in arm_rows(rows, prefix) if r["constraint"] == "none"]
+    runs = {t: [r for r in mine if r["run_id"].rsplit("-s", 1)[0] == prefix + real_run_id("none", t)] for t in tasks}
+    runs = {t: rs for t, rs in runs.items() if rs}
+    gain = {t: float(np.mean([r["capability_gain"] for r in rs])) for t, rs in runs.items()}
+    no_gain = [t for t in runs if gain[t] <= 0]
+    runs = {t: rs for t, rs in runs.items() if gain[t] > 0}
+    if not runs:
+        return {"tasks": {}, "no_gain": no_gain, "rho": float("nan"), "rho_seeds": {}}
+    g_star = min(gain[t] for t in runs)
+    out = {}
+    for t, rs in runs.items():
+        ratio = [r["safety_increase"] / r["capability_gain"] if r["capability_gain"] > 0 else float("nan") for r in rs]
+        out[t] = {"forecast": by_lam(est["overlap"][t]["a2_overlap_term"], lam), "gain": gain[t],
+                  "cost": float(np.mean([r["safety_increase"] for r in rs])), "matched": g_star * float(np.nanmean(ratio)),
+                  "ratio_seeds": {int(r["seed"]): v for r, v in zip(rs, ratio)}, "n": len(rs)}
+    ts = list(out)
+    seeds = sorted(set.intersection(*(set(out[t]["ratio_seeds"]) for t in ts)))
+    rho_seeds = {s: spearman([out[t]["forecast"] for t in ts], [out[t]["ratio_seeds"][s] for t in ts]) for s in seeds}
+    return {"tasks": out, "g_star": g_star, "no_gain": no_gain, "lam": lam,
+            "rho": spearman([out[t]["forecast"] for t in ts], [out[t]["matched"] for t in ts]), "rho_seeds": rho_seeds}

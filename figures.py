@@ -192,7 +192,7 @@ def fig_real_tradeoff(sc, rows, g, prefix=""):
 def fig_real_overlap(sc, g, est, prefix=""):
     """The ℓ_s increase of plain fine-tuning against each task's estimated overlap M (F2), one arm."""
     fig, ax, colors = figure(figsize=(5.5, 4))
-    for i, t in enumerate(dict.fromkeys(sc.tasks)):
+    for i, t in enumerate(t for t in dict.fromkeys(sc.tasks) if prefix + real_run_id("none", t) in g):
         e = g[prefix + real_run_id("none", t)]
         ax.errorbar([est["overlap"][t]["M"]], [mean(e, "safety_increase")], yerr=[e["safety_increase"][1]], fmt="o",
                     capsize=3, color=colors[i % len(colors)], label=t)

@@ -94,6 +94,47 @@ def forecast(safety, tasks, proxy="", theta="", lams=(1.0, 10.0), data_dir="", m
     return out
 
 
+def synthetic_forecast(overlaps=(0.0, 0.25, 0.5), lams=(1.0, 10.0), n=2000, runs="", seed=0):
+    """The same forecast on the synthetic world (data.py), where it can be checked exactly: contexts
+    sampled from μ_s and μ_f at each κ, written as words with their positions ('p0s3 p1s7 p2s1'),
+    against the exact TV, M and (A2) overlap term of the world's densities, and, given a results.csv
+    of the paper preset, the measured G_s of its Case I runs (seed means)."""
+    import numpy as np
+
+    import theory
+    from data import SyntheticWorld, WorldConfig
+    rows = []
+    measured = {}
+    if runs:
+        import sweep
+        for r in sweep.read_rows(runs):
+            if r["constraint"] == "loss" and abs(r["mismatch_delta"] - 0.3) < 1e-9:
+                measured.setdefault((r["overlap"], r["lam"]), []).append(r["safety_gap"])
+    rng = np.random.default_rng(seed)
+    for k in overlaps:
+        w = SyntheticWorld(WorldConfig(overlap=k, mismatch=0.3))  # the paper preset's δ
+        text = lambda idx: [" ".join(f"p{i}s{int(v)}" for i, v in enumerate(w.contexts[j])) for j in idx]
+        ps, pf = (text(rng.choice(len(w.contexts), n, p=w.mu[part])) for part in ("safety", "task"))
+        est = estimators.classifier_overlap(ps, pf, lams=lams, max_n=n, seed=seed)
+        rows.append({"overlap": k, "tv_exact": 1 - theory.overlap_mass(w.mu["safety"], w.mu["task"]), "estimate": est,
+                     "mismatch": theory.mismatch_term(w.mu["safety"], w.P["safety"], w.P["proxy"]),
+                     "a2_exact": {lam: theory.overlap_term(w.mu["safety"], w.mu["proxy"], w.mu["task"], lam) for lam in lams},
+                     "G_s": {lam: float(np.mean(measured[(k, lam)])) for lam in lams if (k, lam) in measured}})
+    return rows
+
+
+def print_synthetic(rows, lams):
+    print("| κ | λ | TV exact | TV calibrated [95%] | TV raw | (A2) term exact | (A2) term forecast | "
+          "(A2) bound: exact mismatch + forecast term | G_s measured (Case I, seed mean) |\n|" + " --- |" * 9)
+    for r in rows:
+        e = r["estimate"]
+        for lam in lams:
+            print(f"| {r['overlap']:g} | {lam:g} | {r['tv_exact']:.3f} | {e['tv']:.3f} [{e['tv_interval'][0]:.3f}, "
+                  f"{e['tv_interval'][1]:.3f}] | {e['tv_uncalibrated']:.3f} | {r['a2_exact'][lam]:.3f} | "
+                  f"{e['a2_overlap_term'][lam]:.3f} | {r['mismatch'] + e['a2_overlap_term'][lam]:.3f} | "
+                  + (f"{r['G_s'][lam]:.3f} |" if lam in r["G_s"] else "— |"))
+
+
 def print_forecast(out):
     lam0 = out["lams"][0]
     print(f"forecast for D_s = {out['safety']}" + (f", proxy {out['proxy']} (mismatch estimate "
@@ -126,8 +167,11 @@ def parse_lams(text):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="theory.py forecast", description=__doc__.strip().splitlines()[0])
-    ap.add_argument("--safety", required=True, help="the safety data D_s: a registry name or a file")
-    ap.add_argument("--task", action="append", required=True, help="a task set D_f (repeat for several)")
+    ap.add_argument("--safety", help="the safety data D_s: a registry name or a file")
+    ap.add_argument("--task", action="append", help="a task set D_f (repeat for several)")
+    ap.add_argument("--synthetic", action="store_true",
+                    help="forecast on the synthetic world at κ = 0, 0.25, 0.5 instead, against its exact overlap")
+    ap.add_argument("--runs", default="", help="with --synthetic: the paper preset's results.csv, for measured G_s")
     ap.add_argument("--proxy", default="", help="a proxy D_s' with responses: adds the mismatch and the (A2) bound")
     ap.add_argument("--theta", default="", help="a text checkpoint (θ_pre or θ_0): adds the representation overlap")
     ap.add_argument("--lams", type=parse_lams, default=(1.0, 10.0), help="λ of the (A2) terms; the first ranks the tasks")
@@ -138,6 +182,14 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.max_n < 10:
         ap.error(f"--max_n {args.max_n}: use at least 10 prompts per set")
+    if args.synthetic:
+        if args.runs and not os.path.isfile(args.runs):
+            ap.error(f"--runs {args.runs}: no such file (results/paper/results.csv after `python sweep.py --preset paper`)")
+        rows = synthetic_forecast(lams=args.lams, n=args.max_n, runs=args.runs, seed=args.seed)
+        print_synthetic(rows, args.lams)
+        return rows
+    if not args.safety or not args.task:
+        ap.error("--safety and at least one --task are required (or --synthetic)")
     try:
         out = forecast(args.safety, args.task, args.proxy, args.theta, args.lams, args.data_dir, args.max_n, args.seed)
     except (DataError, CheckpointError) as e:

@@ -177,7 +177,8 @@ def check_findings_real(sc, rows, est, prefix="", seeds=None):
                 "<br>".join(f"{p}: ℓ_s {fmt(g[n], 'safety_loss', 1)}, mismatch estimate "
                             f"{est['mismatch'][p]['mismatch']:.1f}" for p, n in c1.items())))
     # F2: higher overlap, larger ℓ_s increase under plain fine-tuning
-    by_m = sorted(dict.fromkeys(sc.tasks), key=lambda t: -est["overlap"][t]["M"])
+    planned = [t for t in dict.fromkeys(sc.tasks) if name("none", task=t) in g]  # θ_pre's own corpus sets are not
+    by_m = sorted(planned, key=lambda t: -est["overlap"][t]["M"])
     inc = [mean(g[name("none", task=t)], "safety_increase") for t in by_m]
     res.append(("F2", "plain fine-tuning on a task of higher estimated overlap M raises ℓ_s more",
                 all(a > b for a, b in zip(inc, inc[1:])) if len(inc) > 1 else None,
@@ -380,6 +381,30 @@ def write_report_strategies(sc, recipe, rows, state, home=None):
     finish_report(sc, md, findings, plots, home)
 
 
+def forecast_table(sc, rows, est, arms, lam=1.0):
+    """The forecast (theory.py forecast, from prompts alone) beside the measured safety cost at matched
+    capability gain (analysis.forecast_validation), per arm [(label, run-id prefix)], with Spearman's ρ."""
+    lines = ["| arm | task | TV calibrated [95%] | TV raw | M | forecast: (A2) term λ=1 | predicted rank | ℓ_f gain | "
+             "ℓ_s − ℓ_s(θ_0) | cost at matched gain g* | measured rank |", "|" + " --- |" * 11]
+    notes = []
+    for label, prefix in arms:
+        v = analysis.forecast_validation(rows, est, sc.tasks, prefix, lam)
+        ts = v["tasks"]
+        pred = sorted(ts, key=lambda t: -ts[t]["forecast"])
+        meas = sorted(ts, key=lambda t: -ts[t]["matched"])
+        for t in pred:
+            o, e = est["overlap"][t], ts[t]
+            lines.append(f"| {label} | {t} | {o['tv']:.3f} [{o['tv_interval'][0]:.3f}, {o['tv_interval'][1]:.3f}] | "
+                         f"{o['tv_uncalibrated']:.3f} | {o['M']:.3f} | {e['forecast']:.3f} | {pred.index(t) + 1} | "
+                         f"{e['gain']:.1f} | {e['cost']:+.1f} | {e['matched']:+.1f} | {meas.index(t) + 1} |")
+        rs = [r for r in v["rho_seeds"].values() if math.isfinite(r)]
+        notes.append(f"{label}: {len(ts)} tasks, g* = {v.get('g_star', float('nan')):.1f} nats; Spearman ρ(forecast, "
+                     f"matched cost) = **{v['rho']:+.2f}** on seed means, "
+                     + (f"{min(rs):+.2f} to {max(rs):+.2f} over {len(rs)} seeds alone" if rs else "no seed alone")
+                     + (f"; no capability gain, left out: {', '.join(v['no_gain'])}" if v["no_gain"] else ""))
+    return lines + [""] + [f"- {n}" for n in notes]
+
+
 def write_report_real(sc, recipe, rows, state, home=None):
     """results.md and the three plots of a real-text sweep (presets real-cpu, real-gpu); home: see publish."""
     os.makedirs(sc.report_dir, exist_ok=True)
@@ -401,10 +426,14 @@ def write_report_real(sc, recipe, rows, state, home=None):
                  f"{sc.refusal_limit} prompts of each set, GCG's keyword test (README 'Real data').",
                  "**Findings (THEORY.md §5) on the held-out losses, checked by `sweep.py` on the seed means**", findings,
                  n_theta0=sum(len(seeds) for _, seeds, _ in arms))
-    md += ["", f"**Estimates** (THEORY.md §4; `estimators.real_overlap`, `estimators.real_mismatch` at 64 examples per "
-           f"reference, computed in {est['seconds']:.0f} s)", "", "| set | role | estimate |", "| --- | --- | --- |"]
-    md += [f"| {t} | task D_f | overlap M {o['M']:.3f}, lexical {o['lexical']:.3f} |" for t, o in est["overlap"].items()]
-    md += [f"| {p} | proxy D_s' | mismatch {m['mismatch']:.1f} ± {m['sd']:.1f} |" for p, m in est["mismatch"].items()]
+    md += ["", f"**Forecast against measurement**: the overlap of each task with D_s forecast from prompts alone "
+           f"(`python theory.py forecast --safety {recipe['safety_data']} --task NAME ...`, computed with the proxies' "
+           f"mismatch in {est['seconds']:.0f} s), beside the safety cost its plain fine-tuning paid at matched capability "
+           f"gain (linear between θ_0 and the run's end); rank 1 is the largest.", "",
+           *forecast_table(sc, rows, est, [(init if len(arms) > 1 else "θ_0", prefix) for init, _, prefix in arms]),
+           "", "**Mismatch estimates** (`estimators.real_mismatch`, bigram references of 64 examples each, on D_s's "
+           "held-out part)", "", "| proxy D_s' | mismatch (nats/seq) |", "| --- | --- |"]
+    md += [f"| {p} | {m['mismatch']:.1f} ± {m['sd']:.1f} |" for p, m in est["mismatch"].items()]
     margins = [k for k in MARGIN_SETS if any(f"margin_{k}" in r for r in rows)]
     md += ["", "**Every run** (mean ± sd over seeds; refusal rates of the harmful sets, then the harmless ones; the "
            "refusal margin log P(refusal opening | x) − log P(compliant opening | x) in nats, `evaluate.refusal_margin`)",

@@ -25,7 +25,7 @@ import numpy as np
 import analysis
 import figures
 from analysis import case_tasks, mean, real_groups, real_run_id
-from report import case1_beats_case2, finish_report, fmt, opening
+from report import case1_beats_case2, finish_report, fmt, forecast_table, opening
 
 
 def arm_names(sc):
@@ -169,7 +169,11 @@ def write_report(sc, recipe, rows, state, home=None):
            "**F4 in detail**: Case I with the same-teacher proxy against λ (λ = 0: plain fine-tuning). The proxy's "
            "held-out part is the held-out part of its file, here D_s's own (one file split three ways), so for the "
            "same-teacher proxy that column is ℓ_s; proxy epochs: passes over its training part.", "",
-           *f4_table(sc, g), "", "**Every run** (mean ± sd over seeds)", "",
+           *f4_table(sc, g), "", "**Forecast against measurement**: the overlap of each task with D_s forecast from "
+           f"prompts alone (`python theory.py forecast --safety {recipe['safety_data']} --task NAME ...`), beside the "
+           "safety cost its plain fine-tuning paid at matched capability gain (linear between θ_0 and the run's end); "
+           "rank 1 is the largest. A task θ_pre was pretrained on is fine-tuned from scratch only.", "",
+           *forecast_table(sc, rows, est, arm_names(sc)), "", "**Every run** (mean ± sd over seeds)", "",
            "| run | seeds | ℓ_s | ℓ_f | ℓ_s − ℓ_s(θ_0) | ℓ_f(θ_0) − ℓ_f | ‖θ−θ_0‖ |", "|" + " --- |" * 7]
     md += [f"| {n} | {e['n']} | {fmt(e, 'safety_loss', 1)} | {fmt(e, 'capability_loss', 1)} | "
            f"{fmt(e, 'safety_increase', 1)} | {fmt(e, 'capability_gain', 1)} | {fmt(e, 'distance', 2)} |"

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import analysis
@@ -346,8 +347,12 @@ def test_the_paper_real_plan_pretrains_once_and_aligns_each_arm_from_its_start(t
     sc, recipe = sweep.make_config("paper-real-cpu", out_dir=str(tmp_path / "p"))
     tasks = sweep.plan(sc, recipe)
     kinds = [t["kind"] for t in tasks.values()]
-    # per arm and seed, per task: 4 λ, 2 other proxies, 2 radii, plain; 3 pretrained seeds, 2 scratch ones
-    assert kinds.count("pretrain") == 1 and kinds.count("align") == 5 and kinds.count("finetune") == 5 * 2 * 9
+    # per arm and seed, per case task: 4 λ, 2 other proxies, 2 radii, plain; 3 pretrained seeds, 2 scratch
+    # ones; and plain fine-tunes on 5 more tasks, but not from θ_pre on gpteacher_codegen, in its corpus
+    assert kinds.count("pretrain") == 1 and kinds.count("align") == 5
+    assert kinds.count("finetune") == 5 * 2 * 9 + 2 * 5 + 3 * 4
+    assert "none-gpteacher_codegen-s1" in tasks and "pre-none-gpteacher_codegen-s1" not in tasks
+    assert "pre-none-xstest_gpt4-s3" in tasks
     pre = os.path.join(sc.out_dir, "pretrain", "theta_pre.pt")
     for t in tasks.values():
         if t["kind"] in ("align", "finetune"):
@@ -395,6 +400,26 @@ def paper_real_rows(cost, gain, lf, proxy_loss):
                      "aligned_safety_loss": 100.0, "aligned_capability_loss": float(lf[n] + gain[n]),
                      "proxy_train_loss": float(proxy_loss[n]), "proxy_heldout_loss": None, "proxy_epochs": 1.0})
     return rows
+
+
+def test_forecast_validation_ranks_tasks_by_their_cost_at_matched_gain():
+    est = {"overlap": {t: {"a2_overlap_term": {"1.0": v}} for t, v in (("a", 0.3), ("b", 0.2), ("c", 0.1), ("z", 0.5))}}
+
+    def row(t, seed, cost, gain):
+        return {"run_id": f"none-{t}-s{seed}", "constraint": "none", "seed": float(seed), "safety_increase": float(cost),
+                "capability_gain": float(gain)}
+    # seed 1: a pays 0.5 nats of ℓ_s per nat gained, b 0.3, c 0.1; seed 2: a 0.5, b 0.1, c 0.2; z gains nothing
+    rows = [row("a", 1, 10, 20), row("b", 1, 9, 30), row("c", 1, 4, 40), row("z", 1, 50, -1),
+            row("a", 2, 10, 20), row("b", 2, 3, 30), row("c", 2, 8, 40), row("z", 2, 50, -2)]
+    v = analysis.forecast_validation(rows, est, ("a", "b", "c", "z"), "")
+    assert v["no_gain"] == ["z"] and set(v["tasks"]) == {"a", "b", "c"} and v["g_star"] == 20.0
+    # matched cost: g* × the seeds' mean ratio, so a task that only gained more does not look costlier
+    assert v["tasks"]["a"]["matched"] == pytest.approx(10.0) and v["tasks"]["b"]["matched"] == pytest.approx(4.0)
+    assert v["tasks"]["c"]["matched"] == pytest.approx(20 * (0.1 + 0.2) / 2)
+    assert v["rho"] == pytest.approx(1.0) and v["rho_seeds"] == {1: pytest.approx(1.0), 2: pytest.approx(0.5)}
+    est["overlap"]["a"]["a2_overlap_term"]["1.0"] = 0.0            # the forecast now puts a last
+    assert analysis.forecast_validation(rows, est, ("a", "b", "c"), "")["rho"] == pytest.approx(-0.5)
+    assert analysis.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(np.corrcoef([1, 2.5, 2.5, 4], [1, 2, 3, 4])[0, 1])
 
 
 def test_paper_real_checks_follow_the_trade_off_curves():

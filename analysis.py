@@ -5,6 +5,7 @@ looks its runs up (sweep.py names its runs with them).
 """
 
 import json
+import math
 import os
 
 import numpy as np
@@ -112,26 +113,33 @@ def by_lam(terms, lam):
 def forecast_validation(rows, est, tasks, prefix, lam=1.0):
     """Per task with plain fine-tunes in the arm of `prefix`: its forecast (the (A2) overlap term at λ)
     and the measured safety cost at matched capability gain g*, linear between θ_0 and the end of
-    each run, i.e. g* × (ℓ_s − ℓ_s(θ_0)) / (ℓ_f(θ_0) − ℓ_f), with g* the smallest mean gain of the
-    tasks; Spearman's ρ between the two on seed means and seed by seed. A task whose runs gained
-    nothing on average has no matched cost and is left out (listed under 'no_gain')."""
+    each run, i.e. g* × (ℓ_s − ℓ_s(θ_0)) / (ℓ_f(θ_0) − ℓ_f), with g* the smallest positive mean gain
+    of the tasks; Spearman's ρ between the two on seed means and seed by seed. A run that paid
+    safety for no held-out gain has cost +∞ per nat gained (listed under 'no_gain'); one that
+    neither gained nor paid says nothing and is left out ('left_out')."""
     mine = [r for r in arm_rows(rows, prefix) if r["constraint"] == "none"]
     runs = {t: [r for r in mine if r["run_id"].rsplit("-s", 1)[0] == prefix + real_run_id("none", t)] for t in tasks}
     runs = {t: rs for t, rs in runs.items() if rs}
-    gain = {t: float(np.mean([r["capability_gain"] for r in rs])) for t, rs in runs.items()}
-    no_gain = [t for t in runs if gain[t] <= 0]
-    runs = {t: rs for t, rs in runs.items() if gain[t] > 0}
-    if not runs:
-        return {"tasks": {}, "no_gain": no_gain, "rho": float("nan"), "rho_seeds": {}}
-    g_star = min(gain[t] for t in runs)
+    mean_of = lambda rs, k: float(np.mean([r[k] for r in rs]))
+    per_gain = lambda cost, gain: cost / gain if gain > 0 else (math.inf if cost > 0 else math.nan)
+    left_out = [t for t, rs in runs.items() if math.isnan(per_gain(mean_of(rs, "safety_increase"),
+                                                                    mean_of(rs, "capability_gain")))]
+    runs = {t: rs for t, rs in runs.items() if t not in left_out}
+    gains = [mean_of(rs, "capability_gain") for rs in runs.values() if mean_of(rs, "capability_gain") > 0]
+    if not runs or not gains:
+        return {"tasks": {}, "no_gain": [], "left_out": left_out, "rho": math.nan, "rho_seeds": {}}
+    g_star = min(gains)
     out = {}
     for t, rs in runs.items():
-        ratio = [r["safety_increase"] / r["capability_gain"] if r["capability_gain"] > 0 else float("nan") for r in rs]
-        out[t] = {"forecast": by_lam(est["overlap"][t]["a2_overlap_term"], lam), "gain": gain[t],
-                  "cost": float(np.mean([r["safety_increase"] for r in rs])), "matched": g_star * float(np.nanmean(ratio)),
-                  "ratio_seeds": {int(r["seed"]): v for r, v in zip(rs, ratio)}, "n": len(rs)}
+        ratio = {int(r["seed"]): per_gain(r["safety_increase"], r["capability_gain"]) for r in rs}
+        gain = mean_of(rs, "capability_gain")
+        mean_ratio = per_gain(mean_of(rs, "safety_increase"), gain) if gain <= 0 else float(np.mean(list(ratio.values())))
+        out[t] = {"forecast": by_lam(est["overlap"][t]["a2_overlap_term"], lam), "gain": gain,
+                  "cost": mean_of(rs, "safety_increase"), "matched": g_star * mean_ratio, "ratio_seeds": ratio,
+                  "n": len(rs)}
     ts = list(out)
     seeds = sorted(set.intersection(*(set(out[t]["ratio_seeds"]) for t in ts)))
     rho_seeds = {s: spearman([out[t]["forecast"] for t in ts], [out[t]["ratio_seeds"][s] for t in ts]) for s in seeds}
-    return {"tasks": out, "g_star": g_star, "no_gain": no_gain, "lam": lam,
-            "rho": spearman([out[t]["forecast"] for t in ts], [out[t]["matched"] for t in ts]), "rho_seeds": rho_seeds}
+    return {"tasks": out, "g_star": g_star, "no_gain": [t for t in ts if out[t]["gain"] <= 0], "left_out": left_out,
+            "lam": lam, "rho": spearman([out[t]["forecast"] for t in ts], [out[t]["matched"] for t in ts]),
+            "rho_seeds": rho_seeds}

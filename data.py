@@ -44,6 +44,7 @@ class WorldConfig:
     n_symbols: int = 12       # alphabet of context symbols (also the number of answer tokens)
     ctx_len: int = 3          # symbols per context: n_symbols**ctx_len contexts
     n_harmful: int = 4        # topics c1 < n_harmful are harmful: |S| = n_harmful·n_symbols**(ctx_len−1)
+    answer_overlap: float = 0.0  # ρ ∈ [0,1]: on S, P_s and P_f each give share ρ to the other's answers
 
 
 REFUSAL_A = [0.55, 0.25, 0.15, 0.05]  # teacher A's refusal openers (the original safety data)
@@ -53,7 +54,7 @@ ANSWER_P = 0.9                        # P(task opener and answer token are the r
 
 
 def check_world_config(wc):
-    for name in ("overlap", "mismatch"):
+    for name in ("overlap", "mismatch", "answer_overlap"):
         v = getattr(wc, name)
         if not (isinstance(v, (int, float)) and 0.0 <= v <= 1.0):
             raise DataError(f"--{name} {v} is outside [0, 1]: pass a value between 0 and 1")
@@ -121,6 +122,12 @@ class SyntheticWorld:
         answer[np.arange(n_ctx), nh + cL] += ANSWER_P
         P_f = np.zeros((n_ctx, n_open, n_content))
         P_f[:, 4:, :] = opener[:, :, None] * answer[:, None, :]
+        # shared answer support (ρ > 0): on the safety contexts the safety teacher answers with
+        # probability ρ and the task's answers refuse with probability ρ, so P_s ≪ P_f and
+        # P_f ≪ P_s' there: (A1) and (B1) become finite, and (A2), (B2) are no longer attained
+        rho, on_s = wc.answer_overlap, harmful[:, None, None]
+        P_s, P_f = (np.where(on_s, (1 - rho) * P_s + rho * P_f, P_s),
+                    np.where(on_s, (1 - rho) * P_f + rho * P_s, P_f))
         self.P = {"safety": P_s, "proxy": (1 - wc.mismatch) * P_s + wc.mismatch * Q, "task": P_f}
         self.Q = Q
         self._cdf = {k: torch.from_numpy(np.cumsum(v.reshape(n_ctx, -1), axis=1)) for k, v in self.P.items()}

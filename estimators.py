@@ -10,10 +10,12 @@ labelled so in every result. On the synthetic world the same quantities are exac
 - mismatch E_{μ_s} KL(P_s‖P_s'): the difference of held-out D_s losses of two reference
   models trained on D_s' and on D_s.
 
-real_overlap and real_mismatch take registry names; the functions above them take prompt
-lists or token sets.
+real_overlap and real_mismatch take registry names (real_overlap prompt files too); the
+functions above them take prompt lists or token sets. forecast.py (`theory.py forecast`) puts
+them together into the forecast of a fine-tune's safety cost.
 """
 
+import os
 import re
 import zlib
 
@@ -21,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import loaders
 from common import DataError
 from evaluate import codec_of, heldout_nll
 from model import CheckpointError, load_checkpoint, model_from_checkpoint
@@ -353,21 +356,39 @@ def mismatch_estimate(model_proxy, model_original, heldout_batches, device="cpu"
 # estimates above out, each labelled an estimate.
 
 
+def prompts_of(name, data_dir=""):
+    """The prompts of a registry name (its part of a split, if it has one) or of a prompt file."""
+    if name in loaders.REGISTRY or "+" in name:
+        return list(dataset_part(name, data_dir).prompts)
+    if not os.path.isfile(name):
+        raise DataError(f"{name}: neither a registry name (loaders.REGISTRY) nor a file: check the name or path")
+    return loaders.load_prompts(name)
+
+
+def text_model(theta):
+    """(model, codec) of a text checkpoint (θ_pre or θ_0), for the representation overlap."""
+    ckpt = load_checkpoint(theta)
+    codec = codec_of(ckpt)
+    if codec is None:
+        raise CheckpointError(f"--theta {theta}: a checkpoint of the synthetic world has no text representation: "
+                              f"give a θ_pre or θ_0 trained on real text (train.py --data real)")
+    return model_from_checkpoint(ckpt), codec
+
+
 def real_overlap(safety="safety_llamas", task="alpaca_small", data_dir="", lams=(1.0, 10.0), theta0=None,
                  seed=0):
-    """Context overlap of D_s and D_f (THEORY.md §4), estimates: the classifier's TV,
+    """Context overlap of D_s and D_f (THEORY.md §4), estimates: the classifier's calibrated TV,
     M = 1 − TV and the (A2) overlap term E_{μ_s} log(1 + μ_f/(λ μ_s')) per λ; the lexical
-    n-gram overlap; and, given a θ_0 checkpoint path, the representation similarity."""
-    ps, pf = dataset_part(safety, data_dir).prompts, dataset_part(task, data_dir).prompts
+    n-gram overlap; and, given a text checkpoint path (θ_pre or θ_0), the classifier on its hidden
+    states and their cosine similarity. Names are registry names or prompt files."""
+    ps, pf = prompts_of(safety, data_dir), prompts_of(task, data_dir)
     out = {"safety": safety, "task": task, "estimate": True,
            "classifier": classifier_overlap(ps, pf, lams=lams, seed=seed),
            "lexical": lexical_overlap(ps, pf, seed=seed)}
     if theta0:
-        ckpt = load_checkpoint(theta0)
-        codec = codec_of(ckpt)
-        if codec is None:
-            raise CheckpointError(f"{theta0} was trained on the synthetic world: a text θ_0 is needed")
-        out["representation"] = representation_similarity(model_from_checkpoint(ckpt), codec, ps, pf)
+        model, codec = text_model(theta0)
+        out["representation"] = representation_overlap(model, codec, ps, pf, lams=lams, seed=seed)
+        out["representation_cosine"] = representation_similarity(model, codec, ps, pf)
     return out
 
 

@@ -24,28 +24,8 @@ import time
 import estimators
 import loaders
 from common import DataError, atomic_write_json
-from evaluate import codec_of
-from model import CheckpointError, load_checkpoint, model_from_checkpoint
+from model import CheckpointError
 from textdata import dataset_part, tokenized, train_and_heldout
-
-
-def prompts_of(name, data_dir=""):
-    """The prompts of a registry name (its part of a split, if it has one) or of a prompt file."""
-    if name in loaders.REGISTRY or "+" in name:
-        return list(dataset_part(name, data_dir).prompts)
-    if not os.path.isfile(name):
-        raise DataError(f"{name}: neither a registry name (loaders.REGISTRY) nor a file: check the name or path")
-    return loaders.load_prompts(name)
-
-
-def representation_model(theta):
-    """(model, codec) of a text checkpoint (θ_pre or θ_0), for the representation overlap."""
-    ckpt = load_checkpoint(theta)
-    codec = codec_of(ckpt)
-    if codec is None:
-        raise CheckpointError(f"--theta {theta}: a checkpoint of the synthetic world has no text representation: "
-                              f"give a θ_pre or θ_0 trained on real text (train.py --data real)")
-    return model_from_checkpoint(ckpt), codec
 
 
 def proxy_mismatch(safety, proxy, data_dir=""):
@@ -67,13 +47,13 @@ def forecast(safety, tasks, proxy="", theta="", lams=(1.0, 10.0), data_dir="", m
     t0 = time.time()
     if not tasks:
         raise DataError("no --task given: name at least one task set")
-    ps = prompts_of(safety, data_dir)
-    model = representation_model(theta) if theta else None
+    ps = estimators.prompts_of(safety, data_dir)
+    model = estimators.text_model(theta) if theta else None
     mismatch = proxy_mismatch(safety, proxy, data_dir) if proxy else None
     out = {"estimate": True, "safety": safety, "proxy": proxy or None, "theta": theta or None,
            "lams": [float(v) for v in lams], "mismatch": mismatch, "tasks": {}}
     for task in tasks:
-        pf = prompts_of(task, data_dir)
+        pf = estimators.prompts_of(task, data_dir)
         c = estimators.classifier_overlap(ps, pf, lams=lams, max_n=max_n, seed=seed)
         entry = {k: c[k] for k in ("tv", "tv_interval", "tv_uncalibrated", "tv_lower_bound", "tv_lower_bound_interval",
                                    "M", "M_interval", "M_uncalibrated", "accuracy", "a2_overlap_term",

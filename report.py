@@ -38,25 +38,37 @@ def pareto_dominated(p, frontier):
 def check_findings(sc, rows):
     """Every finding of THEORY.md §5 on the synthetic world, each as (name, claim, verdict, numbers)
     decided on the seed means, in the order of results.md's table."""
-    return [check(sc, rows) for check in (check_f4, check_f1, check_f2, check_f3, check_f5, check_f6)]
+    return [*check_f4(sc, rows), *(check(sc, rows) for check in (check_f1, check_f2, check_f3, check_f5, check_f6))]
 
 
 def check_f4(sc, rows):
-    """THEORY.md §5 F4: in Case I, G_s falls and G_f rises with λ (every curve with overlap > 0)."""
-    # At the optimum only the proxy gap G_s' must fall with λ in general; the original gap G_s
-    # falls too on the synthetic world because it meets F4's condition (THEORY.md §5 F4): the
-    # task's answers and the safety answers have disjoint supports on shared contexts
+    """THEORY.md §5 F4 on every Case I curve with overlap > 0: raising λ lowers the proxy gap G_s' and
+    raises G_f (a theorem at the optimum); and it lowers G_s, which THEORY.md §5 implies only where its
+    condition holds on the world (theory.f4_condition ≤ 1), so G_s is judged there only."""
     curves = [(sc.overlap, d) for d in sc.mismatches] + [(k, sc.mismatch) for k in sc.overlaps]
-    f4 = []
+    proxy, orig = [], []
     for k, d in dict.fromkeys(curves):
         g = groups(rows, "loss", overlap=k, mismatch_delta=d)
-        if k > 0 and len(g) > 1:
-            gs, gf = [mean(e, "safety_gap") for e in g], [mean(e, "capability_gap") for e in g]
-            ok = all(a > b for a, b in zip(gs, gs[1:])) and all(a < b for a, b in zip(gf, gf[1:]))
-            f4.append((ok, f"κ={k:g}, δ={d:g}: G_s " + " > ".join(f"{v:.3f}" for v in gs)
-                       + "; G_f " + " < ".join(f"{v:.3f}" for v in gf)))
-    return ("F4", "Case I: raising λ lowers G_s and raises G_f, monotone in the seed means",
-            all(ok for ok, _ in f4) and bool(f4), "<br>".join(s for _, s in f4))
+        if k == 0 or len(g) < 2:
+            continue
+        gsp, gs, gf = ([mean(e, key) for e in g] for key in ("proxy_gap", "safety_gap", "capability_gap"))
+        where = f"κ={k:g}, δ={d:g}: "
+        proxy.append((all(a > b for a, b in zip(gsp, gsp[1:])) and all(a < b for a, b in zip(gf, gf[1:])),
+                      where + "G_s' " + " > ".join(f"{v:.3f}" for v in gsp) + "; G_f " + " < ".join(f"{v:.3f}" for v in gf)))
+        cond = mean(g[0], "f4_condition") if "f4_condition" in g[0] else None
+        falls = all(a > b for a, b in zip(gs, gs[1:]))
+        text = where + "G_s " + ", ".join(f"{v:.3f}" for v in gs)
+        if cond is None:
+            orig.append((None, text + " (condition not recorded: `sweep.py --refresh`)"))
+        else:
+            orig.append((falls if cond <= 1 else None, text + f"; condition max Σ_y P_s P_f/P_s' = {cond:.3f}"
+                         + ("" if cond <= 1 else " > 1: not implied, not judged")))
+    decided = [ok for ok, _ in orig if ok is not None]
+    return [("F4", "Case I: raising λ lowers the proxy gap G_s' and raises G_f, monotone in the seed means",
+             all(ok for ok, _ in proxy) and bool(proxy), "<br>".join(t for _, t in proxy)),
+            ("F4 (G_s)", "Case I: raising λ lowers G_s too, judged where THEORY.md §5's condition holds on the world "
+             "(Σ_y P_s P_f/P_s' ≤ 1 on every shared context)", all(decided) if decided else None,
+             "<br>".join(t for _, t in orig))]
 
 
 def check_f1(sc, rows):
@@ -120,7 +132,8 @@ def check_f5(sc, rows):
     """THEORY.md §5 F5: no run below the limit C of THEORY.md §2 (C), run by run."""
     margins = [r["C_lhs"] - r["C_limit"] for r in rows]
     worst = min(rows, key=lambda r: r["C_lhs"] - r["C_limit"])
-    return ("F5", "no run has √G_s + √G_f below the limit C", all(m >= 0 for m in margins),
+    return ("F5", "check of the implementation, true of every model by mathematics (not a finding): no run has "
+            "√G_s + √G_f below the limit C", all(m >= 0 for m in margins),
             f"{sum(m >= 0 for m in margins)}/{len(rows)} runs above C; smallest margin {min(margins):.4f} "
             f"({worst['run_id']}: {worst['C_lhs']:.4f} vs C {worst['C_limit']:.4f})")
 
@@ -396,12 +409,16 @@ def forecast_table(sc, rows, est, arms, lam=1.0):
             o, e = est["overlap"][t], ts[t]
             lines.append(f"| {label} | {t} | {o['tv']:.3f} [{o['tv_interval'][0]:.3f}, {o['tv_interval'][1]:.3f}] | "
                          f"{o['tv_uncalibrated']:.3f} | {o['M']:.3f} | {e['forecast']:.3f} | {pred.index(t) + 1} | "
-                         f"{e['gain']:.1f} | {e['cost']:+.1f} | {e['matched']:+.1f} | {meas.index(t) + 1} |")
+                         f"{e['gain']:.1f} | {e['cost']:+.1f} | "
+                         + (f"{e['matched']:+.1f}" if math.isfinite(e["matched"]) else "+∞ (no gain)")
+                         + f" | {meas.index(t) + 1} |")
         rs = [r for r in v["rho_seeds"].values() if math.isfinite(r)]
         notes.append(f"{label}: {len(ts)} tasks, g* = {v.get('g_star', float('nan')):.1f} nats; Spearman ρ(forecast, "
                      f"matched cost) = **{v['rho']:+.2f}** on seed means, "
                      + (f"{min(rs):+.2f} to {max(rs):+.2f} over {len(rs)} seeds alone" if rs else "no seed alone")
-                     + (f"; no capability gain, left out: {', '.join(v['no_gain'])}" if v["no_gain"] else ""))
+                     + (f"; paid safety for no held-out gain (cost +∞ per nat): {', '.join(v['no_gain'])}"
+                        if v["no_gain"] else "")
+                     + (f"; neither gained nor paid, left out: {', '.join(v['left_out'])}" if v["left_out"] else ""))
     return lines + [""] + [f"- {n}" for n in notes]
 
 

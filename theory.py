@@ -114,6 +114,18 @@ def limit_C_lhs(G_s, G_f):
     return math.sqrt(max(G_s, 0.0)) + math.sqrt(max(G_f, 0.0))
 
 
+def f4_condition(mu_s, mu_f, P_s, P_sp, P_f):
+    """max over the shared contexts (μ_s, μ_f > 0) of Σ_y P_s P_f / P_s' (THEORY.md §5 F4): at most
+    1 suffices for G_s(P*_λ) to fall as λ grows (G_s is convex in ω with that slope at ω = 0);
+    above 1, G_s(P*_λ) may rise with λ although G_s'(P*_λ) never does. 0 without shared contexts."""
+    shared = (np.asarray(mu_s) > 0) & (np.asarray(mu_f) > 0)
+    if not shared.any():
+        return 0.0
+    n = len(mu_s)
+    s, sp, f = (np.asarray(P, dtype=np.float64).reshape(n, -1)[shared] for P in (P_s, P_sp, P_f))
+    return float(ratio(s * f, sp).sum(1).max())
+
+
 def case_one(mu_s, mu_sp, mu_f, P_s, P_sp, P_f, lam):
     """Every Case I quantity of THEORY.md §2 at penalty strength λ, as a dict: the exact
     gaps of the optimum P*_λ (and its proxy gap, to score a trained model's objective),
@@ -133,6 +145,7 @@ def case_one(mu_s, mu_sp, mu_f, P_s, P_sp, P_f, lam):
         "B1_capability_bound": bound_B1(mu_sp, mu_f, P_sp, P_f, lam),
         "B2_capability_bound": bound_B2(mu_sp, mu_f, lam),
         "C_limit": limit_C(mu_s, mu_f, P_s, P_f),
+        "f4_condition": f4_condition(mu_s, mu_f, P_s, P_sp, P_f),
     }
 
 
@@ -334,8 +347,9 @@ def load_run(run_dir):
     if ckpt.get("kind") != "finetune-resume" or ckpt.get("step") != cfg.get("max_iters"):
         raise RunError(f"{ckpt_path} is at step {ckpt.get('step')} of {cfg.get('max_iters')} ({ckpt.get('kind')}): "
                        f"{unfinished}")
-    wc = WorldConfig(**{k: cfg[k] for k in ("overlap", "mismatch", "n_symbols", "ctx_len", "n_harmful")})
-    saved = {k: ckpt["world_config"].get(k) for k in ("overlap", "mismatch", "n_symbols", "ctx_len", "n_harmful")}
+    fields = ("overlap", "mismatch", "n_symbols", "ctx_len", "n_harmful", "answer_overlap")
+    wc = WorldConfig(**{k: cfg.get(k, getattr(WorldConfig, k)) for k in fields})
+    saved = {k: ckpt["world_config"].get(k, getattr(WorldConfig, k)) for k in fields}
     if saved != vars(wc):
         diff = ", ".join(f"{k}: config.json {getattr(wc, k)} vs ckpt.pt {saved[k]}" for k in saved
                          if saved[k] != getattr(wc, k))

@@ -62,6 +62,7 @@ class TrainConfig:
     # data: the synthetic world (THEORY.md §1)
     overlap: float = 0.25         # κ: share of task contexts drawn from the safety contexts
     mismatch: float = 0.3         # δ: distance of the proxy safety data from the original
+    answer_overlap: float = 0.0   # ρ: share of each other's answers in P_s and P_f on the safety contexts
     n_symbols: int = 12           # context alphabet; n_symbols**ctx_len contexts
     ctx_len: int = 3              # context length in symbols
     n_harmful: int = 4            # number of harmful topics
@@ -111,7 +112,8 @@ class TrainConfig:
 # the fields that decide θ_0: a saved θ_0 is reused only when all of these match
 ALIGN_FIELDS = ("n_symbols", "ctx_len", "n_harmful", "n_layer", "n_head", "n_embd", "align_iters",
                 "align_lr", "warmup_iters", "weight_decay", "grad_clip", "batch_tokens", "seed",
-                "data", "safety_data", "align_helpful", "data_dir", "block_size", "restrict_vocab", "vocab_cap")
+                "data", "safety_data", "align_helpful", "data_dir", "block_size", "restrict_vocab", "vocab_cap",
+                "answer_overlap")
 
 
 # `--data real` changes these defaults, for a run that ends in minutes on 2 CPU cores (a
@@ -163,10 +165,12 @@ def check_config(cfg):
         v = getattr(cfg, name)
         if not (v >= 0 and math.isfinite(v)):
             raise ConfigError(f"--{name} {v} must be a finite number ≥ 0")
-    for name in ("overlap", "mismatch"):
+    for name in ("overlap", "mismatch", "answer_overlap"):
         v = getattr(cfg, name)
         if not 0.0 <= v <= 1.0:
             raise ConfigError(f"--{name} {v} is outside [0, 1]: pass a value between 0 and 1")
+    if cfg.answer_overlap and cfg.data == "real":
+        raise ConfigError("--answer_overlap shapes the synthetic world's answers: real text has its own; drop it")
     for name in ("align_iters", "max_iters", "pretrain_iters", "eval_interval", "log_interval", "batch_tokens",
                  "micro_batch", "n_layer", "n_head", "n_embd"):
         if getattr(cfg, name) < 1:
@@ -181,7 +185,7 @@ def check_config(cfg):
 
 def world_config(cfg):
     return WorldConfig(overlap=cfg.overlap, mismatch=cfg.mismatch, n_symbols=cfg.n_symbols,
-                       ctx_len=cfg.ctx_len, n_harmful=cfg.n_harmful)
+                       ctx_len=cfg.ctx_len, n_harmful=cfg.n_harmful, answer_overlap=cfg.answer_overlap)
 
 
 def make_world(cfg, vocab=()):
@@ -203,11 +207,11 @@ def make_corpus(cfg):
 
 # fields added to ALIGN_FIELDS later enter the key only when set, so that every θ_0 saved
 # before them keeps its identity
-LATER_ALIGN_FIELDS = ("align_helpful",)
+LATER_ALIGN_FIELDS = ("align_helpful", "answer_overlap")
 
 
 def align_key(cfg):
-    """Identity of the alignment recipe (μ_s and P_s do not depend on κ or δ)."""
+    """Identity of the alignment recipe (μ_s and P_s do not depend on κ or δ; P_s depends on ρ)."""
     fields = {k: getattr(cfg, k) for k in ALIGN_FIELDS}
     for k in LATER_ALIGN_FIELDS:
         if fields[k] == getattr(TrainConfig, k):

@@ -76,7 +76,8 @@ def execute(task):
         if os.path.exists(landscape) and json.load(open(landscape))["theta0_hash"] != ckpt["theta0_hash"]:
             raise SweepError(f"{theta0} came out different from the θ_0 this sweep's runs were fine-tuned from "
                              f"(the training code changed): start a fresh --out_dir")
-        world = SyntheticWorld(WorldConfig(**{k: ckpt["world_config"][k] for k in dataclasses.asdict(WorldConfig())}))
+        known = dataclasses.asdict(WorldConfig())  # a θ_0 saved before a field was added has its default
+        world = SyntheticWorld(WorldConfig(**{k: v for k, v in ckpt["world_config"].items() if k in known}))
         land = theory.theta0_landscape(model_from_checkpoint(ckpt).eval(), world, task["power_iters"], task["power_tol"])
         land.update(theta0_hash=ckpt["theta0_hash"], train_seconds=train_s, landscape_seconds=time.time() - t1,
                     cpu_seconds=time.process_time() - cpu0)

@@ -153,16 +153,16 @@ def test_an_out_dir_of_another_recipe_is_refused(smoke, tmp_path):
 # The checks of F1, F2, F4 say yes to the exact optimum, and no when it is disturbed
 
 
-def exact_rows(sc):
+def exact_rows(sc, answer_overlap=0.0):
     """Rows as if every Case I run had reached the exact optimum P*_λ."""
     rows = []
     for k, d in {(sc.overlap, d) for d in sc.mismatches} | {(k, sc.mismatch) for k in sc.overlaps}:
-        world = SyntheticWorld(WorldConfig(overlap=k, mismatch=d))
+        world = SyntheticWorld(WorldConfig(overlap=k, mismatch=d, answer_overlap=answer_overlap))
         for lam in sc.lams:
             c = theory.world_case_one(world, lam)
             rows.append({**c, "run_id": f"k{k}-d{d}-lam{lam}", "constraint": "loss", "overlap": k,
                          "mismatch_delta": d, "lam": lam, "radius": 0.0, "safety_gap": c["optimum_safety_gap"],
-                         "capability_gap": c["optimum_capability_gap"],
+                         "capability_gap": c["optimum_capability_gap"], "proxy_gap": c["optimum_proxy_gap"],
                          "C_lhs": theory.limit_C_lhs(c["optimum_safety_gap"], c["optimum_capability_gap"])})
     return rows
 
@@ -171,7 +171,17 @@ def test_the_finding_checks_pass_on_the_exact_optimum_and_fail_when_disturbed():
     sc, _ = sweep.make_config("paper")
     rows = exact_rows(sc)
     verdicts = {name: ok for name, _, ok, _ in report.check_findings(sc, rows)}
-    assert verdicts["F1"] and verdicts["F2"] and verdicts["F4"] and verdicts["F5"]
+    assert verdicts["F1"] and verdicts["F2"] and verdicts["F4"] and verdicts["F4 (G_s)"] and verdicts["F5"]
+    # shared answer support: G_s(P*_λ) rises with λ on the δ = 0.3 curve, where F4's condition fails,
+    # so it is not judged there; the proxy gap still falls (the theorem); at δ = 0 (P_s' = P_s) the
+    # condition holds and G_s falls
+    rows = exact_rows(sc, answer_overlap=0.3)
+    gs = [r["safety_gap"] for r in sorted(rows, key=lambda r: r["lam"]) if (r["overlap"], r["mismatch_delta"]) == (0.25, 0.3)]
+    assert any(a < b for a, b in zip(gs, gs[1:]))
+    shared = {name: (ok, nums) for name, _, ok, nums in report.check_findings(sc, rows)}
+    assert shared["F4"][0] is True and shared["F4 (G_s)"][0] is True
+    assert "κ=0.25, δ=0.3: G_s" in shared["F4 (G_s)"][1] and "not judged" in shared["F4 (G_s)"][1]
+    assert "κ=0.25, δ=0: G_s" in shared["F4 (G_s)"][1].split("<br>")[0] and "not judged" not in shared["F4 (G_s)"][1].split("<br>")[0]
     # G_f of one run falls with λ instead of rising: F4 must say no
     bumped = [dict(r, capability_gap=10.0) if r["lam"] == min(sc.lams) and r["overlap"] == sc.overlap
               and r["mismatch_delta"] == sc.mismatch else r for r in rows]
@@ -411,12 +421,15 @@ def test_forecast_validation_ranks_tasks_by_their_cost_at_matched_gain():
     # seed 1: a pays 0.5 nats of ℓ_s per nat gained, b 0.3, c 0.1; seed 2: a 0.5, b 0.1, c 0.2; z gains nothing
     rows = [row("a", 1, 10, 20), row("b", 1, 9, 30), row("c", 1, 4, 40), row("z", 1, 50, -1),
             row("a", 2, 10, 20), row("b", 2, 3, 30), row("c", 2, 8, 40), row("z", 2, 50, -2)]
-    v = analysis.forecast_validation(rows, est, ("a", "b", "c", "z"), "")
-    assert v["no_gain"] == ["z"] and set(v["tasks"]) == {"a", "b", "c"} and v["g_star"] == 20.0
+    v = analysis.forecast_validation(rows + [row("q", 1, -1, -1), row("q", 2, -2, -1)], est, ("a", "b", "c", "z", "q"), "")
+    # z paid safety for nothing: the costliest per nat (+∞); q neither gained nor paid: left out
+    assert v["no_gain"] == ["z"] and v["left_out"] == ["q"] and set(v["tasks"]) == {"a", "b", "c", "z"}
+    assert v["g_star"] == 20.0 and v["tasks"]["z"]["matched"] == np.inf
     # matched cost: g* × the seeds' mean ratio, so a task that only gained more does not look costlier
     assert v["tasks"]["a"]["matched"] == pytest.approx(10.0) and v["tasks"]["b"]["matched"] == pytest.approx(4.0)
     assert v["tasks"]["c"]["matched"] == pytest.approx(20 * (0.1 + 0.2) / 2)
-    assert v["rho"] == pytest.approx(1.0) and v["rho_seeds"] == {1: pytest.approx(1.0), 2: pytest.approx(0.5)}
+    assert v["rho"] == pytest.approx(1.0) and v["rho_seeds"] == {1: pytest.approx(1.0), 2: pytest.approx(0.8)}
+    est["overlap"]["q"] = {"a2_overlap_term": {"1.0": 0.0}}
     est["overlap"]["a"]["a2_overlap_term"]["1.0"] = 0.0            # the forecast now puts a last
     assert analysis.forecast_validation(rows, est, ("a", "b", "c"), "")["rho"] == pytest.approx(-0.5)
     assert analysis.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(np.corrcoef([1, 2.5, 2.5, 4], [1, 2, 3, 4])[0, 1])

@@ -64,6 +64,10 @@ PRESETS = {
     "paper": {"train": PAPER_TRAIN, "report_dir": "results/paper", "seeds": (1, 2, 3),
               "lams": (0.1, 0.3, 1.0, 3.0), "mismatches": (0.0, 0.3, 0.6), "overlaps": (0.0, 0.25, 0.5),
               "radii": (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)},
+    # the paper's grid on a world whose answers share support (ρ = 0.3): A1, B1 finite, A2, B2 not attained
+    "shared-answers": {"train": dict(PAPER_TRAIN, answer_overlap=0.3), "report_dir": "results/shared-answers",
+                       "seeds": (1, 2, 3), "lams": (0.1, 0.3, 1.0, 3.0), "mismatches": (0.0, 0.3),
+                       "overlaps": (0.0, 0.25, 0.5), "radii": (0.25, 1.0)},
     # every strategy of the registry at one world, compared at equal safety (README "Strategies")
     "strategies": {"train": PAPER_TRAIN, "report": "strategies", "report_dir": "results/strategies", "seeds": (1, 2),
                    "lams": (0.1, 0.3, 1.0, 3.0), "mismatches": (0.3,), "overlaps": (0.25,),

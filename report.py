@@ -254,17 +254,17 @@ def opening(sc, recipe, rows, state, what, more, title, findings, n_theta0=None)
 
 def case1_table(sc, rows):
     """Case I runs against the exact optimum P*_λ and the bounds A2, B2 (THEORY.md §2)."""
-    lines = ["| κ | δ | λ | seeds | G_s measured | G_s(P*) | A2 bound | mismatch floor | G_f measured | G_f(P*) | "
-             "B2 bound | runs within tolerance |", "|" + " --- |" * 12]
+    lines = ["| κ | δ | λ | seeds | G_s measured | G_s(P*) | A1 bound | A2 bound | mismatch floor | G_f measured | "
+             "G_f(P*) | B1 bound | B2 bound | runs within tolerance |", "|" + " --- |" * 14]
     worlds = dict.fromkeys([(sc.overlap, d) for d in sorted(sc.mismatches)]
                            + [(k, sc.mismatch) for k in sorted(sc.overlaps)])
     for k, d in worlds:
         for e in groups(rows, "loss", overlap=k, mismatch_delta=d):
             within = sum(bool(r["case1_within_tolerance"]) for r in e["rows"])
             lines.append(f"| {k:g} | {d:g} | {e['x']:g} | {e['n']} | {fmt(e, 'safety_gap')} | "
-                         f"{val(e, 'optimum_safety_gap')} | {val(e, 'A2_safety_bound')} | {val(e, 'mismatch')} | "
-                         f"{fmt(e, 'capability_gap')} | {val(e, 'optimum_capability_gap')} | "
-                         f"{val(e, 'B2_capability_bound')} | {within}/{e['n']} |")
+                         f"{val(e, 'optimum_safety_gap')} | {val(e, 'A1_safety_bound')} | {val(e, 'A2_safety_bound')} | "
+                         f"{val(e, 'mismatch')} | {fmt(e, 'capability_gap')} | {val(e, 'optimum_capability_gap')} | "
+                         f"{val(e, 'B1_capability_bound')} | {val(e, 'B2_capability_bound')} | {within}/{e['n']} |")
     return "\n".join(lines)
 
 
@@ -281,6 +281,23 @@ def case2_table(sc, rows):
                      f"{fmt(e, 'measured_safety_increase', 2, 'g')} | {fmt(e, 'second_order_prediction', 2, 'g')} | "
                      f"{ratio:.3g} | {val(e, 'D_bound')} | {val(e, 'C_lhs')} | {val(e, 'C_limit')} |")
     return "\n".join(lines)
+
+
+def bounds_text(c1):
+    """What the bounds of THEORY.md §2 say at the exact optimum of each Case I setting (κ, δ, λ)."""
+    settings = list({(r["overlap"], r["mismatch_delta"], r["lam"]): r for r in c1}.values())
+    holds = sum(r["optimum_safety_gap"] <= min(r["A1_safety_bound"], r["A2_safety_bound"]) + 1e-9
+                and r["optimum_capability_gap"] <= min(r["B1_capability_bound"], r["B2_capability_bound"]) + 1e-9
+                for r in settings)
+    finite = sum(math.isfinite(r["A1_safety_bound"]) and math.isfinite(r["B1_capability_bound"]) for r in settings)
+    a1 = sum(r["A1_safety_bound"] < r["A2_safety_bound"] for r in settings)
+    tight = sum(abs(r["A2_safety_bound"] - r["optimum_safety_gap"]) < 1e-9 for r in settings)
+    text = (f"At the exact optimum every bound holds in {holds} of {len(settings)} settings (κ, δ, λ); A1 and B1 "
+            f"are finite in {finite}, A1 < A2 in {a1}, and A2 is attained (G_s(P*) = A2) in {tight}.")
+    if not finite:
+        text += (" A1 and B1 are ∞ here: on shared contexts the task and safety answers have disjoint supports, so "
+                 "A2 and B2 are the informative bounds (`--answer_overlap` makes them share support).")
+    return text
 
 
 def strategies_table(sc, rows):
@@ -367,9 +384,8 @@ def write_report(sc, recipe, rows, state, home=None):
     md += ["", f"**Case I against the exact optimum P*_λ** (THEORY.md §2). A run reaches the optimum when both gaps "
            f"are within {sc.tol_abs:g} nats + {sc.tol_rel:.0%} of the optimum's: {within}/{len(c1)} runs do. "
            f"G_s − G_s(P*) ranges from {extremes('case1_safety_excess')}, G_f − G_f(P*) from "
-           f"{extremes('case1_capability_excess')}; every run's excess is in results.csv and its theory.json. A1 and "
-           f"B1 are ∞ here: on shared contexts the task and safety answers have disjoint supports, so A2 and B2 are "
-           f"the informative bounds (and the optimum attains them).", "", case1_table(sc, rows), "",
+           f"{extremes('case1_capability_excess')}; every run's excess is in results.csv and its theory.json. "
+           f"{bounds_text(c1)}", "", case1_table(sc, rows), "",
            f"**Case II against the second-order prediction** (THEORY.md §3) at κ = {sc.overlap:g}, δ = {sc.mismatch:g}; "
            f"λ_max(H_s) at θ_0 = {np.mean(land) if land else float('nan'):.3g} (mean over seeds).", "",
            case2_table(sc, rows), ""]

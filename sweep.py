@@ -470,8 +470,9 @@ def done_tasks(sc, tasks, rows):
     return done
 
 
-def run_sweep(sc, recipe):
-    """Run every task not yet in results.csv, jobs at a time; report when all are done."""
+def run_sweep(sc, recipe, write_report=True):
+    """Run every task not yet in results.csv, jobs at a time; report when all are done (unless the
+    caller reports itself: landscape.py). Returns the rows of the planned runs."""
     t_start = time.time()
     state = check_out_dir(sc, recipe)
     csv_path = os.path.join(sc.out_dir, "results.csv")
@@ -531,6 +532,8 @@ def run_sweep(sc, recipe):
         print(f"stopped after --max_runs {sc.max_runs}; run the same command without it to continue")
         return None
     rows = [r for r in read_rows(csv_path) if r["run_id"] in tasks]
+    if not write_report:
+        return rows
     write = (report_paper_real.write_report if PRESETS[sc.preset].get("report") == "paper-real" else
              report.write_report_real if is_real(recipe) else
              report.write_report_strategies if PRESETS[sc.preset].get("report") == "strategies" else report.write_report)

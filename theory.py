@@ -266,6 +266,16 @@ def power_iteration(hvp, n, iters=100, tol=1e-4, seed=0):
     return lam, it1 + it2, res2 * abs(shifted) / max(abs(lam), 1e-300)
 
 
+def hutchinson_trace(hvp, n, samples=32, seed=0):
+    """tr(H) ≈ the mean of vᵀHv over Rademacher vectors v (E[vvᵀ] = I), with its standard error:
+    the average curvature at θ_0 (THEORY.md §5 F6), where λ_max is the sharpest direction only.
+    Exact for a diagonal H, whatever the draws."""
+    g = torch.Generator().manual_seed(seed)
+    vals = np.array([float(v @ hvp(v)) for v in
+                     (torch.randint(0, 2, (n,), generator=g, dtype=torch.float64) * 2 - 1 for _ in range(samples))])
+    return float(vals.mean()), float(vals.std(ddof=1) / np.sqrt(samples)) if samples > 1 else math.nan
+
+
 def second_order_prediction(grad, hv, v):
     """∇ℓ_s·v + ½ vᵀH_s v, the second-order change of ℓ_s along v = θ − θ_0 (THEORY.md §3,
     bound D); hv = H_s v. Returns (prediction, first-order term, second-order term)."""

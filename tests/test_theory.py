@@ -337,3 +337,12 @@ def test_a_theta0_replaced_after_the_run_is_refused(runs, tmp_path):
     with pytest.raises(SystemExit) as e:
         theory.main(["--run_dir", str(d2)])
     assert "not an aligned θ_0" in str(e.value.code)
+
+
+def test_hutchinson_trace_is_exact_on_a_diagonal_and_unbiased_on_a_dense_matrix():
+    d = torch.tensor([3.0, -1.0, 0.5, 2.0], dtype=torch.float64)
+    assert theory.hutchinson_trace(lambda v: d * v, 4, samples=5)[0] == pytest.approx(float(d.sum()))
+    a = torch.randn(30, 30, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    h = a + a.T
+    est, se = theory.hutchinson_trace(lambda v: h @ v, 30, samples=400, seed=1)
+    assert abs(est - float(h.trace())) < 4 * se and se > 0

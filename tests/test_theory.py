@@ -117,6 +117,34 @@ def test_case_one_on_the_synthetic_world_has_its_closed_forms(kappa, delta):
             assert c["A1_safety_bound"] == math.inf and c["B1_capability_bound"] == math.inf
 
 
+@pytest.mark.parametrize("rho", [0.1, 0.3, 0.6])
+def test_shared_answer_support_makes_A1_B1_finite_and_no_bound_tight(rho):
+    # ρ > 0: on S, P_s and P_f each give mass ρ to the other's answers, so P_s ≪ P_f and P_f ≪ P_s'
+    world = SyntheticWorld(WorldConfig(overlap=0.25, mismatch=0.3, answer_overlap=rho))
+    for P in world.P.values():
+        np.testing.assert_allclose(P.reshape(len(world.contexts), -1).sum(1), 1.0)
+    below = 0
+    for lam in (0.1, 0.3, 1.0, 3.0):
+        c = theory.world_case_one(world, lam)
+        assert math.isfinite(c["A1_safety_bound"]) and math.isfinite(c["B1_capability_bound"])
+        assert c["optimum_safety_gap"] < min(c["A1_safety_bound"], c["A2_safety_bound"]) - 1e-6   # not attained
+        assert c["optimum_capability_gap"] < min(c["B1_capability_bound"], c["B2_capability_bound"]) - 1e-6
+        below += c["A1_safety_bound"] < c["A2_safety_bound"]
+    assert below >= 1
+    # ρ = 0 is the original world, table for table
+    base, zero = SyntheticWorld(WorldConfig()), SyntheticWorld(WorldConfig(answer_overlap=0.0))
+    assert all(np.array_equal(base.P[k], zero.P[k]) for k in base.P)
+
+
+@pytest.mark.parametrize("rho", [-0.1, 1.5, float("nan")])
+def test_an_answer_overlap_outside_0_1_is_one_clear_message(rho):
+    from common import DataError
+    with pytest.raises(DataError, match="--answer_overlap"):
+        SyntheticWorld(WorldConfig(answer_overlap=rho))
+    with pytest.raises(train.ConfigError, match="--answer_overlap"):
+        train.check_config(train.TrainConfig(answer_overlap=rho))
+
+
 # -----------------------------------------------------------------------------
 # Case II on a GPT small enough to form its exact Hessian
 

@@ -7,6 +7,7 @@ killed writer's temporaries, and file checksums.
 import hashlib
 import json
 import os
+import time
 
 
 class DataError(ValueError):
@@ -35,18 +36,40 @@ def atomic_write(path, write, mode="w"):
             os.remove(tmp)
 
 
-def remove_stale_temporaries(folder, recursive=False):
+def remove_stale_temporaries(folder, recursive=False, min_age=0.0):
     """Delete the temporaries (NAME.tmp.PID) a killed writer left in folder: the file they
     were for is still whole (the rename never happened), so nothing is lost. Called when a
-    run or sweep starts in folder, when no other writer of this project can be at work there."""
+    run or sweep starts in folder. With min_age > 0 (other shards may be writing there, on this
+    machine or another), a temporary is left alone while its PID runs here or it is younger."""
     if not os.path.isdir(folder):
         return
     walk = os.walk(folder) if recursive else [(folder, None, os.listdir(folder))]
     for root, _, files in walk:
         for name in files:
             stem, _, pid = name.rpartition(".tmp.")
-            if stem and pid.isdigit():
-                os.remove(os.path.join(root, name))
+            path = os.path.join(root, name)
+            if not (stem and pid.isdigit()):
+                continue
+            if min_age > 0:
+                try:
+                    if time.time() - os.path.getmtime(path) < min_age or _alive(int(pid)):
+                        continue
+                except FileNotFoundError:  # renamed by its writer meanwhile
+                    continue
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def atomic_write_text(path, text):

@@ -385,7 +385,10 @@ def write_report(sc, recipe, rows, state, home=None):
            f"are within {sc.tol_abs:g} nats + {sc.tol_rel:.0%} of the optimum's: {within}/{len(c1)} runs do. "
            f"G_s − G_s(P*) ranges from {extremes('case1_safety_excess')}, G_f − G_f(P*) from "
            f"{extremes('case1_capability_excess')}; every run's excess is in results.csv and its theory.json. "
-           f"{bounds_text(c1)}", "", case1_table(sc, rows), "",
+           f"{bounds_text(c1)} Check of the implementation, true of every model because P*_λ minimises the "
+           f"Case I objective (not a finding): the objective excess (G_f + λG_s') − (G_f + λG_s')(P*_λ) is at least "
+           f"{min(r['case1_objective_excess'] for r in c1):+.4f} over the {len(c1)} runs (≥ 0 expected).", "",
+           case1_table(sc, rows), "",
            f"**Case II against the second-order prediction** (THEORY.md §3) at κ = {sc.overlap:g}, δ = {sc.mismatch:g}; "
            f"λ_max(H_s) at θ_0 = {np.mean(land) if land else float('nan'):.3g} (mean over seeds).", "",
            case2_table(sc, rows), ""]

@@ -4,6 +4,7 @@ Sweeps: the findings F1–F6 of THEORY.md §5 with the theory beside every measu
     python sweep.py --preset smoke                  # < 2 minutes on 2 CPU cores (the tests run it)
     python sweep.py --preset paper                  # the README's plots, 3 seeds, < 40 minutes on 2 cores
     python sweep.py --preset paper --lams 0.1,1,10  # any grid can be overridden
+    python sweep.py --preset paper --shard 2/4      # one of 4 processes sharing the plan (ledger.py)
     python sweep.py --preset paper-real-cpu         # the paper's roles on real text (needs SAFETY_DATA_DIR), 77 min on 2 cores
     python sweep.py --preset real-cpu               # refusals on real text, from scratch and from paper-real-cpu's θ_pre
     python sweep.py --preset real-gpu               # the same at a larger size, for one GPU (never run here)
@@ -26,9 +27,7 @@ plots (five for smoke and paper), means over seeds with ±1 sd error bars. Real 
 """
 
 import argparse
-import csv
 import dataclasses
-import io
 import json
 import math
 import multiprocessing
@@ -47,9 +46,10 @@ import report_paper_real
 import theory
 import train
 import worker
-from common import DataError, SweepError, atomic_write_json, atomic_write_text, remove_stale_temporaries
+from common import DataError, SweepError, atomic_write_json, remove_stale_temporaries
 from constraints import STRATEGIES
 from model import CheckpointError, load_checkpoint
+from ledger import FIRST_COLUMNS, locked, merge_row, parse_shard, read_rows, shard_ids, write_rows  # noqa: F401
 from presets import PRESETS
 
 # -----------------------------------------------------------------------------
@@ -65,6 +65,7 @@ class SweepConfig:
     jobs: int = 2                 # runs at a time, each in its own process
     threads: int = 1              # CPU threads per run: one per core beats oversubscribed threads
     max_runs: int = 0             # stop after this many fine-tunes (0: all); rerun to resume
+    shard: str = ""               # i/n: run only this share of the plan; n shards may run at once on one out_dir (ledger.py)
     refresh: bool = False         # report theory.py again on every finished run (no training)
     # grids (THEORY.md §2–§3); comma-separated on the command line
     seeds: tuple = (1,)           # each seed aligns its own θ_0 and seeds its fine-tunes
@@ -214,6 +215,9 @@ def check_config(sc, recipe=None):
         raise SweepError("--inits pretrain pretrains on real general text: use a real-data preset")
     if sc.scratch_seeds and "scratch" not in sc.inits:
         bad("scratch_seeds", sc.scratch_seeds, "seeds of the scratch arm, which --inits does not have")
+    parse_shard(sc.shard)
+    if sc.shard and sc.refresh:
+        raise SweepError("--refresh measures every run again in one process: drop --shard")
     for flag in ("refusal_limit", "refusal_tokens"):
         if getattr(sc, flag) < 1:
             bad(flag, getattr(sc, flag), "an integer ≥ 1")
@@ -388,45 +392,11 @@ class InlineExecutor(Executor):
         return fut
 
 
-# -----------------------------------------------------------------------------
-# results.csv: the memory of the sweep
-
-FIRST_COLUMNS = ["run_id", "constraint", "overlap", "mismatch_delta", "lam", "radius", "seed", "safety_gap",
-                 "capability_gap", "optimum_safety_gap", "optimum_capability_gap", "mismatch", "overlap_term",
-                 "A1_safety_bound", "A2_safety_bound", "B1_capability_bound", "B2_capability_bound", "C_lhs",
-                 "C_limit", "C_holds", "measured_safety_increase", "second_order_prediction"]
-
-
-def read_rows(path):
-    """The rows of results.csv with numbers as floats ('' → None, 'True' → True)."""
-    if not os.path.exists(path):
-        return []
-
-    def parse(v):  # '' → None, 'True' or 'False' → a bool, a number → a float, anything else as it is
-        try:
-            return None if v == "" else (v == "True") if v in ("True", "False") else float(v)
-        except ValueError:
-            return v
-    with open(path, newline="") as f:
-        return [{k: (v if k == "run_id" else parse(v)) for k, v in r.items()} for r in csv.DictReader(f)]
-
-
-def write_rows(path, rows):
-    """All rows, one per run, written whole to a temporary file and renamed."""
-    keys = {k for r in rows for k in r}
-    columns = [c for c in FIRST_COLUMNS if c in keys] + sorted(keys - set(FIRST_COLUMNS))
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: ("" if r.get(k) is None else r[k]) for k in columns})
-    atomic_write_text(path, buf.getvalue())
-
-
 def check_out_dir(sc, recipe):
     """An out_dir holds one recipe: rows of another recipe must never mix with these."""
     os.makedirs(sc.out_dir, exist_ok=True)
-    remove_stale_temporaries(sc.out_dir, recursive=True)  # left by a killed sweep or its workers
+    # left by a killed sweep or its workers; other shards' live ones stay
+    remove_stale_temporaries(sc.out_dir, recursive=True, min_age=600.0 if sc.shard else 0.0)
     path = os.path.join(sc.out_dir, "sweep.json")
     # a real sweep's refusal rates are measurements of the recipe too
     recipe = dict(recipe, **({"refusal_limit": sc.refusal_limit, "refusal_tokens": sc.refusal_tokens}
@@ -481,11 +451,15 @@ def run_sweep(sc, recipe, write_report=True):
     for t in tasks.values():
         t["refresh"] = sc.refresh
     done = done_tasks(sc, tasks, rows)
-    todo = [t for t in tasks.values() if t["id"] not in done]
+    shard = parse_shard(sc.shard)
+    mine = shard_ids(tasks, shard)
+    todo = [t for t in tasks.values() if t["id"] not in done and t["id"] in mine]
     todo_all = list(todo)
     n_runs = sum(t["kind"] == "finetune" for t in tasks.values())
-    print(f"sweep {sc.preset}: {n_runs} runs ({n_runs - sum(t['kind'] == 'finetune' for t in todo)} already done), "
-          f"{len(sc.seeds)} seeds, {sc.jobs} at a time, out_dir {sc.out_dir}")
+    print(f"sweep {sc.preset}: {n_runs} runs ({n_runs - sum(t['kind'] == 'finetune' for t in tasks.values() if t['id'] not in done)} "
+          f"already done), {len(sc.seeds)} seeds, {sc.jobs} at a time, out_dir {sc.out_dir}"
+          + (f"; shard {shard[0]}/{shard[1]}: {sum(t['kind'] == 'finetune' for t in todo)} runs of its share left"
+             if sc.shard else ""))
     # align first, then the unconstrained runs that radius runs wait for, then the rest
     order = {"pretrain": 0, "align": 0, "estimate": 1, "none": 1, "loss": 2}  # then param and every other strategy
     todo.sort(key=lambda t: order.get(t["kind"] if t["kind"] != "finetune" else t["train"]["constraint"], 3))
@@ -504,7 +478,10 @@ def run_sweep(sc, recipe, write_report=True):
                 started += t["kind"] == "finetune"
                 running[executor.submit(worker.execute, t)] = t
             if not running:
-                break
+                if not todo or stopped:
+                    break
+                done |= wait_for_other_shards(sc, tasks, todo, done)  # a dependency is another shard's
+                continue
             ended, _ = wait(list(running), return_when=FIRST_COMPLETED)
             for fut in ended:
                 t = running.pop(fut)
@@ -524,9 +501,12 @@ def run_sweep(sc, recipe, write_report=True):
         raise
     finally:
         if todo_all and not sc.refresh:  # a report only (nothing left, or --refresh) adds no time
-            state["wall_seconds"] += time.time() - t_start
-            state["invocations"] += 1
-            atomic_write_json(os.path.join(sc.out_dir, "sweep.json"), state)
+            with locked(sc.out_dir):  # shards add their times to one sweep.json
+                path = os.path.join(sc.out_dir, "sweep.json")
+                state = dict(json.load(open(path)), recipe=state["recipe"])
+                state["wall_seconds"] += time.time() - t_start
+                state["invocations"] += 1
+                atomic_write_json(path, state)
     executor.shutdown()
     if stopped:
         print(f"stopped after --max_runs {sc.max_runs}; run the same command without it to continue")
@@ -534,11 +514,27 @@ def run_sweep(sc, recipe, write_report=True):
     rows = [r for r in read_rows(csv_path) if r["run_id"] in tasks]
     if not write_report:
         return rows
+    if len(rows) < n_runs:  # another shard is still at work: the last one to finish reports
+        print(f"shard {shard[0]}/{shard[1]}: its share is done; {n_runs - len(rows)} runs of other shards are not")
+        return rows
     write = (report_paper_real.write_report if PRESETS[sc.preset].get("report") == "paper-real" else
              report.write_report_real if is_real(recipe) else
              report.write_report_strategies if PRESETS[sc.preset].get("report") == "strategies" else report.write_report)
     write(sc, recipe, rows, state, home=PRESETS[sc.preset].get("report_dir"))  # a home report goes into README.md
     return rows
+
+
+def wait_for_other_shards(sc, tasks, todo, done, poll=2.0):
+    """Block until a dependency of this shard's remaining tasks, run by another shard, is done on disk
+    (a θ_0 or a row in results.csv); the ids done now. A shard that was killed blocks the others until it
+    is started again, which resumes its share."""
+    waiting = sorted({d for t in todo for d in t["deps"] if d not in done})
+    print(f"  waiting for {', '.join(waiting[:3])}{' …' if len(waiting) > 3 else ''} (another shard's)", flush=True)
+    while True:
+        now = done_tasks(sc, tasks, read_rows(os.path.join(sc.out_dir, "results.csv")))
+        if any(d in now for d in waiting):
+            return now
+        time.sleep(poll)
 
 
 def record(sc, tasks, t, result, rows, csv_path, elapsed):
@@ -562,10 +558,7 @@ def record(sc, tasks, t, result, rows, csv_path, elapsed):
         result.update({k: old[0].get(k) for k in ("train_seconds", "cpu_seconds")})
     # rows in the plan's order, not the order runs happened to finish in: results.csv, and so the
     # report's jitter and tables, do not depend on the schedule (stale rows of unplanned runs last)
-    place = {tid: i for i, tid in enumerate(tasks)}
-    rows = sorted([r for r in rows if r["run_id"] != t["id"]] + [result],
-                  key=lambda r: place.get(r["run_id"], len(place)))
-    write_rows(csv_path, rows)
+    rows = merge_row(csv_path, result, {tid: i for i, tid in enumerate(tasks)})  # other shards' rows too
     what = (f"ℓ_s {result['safety_loss']:.2f} ℓ_f {result['capability_loss']:.2f}"
             + (f" refuses {result['refusal_safety_llamas_eval']:.2f}" if t.get("refusals") else "") if t.get("real") else
             f"G_s {result['safety_gap']:.4f} G_f {result['capability_gap']:.4f}")

@@ -487,3 +487,52 @@ def test_paper_real_sweep_with_both_starting_points_end_to_end(tmp_path, capsys)
     capsys.readouterr()
     sweep.run_sweep(sc, recipe)  # resumed: every run and θ_pre already done
     assert f"({len(rows)} already done)" in capsys.readouterr().out
+
+
+# -----------------------------------------------------------------------------
+# Shards: --shard i/n on one folder, at once, one of them killed and started again
+
+
+TIMING = ("seconds",)  # train_seconds, cpu_seconds, theory_seconds, ...: the schedule's, not the runs'
+
+
+def test_two_concurrent_shards_one_killed_give_the_one_process_rows_and_report(smoke, tmp_path):
+    import signal
+    import time
+    out = str(tmp_path / "sharded")
+    cmd = lambda i: [sys.executable, os.path.join(ROOT, "sweep.py"), "--preset", "smoke", "--out_dir", out,
+                     "--jobs", "1", "--shard", f"{i}/2"]
+    procs = {i: subprocess.Popen(cmd(i), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in (1, 2)}
+    csv_path = os.path.join(out, "results.csv")
+    deadline = time.time() + 300
+    while (not os.path.exists(csv_path) or len(csv_rows(csv_path)) < 2) and procs[1].poll() is None:
+        assert time.time() < deadline
+        time.sleep(0.2)
+    assert procs[1].poll() is None, "shard 1 finished before it could be killed"
+    procs[1].send_signal(signal.SIGKILL)
+    procs[1].wait()
+    procs[1] = subprocess.Popen(cmd(1), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    logs = {i: p.communicate(timeout=600)[0] for i, p in procs.items()}
+    assert all(p.returncode == 0 for p in procs.values()), logs
+    ref, got = csv_rows(os.path.join(smoke["out"], "results.csv")), csv_rows(csv_path)
+    assert [r["run_id"] for r in got] == [r["run_id"] for r in ref]     # every run once, in plan order
+    for a, b in zip(ref, got):
+        for k in a:
+            x, y = a[k].replace(smoke["out"], "OUT"), b[k].replace(out, "OUT")  # run folders' paths
+            if not k.endswith(TIMING) and x != y:
+                assert float(x) == pytest.approx(float(y), rel=1e-6, abs=1e-9), (a["run_id"], k, x, y)
+    findings = lambda path: [line for line in open(path) if line.startswith("| F")]
+    assert findings(os.path.join(out, "results.md")) == findings(os.path.join(smoke["out"], "results.md"))
+    assert any("its share is done" in log for log in logs.values())    # the first to finish left the report
+    ran = {i: {line.split("] ")[1].split(":")[0] for line in log.splitlines() if line.strip().startswith("[")}
+           for i, log in logs.items()}
+    assert ran[1] and ran[2] and not ran[1] & ran[2]                    # no run trained by both shards
+
+
+@pytest.mark.parametrize("shard", ["3/2", "0/2", "1-2", "a/b", "2/0"])
+def test_a_bad_shard_is_one_clear_message(tmp_path, shard):
+    with pytest.raises(SystemExit) as e:
+        sweep.main(["--preset", "smoke", "--out_dir", str(tmp_path / "never"), "--shard", shard])
+    assert "--shard" in str(e.value.code) and "1 ≤ i ≤ n" in str(e.value.code)
+    assert not (tmp_path / "never").exists()

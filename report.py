@@ -150,7 +150,8 @@ def check_f6(sc, rows):
         txt.append(f"r={e['x']:g}: Δ_s {mean(e, 'measured_safety_increase'):.3g}, "
                    f"prediction {mean(e, 'second_order_prediction'):.3g}, ratio {ratio:.3g}")
     return ("F6", f"at r ≤ {sc.f6_small_radius:g} the measured Δ_s is within a factor {sc.f6_factor:g} of "
-            "∇ℓ_s·v + ½vᵀH_s v", ok, "<br>".join(txt))
+            "∇ℓ_s·v + ½vᵀH_s v (Taylor's theorem at small r: a check of the gradient and HVP code; the claim about "
+            "basins is landscape.py's)", ok, "<br>".join(txt))
 
 
 def case1_beats_case2(s1, f1, c2):

@@ -512,16 +512,20 @@ def run_sweep(sc, recipe, write_report=True):
         print(f"stopped after --max_runs {sc.max_runs}; run the same command without it to continue")
         return None
     rows = [r for r in read_rows(csv_path) if r["run_id"] in tasks]
-    if not write_report:
-        return rows
-    if len(rows) < n_runs:  # another shard is still at work: the last one to finish reports
+    if write_report:
+        report_when_complete(sc, recipe, rows, state, n_runs, shard)
+    return rows
+
+
+def report_when_complete(sc, recipe, rows, state, n_runs, shard):
+    """The preset's report, once every planned run has its row (with shards: the last one to finish)."""
+    if len(rows) < n_runs:
         print(f"shard {shard[0]}/{shard[1]}: its share is done; {n_runs - len(rows)} runs of other shards are not")
-        return rows
+        return
     write = (report_paper_real.write_report if PRESETS[sc.preset].get("report") == "paper-real" else
              report.write_report_real if is_real(recipe) else
              report.write_report_strategies if PRESETS[sc.preset].get("report") == "strategies" else report.write_report)
     write(sc, recipe, rows, state, home=PRESETS[sc.preset].get("report_dir"))  # a home report goes into README.md
-    return rows
 
 
 def wait_for_other_shards(sc, tasks, todo, done, poll=2.0):

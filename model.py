@@ -141,16 +141,17 @@ class GPT(nn.Module):
             x = block(x)
         return self.transformer.ln_f(x)
 
-    def forward(self, idx, targets=None, loss_mask=None):
+    def forward(self, idx, targets=None, loss_mask=None, label_smoothing=0.0):
         """Logits (B, T, vocab_size) and, given targets, the mean next-token NLL over the
-        tokens where loss_mask is true (the response tokens; all tokens if no mask)."""
+        tokens where loss_mask is true (the response tokens; all tokens if no mask), against
+        targets smoothed by label_smoothing ε ((1−ε)·one-hot + ε·uniform) when ε > 0."""
         B, T = idx.size()
         x = self.hidden_states(idx)
         logits = self.lm_head(x)[..., : self.config.vocab_size]  # cut the padding back off
         if targets is None:
             return logits, None
         nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
-                              reduction="none").view(B, T)
+                              reduction="none", label_smoothing=label_smoothing).view(B, T)
         if loss_mask is None:
             return logits, nll.mean()
         mask = loss_mask.to(nll.dtype)

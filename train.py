@@ -63,6 +63,7 @@ class TrainConfig:
     overlap: float = 0.25         # κ: share of task contexts drawn from the safety contexts
     mismatch: float = 0.3         # δ: distance of the proxy safety data from the original
     answer_overlap: float = 0.0   # ρ: share of each other's answers in P_s and P_f on the safety contexts
+    align_label_smoothing: float = 0.0  # ε: align on (1−ε)·one-hot + ε·uniform targets (a wider basin; landscape.py)
     n_symbols: int = 12           # context alphabet; n_symbols**ctx_len contexts
     ctx_len: int = 3              # context length in symbols
     n_harmful: int = 4            # number of harmful topics
@@ -113,7 +114,7 @@ class TrainConfig:
 ALIGN_FIELDS = ("n_symbols", "ctx_len", "n_harmful", "n_layer", "n_head", "n_embd", "align_iters",
                 "align_lr", "warmup_iters", "weight_decay", "grad_clip", "batch_tokens", "seed",
                 "data", "safety_data", "align_helpful", "data_dir", "block_size", "restrict_vocab", "vocab_cap",
-                "answer_overlap")
+                "answer_overlap", "align_label_smoothing")
 
 
 # `--data real` changes these defaults, for a run that ends in minutes on 2 CPU cores (a
@@ -165,7 +166,7 @@ def check_config(cfg):
         v = getattr(cfg, name)
         if not (v >= 0 and math.isfinite(v)):
             raise ConfigError(f"--{name} {v} must be a finite number ≥ 0")
-    for name in ("overlap", "mismatch", "answer_overlap"):
+    for name in ("overlap", "mismatch", "answer_overlap", "align_label_smoothing"):
         v = getattr(cfg, name)
         if not 0.0 <= v <= 1.0:
             raise ConfigError(f"--{name} {v} is outside [0, 1]: pass a value between 0 and 1")
@@ -207,7 +208,7 @@ def make_corpus(cfg):
 
 # fields added to ALIGN_FIELDS later enter the key only when set, so that every θ_0 saved
 # before them keeps its identity
-LATER_ALIGN_FIELDS = ("align_helpful", "answer_overlap")
+LATER_ALIGN_FIELDS = ("align_helpful", "answer_overlap", "align_label_smoothing")
 
 
 def align_key(cfg):
@@ -255,16 +256,16 @@ def batch_shape(cfg, seq_len, sys_):
     return global_seqs, global_seqs // (cfg.micro_batch * sys_.world_size)
 
 
-def micro_loss(train_model, sys_, x, y, m, n_tokens):
+def micro_loss(train_model, sys_, x, y, m, n_tokens, smoothing=0.0):
     """This micro-batch's share of the global batch's mean loss over response tokens."""
     # mean over this slice's response tokens, rescaled so that the sum over micro-steps
     # and the DDP average over ranks give the mean over the global batch's tokens
     with sys_.autocast():
-        _, loss = train_model(x, y, m)
+        _, loss = train_model(x, y, m, smoothing) if smoothing else train_model(x, y, m)
     return loss * (m.sum() * sys_.world_size / n_tokens)
 
 
-def train_step(train_model, optimizer, scaler, params, constraint, sys_, batch, proxy, accum, grad_clip):
+def train_step(train_model, optimizer, scaler, params, constraint, sys_, batch, proxy, accum, grad_clip, smoothing=0.0):
     """One optimizer step on this rank's slice of a global batch: forward and backward over
     `accum` micro-batches, the constraint's gradient hook, clipping, AdamW, the projection.
     run_stage and bench.py both call it, so the benchmark times exactly this code.
@@ -277,7 +278,7 @@ def train_step(train_model, optimizer, scaler, params, constraint, sys_, batch, 
         if sys_.ddp:
             train_model.require_backward_grad_sync = i == accum - 1
         sl = slice(i * micro, (i + 1) * micro)
-        loss = micro_loss(train_model, sys_, *(t[sl] for t in batch[:3]), batch[3])
+        loss = micro_loss(train_model, sys_, *(t[sl] for t in batch[:3]), batch[3], smoothing)
         if constraint is not None:
             p_loss = None
             if proxy is not None:  # Case I: the proxy safety loss ℓ_s' on the same micro-step
@@ -409,7 +410,7 @@ def run_stage(stage, model, world, cfg, sys_, log, ckpt_path, constraint, theta0
         xs = streams.batch(streams.main)
         xp = streams.batch("proxy") if "proxy" in streams.gens else None
         step_loss = train_step(train_model, optimizer, scaler, params, constraint, sys_, xs, xp, streams.accum,
-                               cfg.grad_clip)
+                               cfg.grad_clip, cfg.align_label_smoothing if stage == "align" else 0.0)
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(step_loss), step, first_bad)
         loss_sum += step_loss
         step += 1

@@ -99,6 +99,8 @@ def spearman(x, y):
         r = np.empty(len(v))
         r[np.argsort(v, kind="stable")] = np.arange(len(v))
         return np.array([r[v == u].mean() for u in v])
+    if np.isnan(np.asarray(x, dtype=float)).any() or np.isnan(np.asarray(y, dtype=float)).any():
+        return float("nan")  # ±∞ rank at the ends; an undefined value has no rank
     a, b = ranks(x), ranks(y)
     if a.std() == 0 or b.std() == 0:
         return float("nan")
@@ -133,7 +135,7 @@ def forecast_validation(rows, est, tasks, prefix, lam=1.0):
     for t, rs in runs.items():
         ratio = {int(r["seed"]): per_gain(r["safety_increase"], r["capability_gain"]) for r in rs}
         gain = mean_of(rs, "capability_gain")
-        mean_ratio = per_gain(mean_of(rs, "safety_increase"), gain) if gain <= 0 else float(np.mean(list(ratio.values())))
+        mean_ratio = per_gain(mean_of(rs, "safety_increase"), gain)  # on seed means, as ρ is
         out[t] = {"forecast": by_lam(est["overlap"][t]["a2_overlap_term"], lam), "gain": gain,
                   "cost": mean_of(rs, "safety_increase"), "matched": g_star * mean_ratio, "ratio_seeds": ratio,
                   "n": len(rs)}

@@ -142,18 +142,29 @@ class torch_threads:
 # has no shape to get wrong; it is fit out of fold too, so no prompt calibrates itself.
 
 
+def pool_adjacent_violators(values, weights):
+    """The nondecreasing sequence nearest to `values` in weighted squared error, as blocks:
+    (block values, block weights, index of each block's last element)."""
+    vals, wts, ends = [], [], []
+    for i, (v, w) in enumerate(zip(values, weights)):
+        vals.append(float(v)), wts.append(float(w)), ends.append(i)
+        while len(vals) > 1 and vals[-2] >= vals[-1]:  # a violation (or a tie): pool the two blocks
+            v2, w2 = vals.pop(), wts.pop()
+            ends.pop()
+            vals[-1], wts[-1], ends[-1] = (vals[-1] * wts[-1] + v2 * w2) / (wts[-1] + w2), wts[-1] + w2, i
+    return np.array(vals), np.array(wts), np.array(ends)
+
+
 def isotonic(z, y):
-    """The nondecreasing step function of z nearest to the labels y (pool-adjacent-violators),
-    each step's rate smoothed to (k + 1)/(n + 2) so that a finite sample never gives c = 0 or 1.
-    Returns it as a function of new scores."""
-    o = np.argsort(z, kind="stable")
-    sums, counts, tops = [], [], []
-    for zi, yi in zip(z[o], y[o]):
-        sums.append(float(yi)), counts.append(1), tops.append(zi)
-        while len(sums) > 1 and sums[-2] * counts[-1] >= sums[-1] * counts[-2]:  # a violation: pool
-            s, c, t = sums.pop(), counts.pop(), tops.pop()
-            sums[-1], counts[-1], tops[-1] = sums[-1] + s, counts[-1] + c, t
-    rate, tops = (np.array(sums) + 1) / (np.array(counts) + 2), np.array(tops)
+    """The nondecreasing step function of z nearest to the labels y (pool-adjacent-violators over
+    the distinct scores, so tied scores share one value), each step's rate smoothed to
+    (k + 1)/(n + 2) so that a finite sample never gives c = 0 or 1, and pooled again where the
+    smoothing broke the order. Returns it as a function of new scores."""
+    zs, inverse = np.unique(z, return_inverse=True)
+    counts = np.bincount(inverse).astype(float)
+    rate, wts, ends = pool_adjacent_violators(np.bincount(inverse, weights=y) / counts, counts)
+    rate, _, ends2 = pool_adjacent_violators((rate * wts + 1) / (wts + 2), wts)
+    tops = zs[ends[ends2]]
     return lambda new: rate[np.clip(np.searchsorted(tops, new), 0, len(rate) - 1)]
 
 
@@ -357,8 +368,8 @@ def mismatch_estimate(model_proxy, model_original, heldout_batches, device="cpu"
 
 
 def prompts_of(name, data_dir=""):
-    """The prompts of a registry name (its part of a split, if it has one) or of a prompt file."""
-    if name in loaders.REGISTRY or "+" in name:
+    """The prompts of a registry name (its part of a split, if it has one; 'a+b' both) or of a prompt file."""
+    if not os.path.isfile(name) and (name in loaders.REGISTRY or "+" in name):
         return list(dataset_part(name, data_dir).prompts)
     if not os.path.isfile(name):
         raise DataError(f"{name}: neither a registry name (loaders.REGISTRY) nor a file: check the name or path")

@@ -22,7 +22,6 @@ import sys
 import time
 
 import estimators
-import loaders
 from common import DataError, atomic_write_json
 from model import CheckpointError
 from textdata import dataset_part, tokenized, train_and_heldout
@@ -32,7 +31,7 @@ def proxy_mismatch(safety, proxy, data_dir=""):
     """E_{μ_s} KL(P_s‖P_s') ≈ the held-out D_s loss of a bigram reference trained on the proxy minus
     that of one trained on D_s, at equal sizes (estimators.ngram_mismatch), an estimate."""
     s_train, s_held = train_and_heldout(safety, data_dir)
-    proxy_ts = dataset_part(proxy, data_dir) if proxy in loaders.REGISTRY else tokenized(proxy, data_dir)
+    proxy_ts = (tokenized(proxy, data_dir) if os.path.isfile(proxy) else dataset_part(proxy, data_dir))
     if not (s_train.has_responses and proxy_ts.has_responses):
         raise DataError(f"--proxy {proxy}: the mismatch compares answers, and {safety if not s_train.has_responses else proxy} "
                         f"has prompts only: give (prompt, response) pairs")
@@ -120,7 +119,7 @@ def print_forecast(out):
     print(f"forecast for D_s = {out['safety']}" + (f", proxy {out['proxy']} (mismatch estimate "
           f"{out['mismatch']['mismatch']:.2f} nats/seq)" if out["proxy"] else "")
           + f"; every number an estimate ({out['seconds']:.0f} s)")
-    cols = ["rank", "task", "TV calibrated [95%]", "TV raw", "TV ≥", "M", "lexical"]
+    cols = ["rank", "task", "TV calibrated [95%, prompt resampling]", "TV raw", "TV ≥", "M", "lexical"]
     cols += ["TV repr."] if out["theta"] else []
     cols += [f"(A2) term λ={lam:g}" for lam in out["lams"]] + ([f"(A2) bound λ={lam0:g}"] if out["proxy"] else [])
     print("| " + " | ".join(cols) + " |\n|" + " --- |" * len(cols))

@@ -392,8 +392,9 @@ class InlineExecutor(Executor):
         return fut
 
 
-def check_out_dir(sc, recipe):
-    """An out_dir holds one recipe: rows of another recipe must never mix with these."""
+def check_out_dir(sc, recipe, plan_ids=()):
+    """An out_dir holds one recipe: rows of another recipe must never mix with these; shards of one
+    folder must agree on their number and their plan. Read and written under the folder's lock."""
     os.makedirs(sc.out_dir, exist_ok=True)
     # left by a killed sweep or its workers; other shards' live ones stay
     remove_stale_temporaries(sc.out_dir, recursive=True, min_age=600.0 if sc.shard else 0.0)
@@ -401,14 +402,21 @@ def check_out_dir(sc, recipe):
     # a real sweep's refusal rates are measurements of the recipe too
     recipe = dict(recipe, **({"refusal_limit": sc.refusal_limit, "refusal_tokens": sc.refusal_tokens}
                              if is_real(recipe) else {}))
-    state = {"recipe": recipe, "wall_seconds": 0.0, "invocations": 0}
-    if os.path.exists(path):
-        state = json.load(open(path))
+    with locked(sc.out_dir):
+        state = json.load(open(path)) if os.path.exists(path) else {"recipe": recipe, "wall_seconds": 0.0,
+                                                                    "invocations": 0}
         if state["recipe"] != recipe:
             diff = sorted(k for k in set(recipe) | set(state["recipe"]) if recipe.get(k) != state["recipe"].get(k))
             raise SweepError(f"{sc.out_dir} holds a sweep with another train recipe ({', '.join(diff)}): "
                              f"use a fresh --out_dir or the same preset")
-    atomic_write_json(path, state)
+        if sc.shard:  # every shard must cut the same plan into the same number of shares
+            key = {"shards": parse_shard(sc.shard)[1], "plan": sorted(plan_ids)}
+            if state.get("sharding", key) != key:
+                raise SweepError(f"{sc.out_dir} is shared by shards of another plan or shard count (--shard i/"
+                                 f"{state['sharding']['shards']}, {len(state['sharding']['plan'])} tasks): start "
+                                 f"every shard with the same flags")
+            state["sharding"] = key
+        atomic_write_json(path, state)
     return state
 
 
@@ -444,10 +452,10 @@ def run_sweep(sc, recipe, write_report=True):
     """Run every task not yet in results.csv, jobs at a time; report when all are done (unless the
     caller reports itself: landscape.py). Returns the rows of the planned runs."""
     t_start = time.time()
-    state = check_out_dir(sc, recipe)
+    tasks = plan(sc, recipe)
+    state = check_out_dir(sc, recipe, list(tasks))
     csv_path = os.path.join(sc.out_dir, "results.csv")
     rows = read_rows(csv_path)
-    tasks = plan(sc, recipe)
     for t in tasks.values():
         t["refresh"] = sc.refresh
     done = done_tasks(sc, tasks, rows)
@@ -480,7 +488,7 @@ def run_sweep(sc, recipe, write_report=True):
             if not running:
                 if not todo or stopped:
                     break
-                done |= wait_for_other_shards(sc, tasks, todo, done)  # a dependency is another shard's
+                done |= wait_for_other_shards(sc, tasks, todo, done, mine)  # a dependency is another shard's
                 continue
             ended, _ = wait(list(running), return_when=FIRST_COMPLETED)
             for fut in ended:
@@ -489,6 +497,8 @@ def run_sweep(sc, recipe, write_report=True):
                     result = fut.result()
                 except (SweepError, train.ConfigError, DataError, CheckpointError, theory.RunError,
                         FloatingPointError) as e:
+                    if sc.shard:  # the shards waiting for it stop with this message instead of waiting
+                        atomic_write_json(os.path.join(t["dir"], "failed.json"), {"error": str(e)})
                     raise SweepError(f"{t['id']} failed: {e} (log: {os.path.join(t['dir'], 'sweep_train.out')})")
                 done.add(t["id"])
                 rows = record(sc, tasks, t, result, rows, csv_path, time.time() - t_start)
@@ -513,14 +523,17 @@ def run_sweep(sc, recipe, write_report=True):
         return None
     rows = [r for r in read_rows(csv_path) if r["run_id"] in tasks]
     if write_report:
-        report_when_complete(sc, recipe, rows, state, n_runs, shard)
+        report_when_complete(sc, recipe, rows, state, n_runs, shard, tasks)
     return rows
 
 
-def report_when_complete(sc, recipe, rows, state, n_runs, shard):
-    """The preset's report, once every planned run has its row (with shards: the last one to finish)."""
-    if len(rows) < n_runs:
-        print(f"shard {shard[0]}/{shard[1]}: its share is done; {n_runs - len(rows)} runs of other shards are not")
+def report_when_complete(sc, recipe, rows, state, n_runs, shard, tasks):
+    """The preset's report, once every planned task is done: every run has its row, and the estimates
+    (real data) are there (with shards: the last one to finish reports)."""
+    left = set(tasks) - done_tasks(sc, tasks, rows)
+    if left:
+        print(f"shard {shard[0]}/{shard[1]}: its share is done; {len(left)} tasks of other shards are not "
+              f"(e.g. {sorted(left)[0]}): the last shard to finish writes the report")
         return
     write = (report_paper_real.write_report if PRESETS[sc.preset].get("report") == "paper-real" else
              report.write_report_real if is_real(recipe) else
@@ -528,13 +541,28 @@ def report_when_complete(sc, recipe, rows, state, n_runs, shard):
     write(sc, recipe, rows, state, home=PRESETS[sc.preset].get("report_dir"))  # a home report goes into README.md
 
 
-def wait_for_other_shards(sc, tasks, todo, done, poll=2.0):
+def wait_for_other_shards(sc, tasks, todo, done, mine, poll=5.0):
     """Block until a dependency of this shard's remaining tasks, run by another shard, is done on disk
     (a θ_0 or a row in results.csv); the ids done now. A shard that was killed blocks the others until it
-    is started again, which resumes its share."""
+    is started again, which resumes its share; one whose task failed (failed.json in the task's folder)
+    stops them with its message."""
     waiting = sorted({d for t in todo for d in t["deps"] if d not in done})
-    print(f"  waiting for {', '.join(waiting[:3])}{' …' if len(waiting) > 3 else ''} (another shard's)", flush=True)
+    if not waiting or all(d in mine for d in waiting):  # nobody else will ever do it
+        raise SweepError(f"nothing left can run: {', '.join(t['id'] for t in todo[:3])} wait for "
+                         f"{', '.join(waiting[:3]) or 'nothing'}, which this process does not run")
+    shard = parse_shard(sc.shard)
+    owners = {d: i for i in range(1, shard[1] + 1) for d in shard_ids(tasks, (i, shard[1])) if d in waiting}
+    said = 0.0
     while True:
+        if time.time() - said > 300:  # say it again every 5 minutes: a silent wait looks like a hang
+            print("  waiting for " + ", ".join(f"{d} (shard {owners.get(d, '?')}/{shard[1]})" for d in waiting[:3])
+                  + (" …" if len(waiting) > 3 else ""), flush=True)
+            said = time.time()
+        for d in waiting:
+            failed = os.path.join(tasks[d]["dir"], "failed.json")
+            if os.path.exists(failed):
+                raise SweepError(f"{d}, which this shard waits for, failed in shard {owners.get(d, '?')}/{shard[1]}: "
+                                 f"{json.load(open(failed)).get('error')}; fix it and start that shard again")
         now = done_tasks(sc, tasks, read_rows(os.path.join(sc.out_dir, "results.csv")))
         if any(d in now for d in waiting):
             return now

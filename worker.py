@@ -7,6 +7,7 @@ task's folder.
 """
 
 import dataclasses
+import fcntl
 import json
 import os
 import time
@@ -50,7 +51,17 @@ def finished(run_dir):
 
 def execute(task):
     """Align a θ_0 and compute its landscape, or fine-tune one run and report its theory (real data:
-    estimate, or measure refusals). train.py's own output goes to a log file in the task's folder."""
+    estimate, or measure refusals). train.py's own output goes to a log file in the task's folder.
+    The task's folder is locked while it runs: a worker left running by a sweep killed with SIGKILL
+    finishes first, and the sweep started again then finds its work done (resume) instead of
+    training the same run twice at once."""
+    os.makedirs(task["dir"], exist_ok=True)
+    with open(os.path.join(task["dir"], ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _execute(task)
+
+
+def _execute(task):
     torch.set_num_threads(task["threads"])
     if task["kind"] == "estimate":
         return estimate(task)

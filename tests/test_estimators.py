@@ -75,6 +75,12 @@ def test_isotonic_pools_violators_and_never_says_zero_or_one():
     f = estimators.isotonic(np.array([0.0, 1.0, 2.0, 3.0]), np.array([0, 1, 0, 1]))
     # blocks {0}, {1, 2} pooled (rate 1/2 > 0 violates order), {3}; rates (k + 1)/(n + 2)
     np.testing.assert_allclose(f(np.array([-5.0, 0.0, 1.5, 2.0, 3.0, 9.0])), [1 / 3, 1 / 3, 1 / 2, 1 / 2, 2 / 3, 2 / 3])
+    # tied scores share one value, whatever the order of their labels
+    tied = estimators.isotonic(np.array([0.0, 1.0, 1.0, 2.0]), np.array([0, 0, 1, 1]))
+    np.testing.assert_allclose(tied(np.array([0.0, 1.0, 2.0])), [1 / 3, 1 / 2, 2 / 3])
+    # blocks {0} (rate 0) and {1..11} (rate 1/11): smoothed alone, 1/3 would sit above 2/13; pooled again
+    f = estimators.isotonic(np.arange(12.0), np.array([0, 1] + [0] * 10))
+    assert np.all(np.diff(f(np.arange(12.0))) >= 0) and f(np.array([0.0]))[0] == pytest.approx((1 / 3 + 11 * 2 / 13) / 12)
     z = np.random.default_rng(0).normal(size=500)
     c = estimators.isotonic(z, (z + np.random.default_rng(1).normal(size=500) > 0).astype(int))(np.sort(z))
     assert np.all(np.diff(c) >= 0) and 0 < c.min() and c.max() < 1

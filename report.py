@@ -61,8 +61,9 @@ def check_f4(sc, rows):
         if cond is None:
             orig.append((None, text + " (condition not recorded: `sweep.py --refresh`)"))
         else:
-            orig.append((falls if cond <= 1 else None, text + f"; condition max Σ_y P_s P_f/P_s' = {cond:.3f}"
-                         + ("" if cond <= 1 else " > 1: not implied, not judged")))
+            holds = cond <= 1 + 1e-9  # = 1 exactly where P_s' = P_s: Σ over supp P_s of P_f, up to rounding
+            orig.append((falls if holds else None, text + f"; condition max Σ_y P_s P_f/P_s' = {cond:.3f}"
+                         + ("" if holds else " > 1: not implied, not judged")))
     decided = [ok for ok, _ in orig if ok is not None]
     return [("F4", "Case I: raising λ lowers the proxy gap G_s' and raises G_f, monotone in the seed means",
              all(ok for ok, _ in proxy) and bool(proxy), "<br>".join(t for _, t in proxy)),

@@ -225,14 +225,22 @@ def classifier_overlap(prompts_s, prompts_f, lams=(1.0,), folds=5, max_n=2000, s
     """Context overlap of D_s and D_f by a probabilistic classifier (THEORY.md §4), an estimate:
     a logistic regression on hashed word 1–2-grams, cross-fitted on balanced samples of both
     sets, its scores calibrated out of fold (overlap_from_scores)."""
+    return cross_fitted_overlap(hashed_features, fit_logistic, prompts_s, prompts_f, lams, folds, max_n, seed,
+                                "hashed word 1-2-gram logistic regression")
+
+
+def cross_fitted_overlap(features, fit, prompts_s, prompts_f, lams, folds, max_n, seed, what):
+    """overlap_from_scores of the classifier `fit` on features(prompts), cross-fitted on balanced
+    samples of both sets (D_s labelled 1)."""
     check_prompt_sets(prompts_s, prompts_f, folds)
     a, b = balanced_sample(prompts_s, prompts_f, max_n, seed)
     n = len(a)
     labels, fold = np.array([1] * n + [0] * n), np.random.default_rng(seed + 1).permutation(2 * n) % folds
+    x = features(a + b)
     with torch_threads(1):
-        z = out_of_fold(fit_logistic, hashed_features(a + b), labels, fold)
+        z = out_of_fold(fit, x, labels, fold)
     return dict(overlap_from_scores(z, labels, fold, lams, seed=seed),
-                kind=f"estimate: hashed word 1-2-gram logistic regression, {folds}-fold cross-fitted, isotonic")
+                kind=f"estimate: {what}, {folds}-fold cross-fitted, isotonic")
 
 
 class BigramLM:
@@ -333,15 +341,9 @@ def representation_overlap(model, codec, prompts_s, prompts_f, lams=(1.0,), fold
     """Context overlap of D_s and D_f on representations (THEORY.md §4), an estimate: the
     classifier of classifier_overlap on each prompt's mean hidden state under a model (θ_pre or
     θ_0) instead of its words, cross-fitted and calibrated alike."""
-    check_prompt_sets(prompts_s, prompts_f, folds)
-    a, b = balanced_sample(prompts_s, prompts_f, max_n, seed)
-    n = len(a)
-    labels, fold = np.array([1] * n + [0] * n), np.random.default_rng(seed + 1).permutation(2 * n) % folds
-    x = prompt_states(model, codec, a + b, device).numpy()
-    with torch_threads(1):
-        z = out_of_fold(fit_dense_logistic, x, labels, fold)
-    return dict(overlap_from_scores(z, labels, fold, lams, seed=seed),
-                kind=f"estimate: logistic regression on mean hidden states, {folds}-fold cross-fitted, isotonic")
+    return cross_fitted_overlap(lambda ps: prompt_states(model, codec, ps, device).numpy(), fit_dense_logistic,
+                                prompts_s, prompts_f, lams, folds, max_n, seed,
+                                "logistic regression on mean hidden states")
 
 
 def representation_similarity(model, codec, prompts_s, prompts_f, device="cpu"):
@@ -412,9 +414,15 @@ def real_mismatch(proxy, original="safety_llamas", heldout="", data_dir="", n=No
     budget (`train.py --stage align --safety_data PROXY` and `--safety_data ORIGINAL`),
     the GPTs themselves are compared instead."""
     if proxy_ckpt is None:
-        held = dataset_part(heldout, data_dir) if heldout else train_and_heldout(original, data_dir)[1]
-        return dict(ngram_mismatch(dataset_part(original, data_dir), dataset_part(proxy, data_dir), held, n=n),
-                    proxy=proxy, estimate=True)
+        train, held = train_and_heldout(original, data_dir)
+        held = dataset_part(heldout, data_dir) if heldout else held
+        proxy_ts = dataset_part(proxy, data_dir)
+        if not (train.has_responses and proxy_ts.has_responses):
+            raise DataError(f"{original if not train.has_responses else proxy}: has prompts only, and the mismatch "
+                            f"compares answers: give (prompt, response) pairs")
+        if len(held) == 0:
+            raise DataError(f"{original}: no held-out part to score the mismatch on")
+        return dict(ngram_mismatch(train, proxy_ts, held, n=n), proxy=proxy, estimate=True)
     cp, co = load_checkpoint(proxy_ckpt), load_checkpoint(original_ckpt)
     if cp["world_config"].get("vocab") != co["world_config"].get("vocab"):
         raise CheckpointError(f"{proxy_ckpt} and {original_ckpt} read text through different vocabularies: "

@@ -24,20 +24,6 @@ import time
 import estimators
 from common import DataError, atomic_write_json
 from model import CheckpointError
-from textdata import dataset_part, tokenized, train_and_heldout
-
-
-def proxy_mismatch(safety, proxy, data_dir=""):
-    """E_{μ_s} KL(P_s‖P_s') ≈ the held-out D_s loss of a bigram reference trained on the proxy minus
-    that of one trained on D_s, at equal sizes (estimators.ngram_mismatch), an estimate."""
-    s_train, s_held = train_and_heldout(safety, data_dir)
-    proxy_ts = (tokenized(proxy, data_dir) if os.path.isfile(proxy) else dataset_part(proxy, data_dir))
-    if not (s_train.has_responses and proxy_ts.has_responses):
-        raise DataError(f"--proxy {proxy}: the mismatch compares answers, and {safety if not s_train.has_responses else proxy} "
-                        f"has prompts only: give (prompt, response) pairs")
-    if len(s_held) == 0:
-        raise DataError(f"--safety {safety}: no held-out part to score the mismatch on")
-    return estimators.ngram_mismatch(s_train, proxy_ts, s_held)
 
 
 def forecast(safety, tasks, proxy="", theta="", lams=(1.0, 10.0), data_dir="", max_n=2000, seed=0):
@@ -48,7 +34,7 @@ def forecast(safety, tasks, proxy="", theta="", lams=(1.0, 10.0), data_dir="", m
         raise DataError("no --task given: name at least one task set")
     ps = estimators.prompts_of(safety, data_dir)
     model = estimators.text_model(theta) if theta else None
-    mismatch = proxy_mismatch(safety, proxy, data_dir) if proxy else None
+    mismatch = estimators.real_mismatch(proxy, safety, data_dir=data_dir) if proxy else None
     out = {"estimate": True, "safety": safety, "proxy": proxy or None, "theta": theta or None,
            "lams": [float(v) for v in lams], "mismatch": mismatch, "tasks": {}}
     for task in tasks:

@@ -47,15 +47,17 @@ VARIANTS = {
 RADII = (0.25, 0.5, 1.0)
 
 
-def theta0_curvature(theta0_path, world, samples=32, iters=100, tol=1e-4):
-    """λ_max(H_s), tr(H_s) ± its standard error and ‖∇ℓ_s‖ at a θ_0 (THEORY.md §3)."""
-    model = model_from_checkpoint(load_checkpoint(theta0_path)).eval()
+def theta0_curvature(theta0_dir, world, samples=32):
+    """λ_max(H_s), ‖∇ℓ_s‖ and ℓ_s at a θ_0, as its sweep measured them (landscape.json), and
+    tr(H_s) ± its standard error by Hutchinson's estimator (THEORY.md §3, §5 F6)."""
+    with open(os.path.join(theta0_dir, "landscape.json")) as f:
+        land_json = json.load(f)
+    model = model_from_checkpoint(load_checkpoint(os.path.join(theta0_dir, "theta0.pt"))).eval()
     pop = theory.population_batch(world, "safety")
     land = theory.LossLandscape(model, lambda m: theory.population_loss(m, pop))
-    lam, _, _ = theory.power_iteration(land.hvp, land.n, iters=iters, tol=tol)
     tr, se = theory.hutchinson_trace(land.hvp, land.n, samples=samples)
-    return {"lambda_max": lam, "trace": tr, "trace_se": se, "grad_norm": float(land.grad.norm()),
-            "safety_loss_theta0": float(land.loss.detach())}
+    return {"lambda_max": land_json["hessian_top_eig_s"], "trace": tr, "trace_se": se,
+            "grad_norm": land_json["grad_norm_s"], "safety_loss_theta0": land_json["safety_loss_theta0"]}
 
 
 def run(out_dir, seeds, radii, jobs, variants=VARIANTS):
@@ -72,9 +74,8 @@ def run(out_dir, seeds, radii, jobs, variants=VARIANTS):
         world = SyntheticWorld(WorldConfig(overlap=sc.overlap, mismatch=sc.mismatch))
         for seed in seeds:
             cache = os.path.join(sc.out_dir, "theta0", f"s{seed}", "curvature.json")
-            if not os.path.exists(cache):  # Hutchinson's 32 HVPs and the power iteration: once per θ_0
-                atomic_write_json(cache, theta0_curvature(os.path.join(sc.out_dir, "theta0", f"s{seed}", "theta0.pt"),
-                                                          world))
+            if not os.path.exists(cache):  # Hutchinson's 32 HVPs: once per θ_0
+                atomic_write_json(cache, theta0_curvature(os.path.dirname(cache), world))
             with open(cache) as f:
                 c = json.load(f)
             mine = {r["radius"]: r for r in runs if r["constraint"] == "param" and int(r["seed"]) == seed}

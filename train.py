@@ -346,17 +346,20 @@ class Streams:
 
 
 def evaluate_and_save(stage, step, train_loss, model, world, cfg, sys_, log, ckpt_path, constraint, theta0_hash,
-                      optimizer, scaler, streams):
-    """Log the exact (or held-out) metrics and write the resumable checkpoint, on rank 0."""
+                      optimizer, scaler, streams, metrics=None):
+    """Log the exact (or held-out) metrics and write the resumable checkpoint, on rank 0; return the
+    log record (None on other ranks). metrics: evaluate()'s result for these weights, if known."""
     params = flat_params(model)
     # never save weights that are already NaN or inf as the "last good" checkpoint
     if not all(torch.isfinite(p).all() for p in params):
         raise FloatingPointError(f"{stage}: the weights became NaN or inf by step {step}; the last good "
                                  f"checkpoint is kept in {ckpt_path}: lower the learning rate")
+    record = None
     if sys_.master:
-        log.write({"stage": stage, "step": step, **evaluate(model, world, sys_.device),
-                   "distance": None if constraint is None else constraint.distance(params).item(),
-                   "train_loss": train_loss})
+        record = {"stage": stage, "step": step, **(metrics or evaluate(model, world, sys_.device)),
+                  "distance": None if constraint is None else constraint.distance(params).item(),
+                  "train_loss": train_loss}
+        log.write(record)
         atomic_torch_save({"format": CHECKPOINT_FORMAT, "kind": f"{stage}-resume", "stage": stage,
                            "step": step, "model": model.state_dict(),
                            "model_config": dataclasses.asdict(model.config),
@@ -366,15 +369,18 @@ def evaluate_and_save(stage, step, train_loss, model, world, cfg, sys_, log, ckp
                            "generators": streams.state()}, ckpt_path)
     if sys_.ddp:
         torch.distributed.barrier()
+    return record
 
 
-def run_stage(stage, model, world, cfg, sys_, log, ckpt_path, constraint, theta0_hash, resume_ckpt):
+def run_stage(stage, model, world, cfg, sys_, log, ckpt_path, constraint, theta0_hash, resume_ckpt, metrics0=None):
     """Train `model` in place for one stage and return it.
 
     pretrain: min next-token loss on every token of the general text corpus
     align:    min ℓ_s on batches of the original safety data D_s
     finetune: min ℓ_f (+ λ·ℓ_s' under Case I) starting from θ_0, with the constraint's
               gradient hook and projection around every optimizer step
+    metrics0: evaluate()'s result at the starting weights, if known (logged at step 0).
+    Returns the log record of the last evaluation (None if there was none or on other ranks).
     """
     iters = {"pretrain": cfg.pretrain_iters, "align": cfg.align_iters, "finetune": cfg.max_iters}[stage]
     peak = {"pretrain": cfg.pretrain_lr, "align": cfg.align_lr, "finetune": cfg.lr}[stage]
@@ -393,12 +399,13 @@ def run_stage(stage, model, world, cfg, sys_, log, ckpt_path, constraint, theta0
         from torch.nn.parallel import DistributedDataParallel as DDP
         train_model = DDP(train_model, device_ids=[sys_.device] if sys_.device_type == "cuda" else None)
 
-    def save(step, train_loss):
-        evaluate_and_save(stage, step, train_loss, model, world, cfg, sys_, log, ckpt_path, constraint,
-                          theta0_hash, optimizer, scaler, streams)
+    def save(step, train_loss, metrics=None):
+        return evaluate_and_save(stage, step, train_loss, model, world, cfg, sys_, log, ckpt_path, constraint,
+                                 theta0_hash, optimizer, scaler, streams, metrics)
 
+    record = None
     if step == 0:
-        save(0, None)
+        record = save(0, None, metrics0)
     bar = tqdm(total=iters, initial=step, desc=stage, disable=not (cfg.progress and sys_.master),
                dynamic_ncols=True)
     first_bad = torch.tensor(-1, device=sys_.device)  # first step with a non-finite loss
@@ -426,9 +433,9 @@ def run_stage(stage, model, world, cfg, sys_, log, ckpt_path, constraint, theta0
             bar.set_postfix(loss=f"{all_reduce_mean(loss_sum, sys_).item() / cfg.log_interval:.4f}")
             loss_sum.zero_()
         if step % cfg.eval_interval == 0 or step == iters:
-            save(step, float(all_reduce_mean(step_loss, sys_).item()))
+            record = save(step, float(all_reduce_mean(step_loss, sys_).item()))
     bar.close()
-    return model
+    return record
 
 
 # -----------------------------------------------------------------------------
@@ -517,7 +524,8 @@ def finetune(cfg, sys_, log, theta0_ckpt):
     model = new_model(cfg, world, sys_)
     model.load_state_dict(theta0_ckpt["model"])
     theta0_hash = theta0_ckpt["theta0_hash"]
-    aligned = dict(evaluate(model, world, sys_.device), distance=0.0)
+    at_theta0 = evaluate(model, world, sys_.device)
+    aligned = dict(at_theta0, distance=0.0)
     constraint = make_strategy(cfg.constraint, flat_params(model), cfg)
     # a strategy that needs more of θ_0 than its weights (a Fisher metric) measures it now, from
     # its own seeded stream of D_s', before any resumed weights are loaded: a resumed run and an
@@ -531,9 +539,10 @@ def finetune(cfg, sys_, log, theta0_ckpt):
             raise CheckpointError(f"{resume_path} was fine-tuned from another θ_0 ({ckpt['theta0_hash']} "
                                   f"≠ {theta0_hash}): start a new --out_dir")
         model.load_state_dict(ckpt["model"])
-    run_stage("finetune", model, world, cfg, sys_, log, resume_path, constraint, theta0_hash, ckpt)
-    finetuned = dict(evaluate(model, world, sys_.device),
-                     distance=constraint.distance(flat_params(model)).item())
+    # the last evaluation of the loop is of the final weights: evaluated again only if there was none
+    last = run_stage("finetune", model, world, cfg, sys_, log, resume_path, constraint, theta0_hash, ckpt, at_theta0)
+    finetuned = ({k: v for k, v in last.items() if k not in ("stage", "step", "train_loss")} if last else
+                 dict(evaluate(model, world, sys_.device), distance=constraint.distance(flat_params(model)).item()))
     return {"aligned": aligned, "finetuned": finetuned, "constraint": cfg.constraint,
             "radius": cfg.radius, "lam": cfg.lam, "overlap": cfg.overlap, "mismatch": cfg.mismatch}
 

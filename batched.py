@@ -34,7 +34,7 @@ from tqdm import tqdm
 import train
 from common import ConfigError, atomic_write_json
 from constraints import make_strategy
-from model import GPT, GPTConfig, flat_params, load_checkpoint
+from model import GPT, GPTConfig, flat_params
 from system import Log, prepare_out_dir, print_table, run_info, setup_system
 
 STRATEGIES = ("none", "loss", "param")  # the strategies whose hooks batch (constraints.py)

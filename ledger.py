@@ -85,14 +85,18 @@ def shard_ids(tasks, shard):
     """The ids of the plan's tasks that belong to shard (i, n)."""
     i, n = shard
     seeds = sorted({t["id"].rsplit("-s", 1)[-1] for t in tasks.values() if t["kind"] == "align"})
-    mine, k = set(), 0
+    mine, k, groups = set(), 0, {}
     for t in tasks.values():
         if t["kind"] in ("pretrain", "estimate"):
             owner = 1
         elif t["kind"] == "align":
             owner = seeds.index(t["id"].rsplit("-s", 1)[-1]) % n + 1
+        elif t.get("group") in groups:  # a batched group (sweep.py --batch_runs) has one owner
+            owner = groups[t["group"]]
         else:
             owner, k = k % n + 1, k + 1
+            if t.get("group"):
+                groups[t["group"]] = owner
         if owner == i:
             mine.add(t["id"])
     return mine

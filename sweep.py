@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 
 import analysis
+import batched
 import loaders
 import report
 import report_paper_real
@@ -66,6 +67,7 @@ class SweepConfig:
     threads: int = 1              # CPU threads per run: one per core beats oversubscribed threads
     max_runs: int = 0             # stop after this many fine-tunes (0: all); rerun to resume
     shard: str = ""               # i/n: run only this share of the plan; n shards may run at once on one out_dir (ledger.py)
+    batch_runs: int = 0           # train up to this many fine-tunes of one θ_0 at once as one batched model (batched.py; 0: singly)
     refresh: bool = False         # report theory.py again on every finished run (no training)
     # grids (THEORY.md §2–§3); comma-separated on the command line
     seeds: tuple = (1,)           # each seed aligns its own θ_0 and seeds its fine-tunes
@@ -241,7 +243,7 @@ VALUE_RULES = (("seeds scratch_seeds pretrain_seed", lambda v: isinstance(v, int
                ("proxy_lam", lambda v: math.isfinite(v) and v >= 0, "a finite number ≥ 0 (0: lams[0])"),
                ("mismatches overlaps overlap mismatch", lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]"),
                ("jobs threads power_iters", lambda v: v >= 1, "an integer ≥ 1"),
-               ("max_runs", lambda v: v >= 0, "an integer ≥ 0"),
+               ("max_runs batch_runs", lambda v: v >= 0, "an integer ≥ 0"),
                ("tol_abs tol_rel power_tol f6_small_radius", lambda v: math.isfinite(v) and v >= 0, "a finite number ≥ 0"),
                ("f6_factor", lambda v: v >= 1, "a number ≥ 1"))
 
@@ -330,6 +332,29 @@ def pretrained_on(sc, recipe, pre_path):
         return set()
 
 
+def batch_groups(sc, tasks):
+    """--batch_runs K: mark the fine-tunes that batched.py trains together (t["group"]): runs of one
+    θ_0 that share everything but their knobs (batched.batch_key), in plan order, K at a time.
+    Returns the fine-tunes that cannot be batched, which run singly."""
+    if sc.batch_runs <= 1:
+        return []
+    groups, alone = {}, []
+    for t in tasks.values():
+        if t["kind"] != "finetune":
+            continue
+        key = batched.batch_key(train.TrainConfig(**t["train"]))
+        if key is None:
+            alone.append(t)
+        else:
+            groups.setdefault((t["deps"][0], key), []).append(t)  # deps[0]: the align task of its θ_0
+    for members in groups.values():
+        for i in range(0, len(members), sc.batch_runs):
+            chunk = members[i:i + sc.batch_runs]
+            for t in chunk if len(chunk) > 1 else ():
+                t["group"] = f"batch-{chunk[0]['id']}"
+    return alone
+
+
 def synthetic_runs(sc, seed, align_dir):
     """The fine-tunes of one seed over the synthetic grids: (run id, TrainConfig values, task fields)."""
     none_id = run_id("none", sc.overlap, sc.mismatch, 0.0, seed)
@@ -409,8 +434,10 @@ def check_out_dir(sc, recipe, plan_ids=()):
             diff = sorted(k for k in set(recipe) | set(state["recipe"]) if recipe.get(k) != state["recipe"].get(k))
             raise SweepError(f"{sc.out_dir} holds a sweep with another train recipe ({', '.join(diff)}): "
                              f"use a fresh --out_dir or the same preset")
-        if sc.shard:  # every shard must cut the same plan into the same number of shares
+        if sc.shard:  # every shard must cut the same plan into the same number of shares (and groups)
             key = {"shards": parse_shard(sc.shard)[1], "plan": sorted(plan_ids)}
+            if sc.batch_runs > 1:
+                key["batch_runs"] = sc.batch_runs
             if state.get("sharding", key) != key:
                 raise SweepError(f"{sc.out_dir} is shared by shards of another plan or shard count (--shard i/"
                                  f"{state['sharding']['shards']}, {len(state['sharding']['plan'])} tasks): start "
@@ -453,6 +480,11 @@ def run_sweep(sc, recipe, write_report=True):
     caller reports itself: landscape.py). Returns the rows of the planned runs."""
     t_start = time.time()
     tasks = plan(sc, recipe)
+    alone = batch_groups(sc, tasks)
+    if alone:  # said once, here: each of these runs singly
+        kinds = sorted({t["train"]["constraint"] if t["train"].get("data") != "real" else "real-data" for t in alone})
+        print(f"--batch_runs {sc.batch_runs}: {len(alone)} runs ({', '.join(kinds)}) cannot be batched (batched.py "
+              f"trains {', '.join(batched.STRATEGIES)} fine-tunes of the synthetic world): they run one at a time")
     state = check_out_dir(sc, recipe, list(tasks))
     csv_path = os.path.join(sc.out_dir, "results.csv")
     rows = read_rows(csv_path)
@@ -474,17 +506,25 @@ def run_sweep(sc, recipe, write_report=True):
     executor = InlineExecutor() if sc.jobs <= 1 else ProcessPoolExecutor(
         sc.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads, initargs=(1,))
     running, started, stopped = {}, 0, False
+
+    def ready(t):  # every dependency done, or trained in t's own batched group
+        return all(d in done or (t.get("group") and tasks[d].get("group") == t["group"]) for d in t["deps"])
     try:
         while todo or running:
-            for t in [t for t in todo if all(d in done for d in t["deps"])]:
+            for t in [t for t in todo if ready(t)]:
                 if len(running) >= sc.jobs:
                     break
+                unit = [m for m in todo if m.get("group") and m["group"] == t.get("group")] or [t]
+                if t not in todo or not all(ready(m) for m in unit):
+                    continue
                 if t["kind"] == "finetune" and sc.max_runs and started >= sc.max_runs:
                     stopped = True
                     continue
-                todo.remove(t)
-                started += t["kind"] == "finetune"
-                running[executor.submit(worker.execute, t)] = t
+                for m in unit:
+                    todo.remove(m)
+                started += sum(m["kind"] == "finetune" for m in unit)
+                running[executor.submit(worker.execute_batch, unit) if len(unit) > 1 else
+                        executor.submit(worker.execute, t)] = unit
             if not running:
                 if not todo or stopped:
                     break
@@ -492,16 +532,18 @@ def run_sweep(sc, recipe, write_report=True):
                 continue
             ended, _ = wait(list(running), return_when=FIRST_COMPLETED)
             for fut in ended:
-                t = running.pop(fut)
+                unit = running.pop(fut)
                 try:
-                    result = fut.result()
+                    results = fut.result() if len(unit) > 1 else [fut.result()]
                 except (SweepError, train.ConfigError, DataError, CheckpointError, theory.RunError,
                         FloatingPointError) as e:
-                    if sc.shard:  # the shards waiting for it stop with this message instead of waiting
+                    for t in unit if sc.shard else ():  # the shards waiting for it stop with this message
                         atomic_write_json(os.path.join(t["dir"], "failed.json"), {"error": str(e)})
-                    raise SweepError(f"{t['id']} failed: {e} (log: {os.path.join(t['dir'], 'sweep_train.out')})")
-                done.add(t["id"])
-                rows = record(sc, tasks, t, result, rows, csv_path, time.time() - t_start)
+                    what = unit[0]["id"] if len(unit) == 1 else f"the batched group of {', '.join(t['id'] for t in unit)}"
+                    raise SweepError(f"{what} failed: {e} (log: {os.path.join(unit[0]['dir'], 'sweep_train.out')})")
+                for t, result in zip(unit, results):
+                    done.add(t["id"])
+                    rows = record(sc, tasks, t, result, rows, csv_path, time.time() - t_start)
     except KeyboardInterrupt:
         executor.shutdown(wait=False, cancel_futures=True)
         print(f"interrupted: {csv_path} keeps every finished run; run the same command to resume")

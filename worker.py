@@ -11,17 +11,18 @@ import fcntl
 import json
 import os
 import time
-from contextlib import redirect_stderr, redirect_stdout
+from contextlib import ExitStack, redirect_stderr, redirect_stdout
 
 import torch
 
 import analysis
+import batched
 import estimators
 import forecast
 import startpoints
 import theory
 import train
-from common import DataError, SweepError, atomic_write_json
+from common import ConfigError, DataError, SweepError, atomic_write_json
 from data import SyntheticWorld, WorldConfig
 from model import CheckpointError, load_checkpoint, model_from_checkpoint
 
@@ -94,6 +95,11 @@ def _execute(task):
                     cpu_seconds=time.process_time() - cpu0)
         atomic_write_json(landscape, land)
         return land
+    return theory_row(task, train_s, t1, cpu0)
+
+
+def theory_row(task, train_s, t1, cpu0):
+    """A finished synthetic fine-tune's theory (theory.py, to theory.json) and its results.csv row."""
     land = json.load(open(os.path.join(task["landscape_dir"], "landscape.json")))
     cache = {land["theta0_hash"]: {k: land[k] for k in ("safety_loss_theta0", "grad_norm_s", "hessian_top_eig_s",
                                                          "hessian_iters", "hessian_residual")}}
@@ -106,6 +112,43 @@ def _execute(task):
     row.update(train_seconds=round(train_s, 2), theory_seconds=round(time.time() - t1, 2),
                cpu_seconds=round(time.process_time() - cpu0, 2))
     return row
+
+
+def execute_batch(tasks):
+    """Fine-tune several runs of one θ_0 as one batched model (batched.py, sweep.py --batch_runs),
+    then report each one's theory as execute does; the rows in order. Each run's train_seconds and
+    cpu_seconds are its share (1/K) of the group's. The group's output goes to the first run's
+    sweep_train.out; runs that batched.py refuses to group are trained one at a time, with its reason."""
+    with ExitStack() as stack:
+        for t in tasks:
+            os.makedirs(t["dir"], exist_ok=True)
+            fcntl.flock(stack.enter_context(open(os.path.join(t["dir"], ".lock"), "a")), fcntl.LOCK_EX)
+        torch.set_num_threads(tasks[0]["threads"])
+        t0, cpu0 = time.time(), time.process_time()
+        todo = [t for t in tasks if not (t.get("refresh") and finished(t["dir"]))]  # --refresh: theory only
+        cfgs = [train.TrainConfig(**t["train"]) for t in todo]
+        with open(os.path.join(tasks[0]["dir"], "sweep_train.out"), "w") as f, redirect_stdout(f), redirect_stderr(f):
+            why = None
+            try:
+                batched.check_group(cfgs)
+            except ConfigError as e:
+                why = str(e)
+            if why is None:
+                batched.finetune_group(cfgs) if cfgs else None
+            for cfg in cfgs if why else ():
+                train.main(cfg, argv=[])
+        for t in tasks[1:] if why is None else ():  # where each run's training output is
+            with open(os.path.join(t["dir"], "sweep_train.out"), "w") as f:
+                f.write(f"trained in one batched group with {tasks[0]['id']}: see {tasks[0]['dir']}/sweep_train.out\n")
+        if why:  # the sweep's own output
+            print(f"  {tasks[0]['id']} and {len(tasks) - 1} more are not batched ({why}): trained one at a time",
+                  flush=True)
+        share_s, share_cpu = (time.time() - t0) / len(tasks), (time.process_time() - cpu0) / len(tasks)
+        rows = []
+        for t in tasks:
+            t1, c1 = time.time(), time.process_time()
+            rows.append(theory_row(t, share_s, t1, c1 - share_cpu))
+        return rows
 
 
 def pretrain(task, cfg, t0, cpu0):

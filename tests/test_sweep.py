@@ -110,6 +110,7 @@ def test_an_interrupted_sweep_resumes_without_repeats_or_duplicates(smoke, capsy
     (["--lams", "1,1"], "repeats"),
     (["--seeds", ""], "--seeds is empty"),
     (["--jobs", "0"], "--jobs"),
+    (["--batch_runs", "-2"], "--batch_runs: -2 is not a valid value (an integer ≥ 0)"),
     (["--strategies", "bogus"], "--strategies: 'bogus'"),
     (["--grid", "none=1"], "--grid: 'none' is not a valid value (a strategy with a parameter to sweep)"),
     (["--grid", "penalty=1,-2"], "--grid penalty: --gamma -2.0 must be a finite number ≥ 0"),
@@ -528,6 +529,25 @@ def test_two_concurrent_shards_one_killed_give_the_one_process_rows_and_report(s
     ran = {i: {line.split("] ")[1].split(":")[0] for line in log.splitlines() if line.strip().startswith("[")}
            for i, log in logs.items()}
     assert ran[1] and ran[2] and not ran[1] & ran[2]                    # no run trained by both shards
+
+
+def test_a_batched_sweep_gives_the_single_run_rows_and_report(smoke, tmp_path, capsys):
+    out = str(tmp_path / "batched")
+    sweep.main(["--preset", "smoke", "--out_dir", out, "--jobs", "1", "--batch_runs", "8"])
+    said = capsys.readouterr().out
+    # penalty and fisher prepare per-run state at θ_0: said once, then run singly
+    assert said.count("cannot be batched") == 1 and "4 runs (fisher, penalty)" in said
+    ref, got = csv_rows(os.path.join(smoke["out"], "results.csv")), csv_rows(os.path.join(out, "results.csv"))
+    assert [r["run_id"] for r in got] == [r["run_id"] for r in ref]     # every run once, in plan order
+    for a, b in zip(ref, got):  # batched arithmetic (tests/test_batched.py): equal to float tolerance
+        for k in a:
+            x, y = a[k].replace(smoke["out"], "OUT"), b[k].replace(out, "OUT")
+            if not k.endswith(TIMING) and x != y:
+                assert float(x) == pytest.approx(float(y), rel=1e-4, abs=1e-6), (a["run_id"], k, x, y)
+    findings = lambda path: [line for line in open(path) if line.startswith("| F")]
+    assert findings(os.path.join(out, "results.md")) == findings(os.path.join(smoke["out"], "results.md"))
+    log = open(os.path.join(out, "runs", "loss-k0.25-d0-lam1-s1", "sweep_train.out")).read()
+    assert log.count("(nats/seq)") == 6  # the Case I group's six runs trained together, in its first run's log
 
 
 @pytest.mark.parametrize("shard", ["3/2", "0/2", "1-2", "a/b", "2/0"])

@@ -126,6 +126,21 @@ class MemberOptimizer:
         return {"state": state, "param_groups": sd["param_groups"]}
 
 
+def knobs(cfgs, device):
+    """Each member's λ (0 but under Case I) and radius r (∞ but under Case II), as (K,) tensors."""
+    lams = torch.tensor([c.lam if c.constraint == "loss" else 0.0 for c in cfgs], device=device)
+    radii = torch.tensor([c.radius if c.constraint == "param" else float("inf") for c in cfgs],
+                         dtype=torch.float64, device=device)
+    return lams, radii
+
+
+def make_optimizer(net, cfg, sys_):
+    """train.make_optimizer over the stacked weights: decay on the tensors that are matrices in each member."""
+    groups = [{"params": [p for p in net.params if p.dim() >= 3], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in net.params if p.dim() < 3], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99), fused=sys_.device_type == "cuda")
+
+
 def open_member(cfg):
     """A member's run folder, as train.main opens a fine-tune's: config checked, θ_0 loaded,
     config.json and a fresh log.jsonl written."""
@@ -176,12 +191,8 @@ def finetune_group(cfgs, progress=False):
     proxy = strategies[0].needs_proxy
     streams = [train.Streams("finetune", world, c, sys_, proxy) for c, (world, _, _) in zip(cfgs, members)]
     train.batch_shape(cfg, members[0][0].seq_len, sys_)
-    lams = torch.tensor([c.lam if c.constraint == "loss" else 0.0 for c in cfgs], device=sys_.device)
-    radii = torch.tensor([c.radius if c.constraint == "param" else float("inf") for c in cfgs],
-                         dtype=torch.float64, device=sys_.device)
-    groups = [{"params": [p for p in net.params if p.dim() >= 3], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in net.params if p.dim() < 3], "weight_decay": 0.0}]  # train.make_optimizer's
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99), fused=sys_.device_type == "cuda")
+    lams, radii = knobs(cfgs, sys_.device)
+    optimizer = make_optimizer(net, cfg, sys_)
     scaler = torch.amp.GradScaler(sys_.device_type, enabled=False)
 
     def save(step, train_loss):

@@ -32,12 +32,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+import batched
 import theory
 import train
 from constraints import STRATEGIES, make_strategy
 from data import SyntheticWorld, WorldConfig
 from model import GPT, GPTConfig, flat_params
-from system import setup_system
+from system import device_name, peak_memory_mb, reset_peak_memory, setup_system, sync
 
 # -----------------------------------------------------------------------------
 # What is measured
@@ -98,32 +99,10 @@ def synthetic_shape():
 # The machine
 
 
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def device_name(sys_):
-    if sys_.device_type == "cuda":
-        return torch.cuda.get_device_name(sys_.device)
-    return f"{cpu_name()}, {os.cpu_count()} logical cores"
-
-
 def gpu_peak(name):
     if "PCIe" in name or "NVL" in name:  # not the SXM parts of the table
         return None
     return next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), None)
-
-
-def sync(sys_):
-    if sys_.device_type == "cuda":
-        torch.cuda.synchronize()
 
 
 def matmul_peak(sys_, n=2048, reps=5):
@@ -141,32 +120,6 @@ def matmul_peak(sys_, n=2048, reps=5):
         if i >= 1:  # one warm-up
             times.append(time.perf_counter() - t0)
     return 2 * n ** 3 / min(times)
-
-
-def reset_peak_memory(sys_):
-    if sys_.device_type == "cuda":
-        torch.cuda.reset_peak_memory_stats(sys_.device)
-    else:
-        try:  # Linux: reset the process's peak resident set size (VmHWM) to its current size
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
-            pass
-
-
-def peak_memory_mb(sys_):
-    """GPU: peak allocated by PyTorch. CPU: the process's peak resident set (all models of
-    the run included), since the last reset."""
-    if sys_.device_type == "cuda":
-        return torch.cuda.max_memory_allocated(sys_.device) / 2 ** 20
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
 
 
 # -----------------------------------------------------------------------------
@@ -359,14 +312,6 @@ SCALING_SIZES = {"S": (2, 4, 64), "M": (4, 4, 128), "L": (8, 8, 256)}  # (n_laye
 SCALING_SYMBOLS = (8, 12, 24)  # n_symbols: 512, 1,728 and 13,824 contexts at ctx_len 3
 
 
-def timed_power_iteration(model, batch, iters):
-    """λ_max(H) of the loss on one batch by theory.py's power iteration on Hessian-vector
-    products (THEORY.md §3), all `iters` iterations (tol 0). Returns the HVPs done."""
-    x, y, m, _ = batch
-    land = theory.LossLandscape(model, lambda mdl: mdl(x, y, m)[1])
-    return theory.power_iteration(land.hvp, land.n, iters=iters, tol=0.0)[1]
-
-
 def scaling(args, sys_):
     rows = []
     # step time over three model sizes: nanogpt-cpu's batch, `none` against `param`
@@ -429,6 +374,66 @@ def print_scaling(rows):
 
 
 # -----------------------------------------------------------------------------
+# --batched: K fine-tunes as one stacked model (batched.py) against one run
+
+
+def batched_rows(args, sys_):
+    """The batched path (batched.py, sweep.py --batch_runs): K fine-tunes of the synthetic config as
+    one stacked model against train.train_step on one, interleaved; Case I (loss, a proxy batch
+    too) and Case II (param, a ball that binds). Rows: the step, and the time per member-step."""
+    tc = train.TrainConfig(constraint="loss", lam=1.0, radius=args.radius)
+    world = SyntheticWorld(train.world_config(tc))
+    B, gen, rows = tc.batch_tokens // world.seq_len, torch.Generator().manual_seed(1), []
+    task, proxy = (world_batch(world, n, B, sys_, gen) for n in ("task", "proxy"))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=world.block_size, vocab_size=world.vocab_size, n_layer=tc.n_layer,
+                          n_head=tc.n_head, n_embd=tc.n_embd)).to(sys_.device)
+    start = {"model_config": dataclasses.asdict(model.config), "model": model.state_dict()}
+    fpt, n = model.estimate_flops_per_token(world.seq_len), model.num_params()
+    for kind in ("loss", "param"):
+        cfg = dataclasses.replace(tc, constraint=kind)
+        pb = proxy if kind == "loss" else None
+        params, scaler = flat_params(model), torch.amp.GradScaler(sys_.device_type, enabled=False)
+        strategy, optimizer = make_strategy(kind, params, cfg), train.make_optimizer(model, cfg, args.lr, sys_)
+        cases = [Case("synthetic", f"{kind} ×1", lambda s=strategy, o=optimizer, p=params, pb=pb: train.train_step(
+            model, o, scaler, p, s, sys_, task, pb, 1, tc.grad_clip), B, world.seq_len, 1, 0, fpt, n)]
+        for k in args.batched:
+            net = batched.Stacked(start, k, sys_.device)
+            lams, radii = batched.knobs([cfg] * k, sys_.device)
+            stack = lambda b: batched.stack_batches([b] * k) if b else None  # noqa: E731
+            cases.append(Case("synthetic", f"{kind} ×{k}", lambda net=net, o=batched.make_optimizer(net, cfg, sys_),
+                              x=stack(task), xp=stack(pb), lams=lams, radii=radii: batched.batched_step(
+                                  net, sys_, o, x, xp, lams, radii, 1, tc.grad_clip), B, world.seq_len, k, 0, fpt, n))
+        time_cases(cases, args.steps or 20, args.warmup or 2, sys_)
+        single = cases[0]
+        for c in cases:
+            ms = 1e3 * statistics.median(c.times)
+            rows.append({"table": "batched", "config": "synthetic", "variant": kind, "members": c.accum,
+                         "ms_per_step": ms, "ms_per_member_step": ms / c.accum, "tokens_per_s": None,
+                         "peak_mem_mb": c.peak_mb, "per_member_speedup": c.accum / paired_ratio(c, single),
+                         "steps": len(c.times), "times_ms": [1e3 * t for t in c.times]})
+    return rows
+
+
+def print_batched(rows):
+    rows = [r for r in rows if r["table"] == "batched"]
+    if rows:
+        print(f"\nbatched fine-tunes (batched.py), synthetic config\n{'variant':<9}{'members':>8}{'ms/step':>10}"
+              f"{'ms/member-step':>16}{'× one run (paired)':>20}")
+        for r in rows:
+            print(f"{r['variant']:<9}{r['members']:>8}{r['ms_per_step']:>10.1f}{r['ms_per_member_step']:>16.2f}"
+                  f"{r['per_member_speedup']:>20.2f}")
+
+
+def timed_power_iteration(model, batch, iters):
+    """λ_max(H) of the loss on one batch by theory.py's power iteration on Hessian-vector
+    products (THEORY.md §3), all `iters` iterations (tol 0). Returns the HVPs done."""
+    x, y, m, _ = batch
+    land = theory.LossLandscape(model, lambda mdl: mdl(x, y, m)[1])
+    return theory.power_iteration(land.hvp, land.n, iters=iters, tol=0.0)[1]
+
+
+# -----------------------------------------------------------------------------
 
 
 def parse_args(argv=None):
@@ -454,8 +459,16 @@ def parse_args(argv=None):
     ap.add_argument("--scaling", action=argparse.BooleanOptionalAction, default=False,
                     help="add the scaling table: step and power-iteration time over 3 model sizes, exact "
                          "evaluation over 3 world sizes")
+    ap.add_argument("--batched", default="", help="member counts K, e.g. 1,5,10: add the batched.py table "
+                                                    "(K fine-tunes as one model against one run)")
     ap.add_argument("--json", default="", help="also write every row to this file")
     args = ap.parse_args(argv)
+    try:
+        args.batched = [int(k) for k in args.batched.split(",") if k.strip()]
+    except ValueError:
+        ap.error(f"--batched {args.batched!r}: give member counts as integers, e.g. 1,5,10")
+    if any(k < 1 for k in args.batched):
+        ap.error(f"--batched {args.batched}: every member count must be at least 1")
     args.variants = [v for v in args.variants.split(",") if v]
     bad = [v for v in args.variants if v not in VARIANTS]
     names = list(CONFIGS) if args.config == "all" else args.config.split(",")
@@ -539,6 +552,8 @@ def main(argv=None):
         checks += new_checks
     if args.scaling:
         rows += scaling(args, sys_)
+    if args.batched:
+        rows += batched_rows(args, sys_)
     load1 = os.getloadavg()
     header["loadavg_end"] = load1
     if cpu:
@@ -549,6 +564,7 @@ def main(argv=None):
     print()
     print_rows([r for r in rows if r["table"] == "step"], sys_)
     print_scaling(rows)
+    print_batched(rows)
     if cpu:
         print(f"fp32 matmul peak: {peak_flops / 1e9:.1f} GFLOP/s, the highest of {len(peaks)} measurements "
               f"in this run ({', '.join(f'{p / 1e9:.0f}' for p in peaks)})")

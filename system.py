@@ -6,6 +6,7 @@ the theory or the data; run_info and print_table are what a run records and prin
 
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -63,6 +64,58 @@ def setup_system(cfg):
         dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     return System(device, device_type, ptdtype, ddp, rank, world_size)
+
+
+# -----------------------------------------------------------------------------
+# What the machine is and holds (bench.py reports these)
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def device_name(sys_):
+    if sys_.device_type == "cuda":
+        return torch.cuda.get_device_name(sys_.device)
+    return f"{cpu_name()}, {os.cpu_count()} logical cores"
+
+
+def sync(sys_):
+    if sys_.device_type == "cuda":
+        torch.cuda.synchronize()
+
+
+def reset_peak_memory(sys_):
+    if sys_.device_type == "cuda":
+        torch.cuda.reset_peak_memory_stats(sys_.device)
+    else:
+        try:  # Linux: reset the process's peak resident set size (VmHWM) to its current size
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+
+
+def peak_memory_mb(sys_):
+    """GPU: peak allocated by PyTorch. CPU: the process's peak resident set (all models of
+    the run included), since the last reset."""
+    if sys_.device_type == "cuda":
+        return torch.cuda.max_memory_allocated(sys_.device) / 2 ** 20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
 
 
 # -----------------------------------------------------------------------------

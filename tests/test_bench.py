@@ -33,7 +33,8 @@ def test_bench_writes_every_variant_with_the_documented_keys(tmp_path):
 
 
 def test_bench_refuses_too_few_steps_and_unknown_configs():
-    for args in (["--steps", "3"], ["--config", "bogus"], ["--variants", "bogus"]):
+    for args in (["--steps", "3"], ["--config", "bogus"], ["--variants", "bogus"], ["--batched", "0"],
+                 ["--batched", "two"]):
         proc = subprocess.run([sys.executable, "bench.py", *args], capture_output=True, text=True, cwd=ROOT,
                               timeout=120)
         assert proc.returncode != 0 and "Traceback" not in proc.stderr

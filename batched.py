@@ -247,8 +247,10 @@ def run_steps(cfg, sys_, net, optimizer, streams, proxy, lams, radii, save, prog
 
 
 def stack_batches(batches):
-    """(x, y, mask, n_tokens) of each member → the same with a leading member dimension."""
-    return tuple(torch.stack(ts) for ts in zip(*batches))
+    """(x, y, mask, n_tokens) of each member → the same with a leading member dimension, all on x's
+    device (a single run's n_tokens is a host scalar; K of them are a vector, which must be on the device)."""
+    x, y, m, n = (torch.stack(ts) for ts in zip(*batches))
+    return x, y, m, n.to(x.device)
 
 
 def micro_losses(net, sys_, x, y, m, n_tokens):

@@ -3,8 +3,10 @@
 #   1. bench.py on GPT-2 small, B=16, T=1024, bf16, torch.compile: the baseline loop and the
 #      project's step under every strategy (acceptance 3: ≥ 40% MFU, param within 3% of none);
 #   2. bench.py on the two small configs (eager), for the record;
+#   2b. bench.py --batched: K fine-tunes as one stacked model (batched.py) against one run;
 #   3. a real fine-tune with train.py on the GPU (--data real when a data folder is there,
-#      else the synthetic default), align + fine-tune under the param constraint.
+#      else the synthetic default), align + fine-tune under the param constraint;
+#   4. in a second call, GPU_PRESETS="paper paper-real-gpu real-gpu" (any of them): those sweeps only.
 # Everything lands in one folder; copy its tables into BENCHMARKS.md with the date and device.
 #
 #   bash scripts/gpu_check.sh [OUT_DIR]          # default: gpu_check_<date>
@@ -18,6 +20,12 @@ log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$OUT/summary.txt"; }
   python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
 } > "$OUT/env.txt" 2>&1
 log "env: $(tail -1 "$OUT/env.txt")"
+PRESETS=${GPU_PRESETS:-}
+[ "$PRESETS" = 1 ] && PRESETS="paper-real-gpu real-gpu"
+[ "$PRESETS" = 0 ] && PRESETS=""
+DATA=${SAFETY_DATA_DIR:-../shared/data}
+
+if [ -z "$PRESETS" ]; then  # the first call: steps 1-3; a call with GPU_PRESETS runs step 4 only
 
 # 1. GPT-2 small (compile takes about a minute; 20 timed steps per variant after 5 warm-ups;
 #    the variants are bench.py's: the baseline loop and every strategy of the registry)
@@ -32,8 +40,14 @@ timeout 45 python bench.py --config nanogpt-cpu,synthetic --device cuda --steps 
     --json "$OUT/bench_small.json" > "$OUT/bench_small.txt" 2>&1
 log "  exit $?"
 
+# 2b. the batched path (batched.py): K fine-tunes of the synthetic config as one model against one
+#     run; on a GPU one of these models uses a sliver of the device, so K of them should cost about one
+log "bench batched K = 1, 8, 32 (synthetic, eager)"
+timeout 90 python bench.py --config synthetic --variants none --device cuda --batched 1,8,32 --steps 20 \
+    --json "$OUT/bench_batched.json" > "$OUT/bench_batched.txt" 2>&1
+log "  exit $?; $(grep -A8 '^batched' "$OUT/bench_batched.txt" | tr '\n' ' ')"
+
 # 3. a fine-tune on the GPU, timed end to end
-DATA=${SAFETY_DATA_DIR:-../shared/data}
 if ls "$DATA"/safety_tuned_llamas >/dev/null 2>&1; then
     log "fine-tune: real data from $DATA"
     # every value that --data real would otherwise default (train.py's REAL_DEFAULTS, for a CPU)
@@ -48,14 +62,21 @@ start=$(date +%s)
 timeout 120 python train.py --out_dir "$OUT/finetune" --device cuda --compile --no-progress \
     --constraint param --radius 1.0 "${ARGS[@]}" > "$OUT/finetune.txt" 2>&1
 log "  exit $? after $(( $(date +%s) - start )) s; $(tail -3 "$OUT/finetune.txt" | tr '\n' ' ')"
-# 4. with GPU_PRESETS=1 (a second call: each preset is sized for ten minutes of one H100/H200),
-#    the real-text GPU presets: arm P (paper-real-gpu), then arm R (real-gpu)
-if [ "${GPU_PRESETS:-0}" = 1 ] && ls "$DATA"/safety_tuned_llamas >/dev/null 2>&1; then
-    for preset in paper-real-gpu real-gpu; do
-        start=$(date +%s)
-        timeout 600 python sweep.py --preset "$preset" --data_dir "$DATA" --out_dir "$OUT/$preset" \
-            > "$OUT/$preset.txt" 2>&1
-        log "$preset: exit $? after $(( $(date +%s) - start )) s; $(tail -2 "$OUT/$preset.txt" | tr '\n' ' ')"
-    done
 fi
+
+# 4. with GPU_PRESETS (a second call: each preset is sized for at most ten minutes of one H100/H200),
+#    the presets named, in order: "paper" (the synthetic grid, 90 fine-tunes as batched groups of 10,
+#    sweep.py --batch_runs), "paper-real-gpu" (arm P), "real-gpu" (arm R); GPU_PRESETS=1 means the two
+#    real-text ones. E.g. GPU_PRESETS=paper bash scripts/gpu_check.sh OUT
+for preset in $PRESETS; do
+    start=$(date +%s)
+    if [ "$preset" = paper ]; then
+        timeout 600 python sweep.py --preset paper --batch_runs 10 --jobs 4 --out_dir "$OUT/paper" > "$OUT/paper.txt" 2>&1
+    elif ls "$DATA"/safety_tuned_llamas >/dev/null 2>&1; then
+        timeout 600 python sweep.py --preset "$preset" --data_dir "$DATA" --out_dir "$OUT/$preset" > "$OUT/$preset.txt" 2>&1
+    else
+        log "$preset: no real data folder at $DATA, skipped"; continue
+    fi
+    log "$preset: exit $? after $(( $(date +%s) - start )) s; $(tail -2 "$OUT/$preset.txt" | tr '\n' ' ')"
+done
 log "done: $OUT"

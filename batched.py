@@ -45,8 +45,8 @@ def batch_key(cfg):
     """What members of one batched group must share: every TrainConfig field but the knobs, and
     whether they draw proxy batches (a group of Case I runs and one of the others, so that no
     member computes a proxy loss it does not use). None: the run cannot be batched."""
-    if cfg.constraint not in STRATEGIES or cfg.data != "synthetic" or cfg.stage != "finetune":
-        return None
+    if cfg.constraint not in STRATEGIES or cfg.data != "synthetic" or cfg.stage != "finetune" or cfg.dtype == "float16":
+        return None  # float16 needs a loss scaler, which one optimizer over K members would share
     fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in KNOBS}
     return json.dumps(fields, sort_keys=True) + f"|proxy={cfg.constraint == 'loss'}"
 
@@ -59,6 +59,7 @@ class Stacked:
         self.skeleton = GPT(GPTConfig(**theta0_ckpt["model_config"])).to(device)
         self.skeleton.load_state_dict(theta0_ckpt["model"])
         params, self.buffers = stack_module_state([self.skeleton] * k)  # tied weights once
+        assert not self.buffers, "a model with buffers would need them vmapped too"
         self.names = list(params)
         self.params = [params[n].detach().requires_grad_() for n in self.names]  # flat_params's order
         self.theta0 = [p.detach().clone() for p in flat_params(self.skeleton)]
@@ -96,10 +97,13 @@ def clip_grad_norms_(params, max_norm):
 
 @torch.no_grad()
 def distances(params, theta0):
-    """‖θ_k − θ_0‖₂ of each member k over all its parameters (THEORY.md §3), a (K,) tensor."""
+    """‖θ_k − θ_0‖₂ of each member k over all its parameters (THEORY.md §3), a (K,) tensor; the squares
+    summed in float64 on CPU, as constraints.distance does there."""
     k = params[0].size(0)
-    sq = sum((p - p0).reshape(k, -1).norm(dim=1).double().square() for p, p0 in zip(params, theta0))
-    return sq.sqrt().to(params[0].dtype)
+    norms = torch.stack([(p - p0).reshape(k, -1).norm(dim=1) for p, p0 in zip(params, theta0)], dim=1)
+    if norms.device.type == "cpu":
+        return norms.double().square().sum(dim=1).sqrt().to(params[0].dtype)
+    return torch.linalg.vector_norm(norms, dim=1)
 
 
 @torch.no_grad()
@@ -127,11 +131,11 @@ class MemberOptimizer:
 
 
 def knobs(cfgs, device):
-    """Each member's λ (0 but under Case I) and radius r (∞ but under Case II), as (K,) tensors."""
+    """Each member's λ (0 but under Case I) and radius r (∞ but under Case II), as (K,) tensors; the
+    radii are None when no member has a ball (nothing to project, and no need to ask the device)."""
     lams = torch.tensor([c.lam if c.constraint == "loss" else 0.0 for c in cfgs], device=device)
-    radii = torch.tensor([c.radius if c.constraint == "param" else float("inf") for c in cfgs],
-                         dtype=torch.float64, device=device)
-    return lams, radii
+    radii = torch.tensor([c.radius if c.constraint == "param" else float("inf") for c in cfgs], device=device)
+    return lams, radii if any(c.constraint == "param" for c in cfgs) else None
 
 
 def make_optimizer(net, cfg, sys_):
@@ -141,22 +145,23 @@ def make_optimizer(net, cfg, sys_):
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99), fused=sys_.device_type == "cuda")
 
 
-def open_member(cfg):
-    """A member's run folder, as train.main opens a fine-tune's: config checked, θ_0 loaded,
-    config.json and a fresh log.jsonl written."""
-    train.check_config(cfg)
+def open_member(cfg, sys_):
+    """A member's run folder, as train.main opens a fine-tune's: θ_0 loaded, config.json and a fresh
+    log.jsonl written."""
     theta0_path = cfg.theta0 or os.path.join(cfg.out_dir, "theta0.pt")
     theta0 = train.load_theta0(theta0_path, cfg, explicit=True)
     world = train.make_world(cfg, theta0["world_config"].get("vocab", ()))
     prepare_out_dir(cfg)
     atomic_write_json(os.path.join(cfg.out_dir, "config.json"),
                       {"config": dataclasses.asdict(cfg),
-                       "run": dict(run_info([]), device=cfg.device, world_size=1, batched=True)})
+                       "run": dict(run_info([]), device=sys_.device, world_size=1, batched=True)})
     return world, theta0, Log(os.path.join(cfg.out_dir, "log.jsonl"), True, None)
 
 
 def check_group(cfgs):
-    """Raise ConfigError unless the runs can train as one batched group."""
+    """Raise ConfigError unless the runs can train as one batched group (before anything is written)."""
+    for c in cfgs:
+        train.check_config(c)
     keys = [batch_key(c) for c in cfgs]
     if None in keys:
         bad = cfgs[keys.index(None)]
@@ -172,6 +177,11 @@ def check_group(cfgs):
               for c in cfgs}
     if len(hashes) > 1:
         raise ConfigError("these runs start from different θ_0s: a batched group fine-tunes one θ_0")
+    if cfgs:
+        sys_ = setup_system(cfgs[0])
+        if sys_.ddp:
+            raise ConfigError("a batched group runs in one process: drop torchrun, or run the fine-tunes one at a time")
+        train.batch_shape(cfgs[0], train.make_world(cfgs[0]).seq_len, sys_)
 
 
 def finetune_group(cfgs, progress=False):
@@ -181,16 +191,12 @@ def finetune_group(cfgs, progress=False):
     check_group(cfgs)
     cfg, k = cfgs[0], len(cfgs)
     sys_ = setup_system(cfg)
-    if sys_.ddp or sys_.ptdtype == torch.float16:
-        raise ConfigError("a batched group runs in one process without fp16 loss scaling: drop torchrun and "
-                          "--dtype float16, or run the fine-tunes one at a time")
-    members = [open_member(c) for c in cfgs]  # (world, θ_0 checkpoint, log) of each run
+    members = [open_member(c, sys_) for c in cfgs]  # (world, θ_0 checkpoint, log) of each run
     theta0 = members[0][1]
     net = Stacked(theta0, k, sys_.device)
     strategies = [make_strategy(c.constraint, flat_params(net.skeleton), c) for c in cfgs]  # for distance()
     proxy = strategies[0].needs_proxy
     streams = [train.Streams("finetune", world, c, sys_, proxy) for c, (world, _, _) in zip(cfgs, members)]
-    train.batch_shape(cfg, members[0][0].seq_len, sys_)
     lams, radii = knobs(cfgs, sys_.device)
     optimizer = make_optimizer(net, cfg, sys_)
     scaler = torch.amp.GradScaler(sys_.device_type, enabled=False)
@@ -247,10 +253,11 @@ def run_steps(cfg, sys_, net, optimizer, streams, proxy, lams, radii, save, prog
 
 
 def stack_batches(batches):
-    """(x, y, mask, n_tokens) of each member → the same with a leading member dimension, all on x's
-    device (a single run's n_tokens is a host scalar; K of them are a vector, which must be on the device)."""
-    x, y, m, n = (torch.stack(ts) for ts in zip(*batches))
-    return x, y, m, n.to(x.device)
+    """(x, y, mask, n_tokens) of each member → the same with a leading member dimension. n_tokens, the
+    global batch's count of response tokens, is counted again on the device (one process: the global
+    batch is the member's own), so that a GPU step never waits for a copy from the host."""
+    x, y, m = (torch.stack(ts) for ts in list(zip(*batches))[:3])
+    return x, y, m, m.sum(dim=(1, 2))
 
 
 def micro_losses(net, sys_, x, y, m, n_tokens):
@@ -278,6 +285,6 @@ def batched_step(net, sys_, optimizer, batch, proxy, lams, radii, accum, grad_cl
         clip_grad_norms_(net.params, grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    if torch.isinf(radii).logical_not().any():
+    if radii is not None:
         project_(net.params, net.theta0, radii)
     return step_loss

@@ -2,7 +2,7 @@
 Sweeps: the findings F1–F6 of THEORY.md §5 with the theory beside every measurement.
 
     python sweep.py --preset smoke                  # < 2 minutes on 2 CPU cores (the tests run it)
-    python sweep.py --preset paper                  # the README's plots, 3 seeds, < 40 minutes on 2 cores
+    python sweep.py --preset paper                  # the README's plots, 3 seeds, 31–39 minutes on 2 cores
     python sweep.py --preset paper --lams 0.1,1,10  # any grid can be overridden
     python sweep.py --preset paper --shard 2/4      # one of 4 processes sharing the plan (ledger.py)
     python sweep.py --preset paper-real-cpu         # the paper's roles on real text (needs SAFETY_DATA_DIR), 77 min on 2 cores
@@ -520,11 +520,13 @@ def run_sweep(sc, recipe, write_report=True):
                 if t["kind"] == "finetune" and sc.max_runs and started >= sc.max_runs:
                     stopped = True
                     continue
+                if sc.max_runs:  # a group takes no more runs than --max_runs leaves (in plan order)
+                    unit = unit[:sc.max_runs - started] if t["kind"] == "finetune" else unit
                 for m in unit:
                     todo.remove(m)
                 started += sum(m["kind"] == "finetune" for m in unit)
                 running[executor.submit(worker.execute_batch, unit) if len(unit) > 1 else
-                        executor.submit(worker.execute, t)] = unit
+                        executor.submit(worker.execute, unit[0])] = unit
             if not running:
                 if not todo or stopped:
                     break

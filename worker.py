@@ -56,9 +56,8 @@ def execute(task):
     The task's folder is locked while it runs: a worker left running by a sweep killed with SIGKILL
     finishes first, and the sweep started again then finds its work done (resume) instead of
     training the same run twice at once."""
-    os.makedirs(task["dir"], exist_ok=True)
-    with open(os.path.join(task["dir"], ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with ExitStack() as stack:
+        take(task, stack)
         return _execute(task)
 
 
@@ -116,39 +115,59 @@ def theory_row(task, train_s, t1, cpu0):
 
 def execute_batch(tasks):
     """Fine-tune several runs of one θ_0 as one batched model (batched.py, sweep.py --batch_runs),
-    then report each one's theory as execute does; the rows in order. Each run's train_seconds and
-    cpu_seconds are its share (1/K) of the group's. The group's output goes to the first run's
-    sweep_train.out; runs that batched.py refuses to group are trained one at a time, with its reason."""
+    then report each one's theory as execute does; the rows in order. A run already trained to its
+    end with this configuration (--refresh, or a sweep killed before its row was written) is not
+    trained again, as a single run's resume would not be. Each trained run's train_seconds and
+    cpu_seconds are its share of the group's; the group's output goes to its first run's
+    sweep_train.out. Runs that batched.py refuses to group are trained one at a time, saying why."""
     with ExitStack() as stack:
         for t in tasks:
-            os.makedirs(t["dir"], exist_ok=True)
-            fcntl.flock(stack.enter_context(open(os.path.join(t["dir"], ".lock"), "a")), fcntl.LOCK_EX)
+            take(t, stack)
         torch.set_num_threads(tasks[0]["threads"])
         t0, cpu0 = time.time(), time.process_time()
-        todo = [t for t in tasks if not (t.get("refresh") and finished(t["dir"]))]  # --refresh: theory only
+        todo = [t for t in tasks if not trained(t)]
         cfgs = [train.TrainConfig(**t["train"]) for t in todo]
-        with open(os.path.join(tasks[0]["dir"], "sweep_train.out"), "w") as f, redirect_stdout(f), redirect_stderr(f):
-            why = None
-            try:
-                batched.check_group(cfgs)
-            except ConfigError as e:
-                why = str(e)
-            if why is None:
-                batched.finetune_group(cfgs) if cfgs else None
-            for cfg in cfgs if why else ():
+        why = None
+        try:
+            batched.check_group(cfgs)
+        except ConfigError as e:
+            why = str(e)
+        if why is None and todo:
+            with open(os.path.join(todo[0]["dir"], "sweep_train.out"), "w") as f, redirect_stdout(f), redirect_stderr(f):
+                batched.finetune_group(cfgs)
+            for t in todo[1:]:  # where each run's training output is
+                with open(os.path.join(t["dir"], "sweep_train.out"), "w") as f:
+                    f.write(f"trained in one batched group with {todo[0]['id']}: see {todo[0]['dir']}/sweep_train.out\n")
+        for t, cfg in zip(todo, cfgs) if why else ():
+            with open(os.path.join(t["dir"], "sweep_train.out"), "w") as f, redirect_stdout(f), redirect_stderr(f):
                 train.main(cfg, argv=[])
-        for t in tasks[1:] if why is None else ():  # where each run's training output is
-            with open(os.path.join(t["dir"], "sweep_train.out"), "w") as f:
-                f.write(f"trained in one batched group with {tasks[0]['id']}: see {tasks[0]['dir']}/sweep_train.out\n")
         if why:  # the sweep's own output
-            print(f"  {tasks[0]['id']} and {len(tasks) - 1} more are not batched ({why}): trained one at a time",
+            print(f"  {todo[0]['id']} and {len(todo) - 1} more are not batched ({why}): trained one at a time",
                   flush=True)
-        share_s, share_cpu = (time.time() - t0) / len(tasks), (time.process_time() - cpu0) / len(tasks)
+        share = ((time.time() - t0) / max(1, len(todo)), (time.process_time() - cpu0) / max(1, len(todo)))
         rows = []
         for t in tasks:
-            t1, c1 = time.time(), time.process_time()
-            rows.append(theory_row(t, share_s, t1, c1 - share_cpu))
+            train_s, cpu_s = share if t in todo else (0.0, 0.0)
+            rows.append(theory_row(t, train_s, time.time(), time.process_time() - cpu_s))
         return rows
+
+
+def trained(task):
+    """Is the task's fine-tune finished, with the configuration the sweep plans for it now?"""
+    if not finished(task["dir"]):
+        return False
+    saved = json.load(open(os.path.join(task["dir"], "config.json")))["config"]
+    cfg = dataclasses.asdict(train.TrainConfig(**task["train"]))
+    return {**dataclasses.asdict(train.TrainConfig()), **saved} == cfg
+
+
+def take(task, stack):
+    """Lock the task's folder for as long as `stack` is open (a task runs in one worker at a time), and
+    drop a failed.json left by an earlier attempt: the shards waiting for this task wait again."""
+    os.makedirs(task["dir"], exist_ok=True)
+    fcntl.flock(stack.enter_context(open(os.path.join(task["dir"], ".lock"), "a")), fcntl.LOCK_EX)
+    if os.path.exists(os.path.join(task["dir"], "failed.json")):
+        os.remove(os.path.join(task["dir"], "failed.json"))
 
 
 def pretrain(task, cfg, t0, cpu0):

@@ -1,12 +1,14 @@
 """batched.py: K fine-tunes trained as one stacked model equal their single runs of train.py
 (same seed, same batches: the same weights to float tolerance, the same files), and runs that
 cannot share a model are refused with the difference named."""
+import dataclasses
 import json
 import os
 
 import pytest
 import torch
 import batched
+import constraints
 import train
 from common import ConfigError
 from model import load_checkpoint
@@ -66,7 +68,9 @@ def test_a_batched_group_equals_its_single_runs(tmp_path, theta0, group):
         assert moved > 0.15  # the runs did move: equality is not that of two copies of θ_0
         for k in wa:
             torch.testing.assert_close(wc[k], wa[k], rtol=0, atol=2e-5, msg=f"{b.out_dir} {k}")
+        assert c["optimizer"]["param_groups"] == a["optimizer"]["param_groups"]
         for j, st in a["optimizer"]["state"].items():  # the member's AdamW state is its single run's
+            assert torch.equal(c["optimizer"]["state"][j]["step"], st["step"])
             torch.testing.assert_close(c["optimizer"]["state"][j]["exp_avg_sq"], st["exp_avg_sq"], rtol=1e-3, atol=1e-12)
         assert all(torch.equal(a["generators"][n], c["generators"][n]) for n in a["generators"])  # same batches
         ma, mc = (json.load(open(os.path.join(x.out_dir, "metrics.json"))) for x in (s, b))
@@ -78,6 +82,11 @@ def test_a_batched_group_equals_its_single_runs(tmp_path, theta0, group):
             ("finetune", 0), ("finetune", 25), ("finetune", 50), ("finetune", STEPS)]
         if s.constraint == "param":
             assert mc["finetuned"]["distance"] <= s.radius * (1 + 1e-6)
+    # a member's folder is a finished train.py run: --resume loads its checkpoint (AdamW state and
+    # all) and finds nothing left to do, with the same result
+    before = json.load(open(os.path.join(members[0].out_dir, "metrics.json")))
+    train.main(dataclasses.replace(members[0], resume=True), argv=[])
+    assert json.load(open(os.path.join(members[0].out_dir, "metrics.json"))) == before
     binding = [json.load(open(os.path.join(m.out_dir, "metrics.json")))["finetuned"]["distance"] for m in members]
     if group is GROUPS[1]:
         assert binding[1] == pytest.approx(0.2, rel=1e-5) and binding[2] > 0.2  # one ball binds, one does not
@@ -92,3 +101,36 @@ def test_runs_that_cannot_share_a_model_are_refused_naming_why(tmp_path, theta0)
     with pytest.raises(ConfigError, match="a penalty run"):
         batched.check_group([a, config(tmp_path / "d", theta0, constraint="penalty", gamma=1.0)])
     assert not any((tmp_path / n).exists() for n in "abcd")  # refused before anything was written
+
+
+def test_clipping_and_the_projection_are_each_members_own():
+    """batched's clipping and projection against torch's clip_grad_norm_ and constraints.project_ run on
+    each member alone: members of very different norms, a clip that binds for some, balls that bind for
+    some (and r = ∞)."""
+    g = torch.Generator().manual_seed(0)
+    shapes, scales = [(3, 4), (5,), (2, 2, 2)], torch.tensor([0.01, 1.0, 30.0])
+    stacked = [torch.randn(3, *s, generator=g) * scales.view(-1, *[1] * len(s)) for s in shapes]
+    theta0 = [torch.randn(*s, generator=g) for s in shapes]
+    params = [t.clone().requires_grad_() for t in stacked]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g) * scales.view(-1, *[1] * (p.dim() - 1))
+    singles = [[p[k].detach().clone().requires_grad_() for p in params] for k in range(3)]
+    for k, ps in enumerate(singles):
+        for p, q in zip(ps, params):
+            p.grad = q.grad[k].clone()
+        torch.nn.utils.clip_grad_norm_(ps, 1.0)
+    batched.clip_grad_norms_(params, 1.0)
+    for k, ps in enumerate(singles):
+        for p, q in zip(ps, params):
+            torch.testing.assert_close(q.grad[k], p.grad)
+    assert singles[0][0].grad.abs().max() < 1.0 and params[2].grad[2].norm() < 1.0 + 1e-5  # one kept, one clipped
+    radii = torch.tensor([float("inf"), 0.5, 1e3])
+    with torch.no_grad():
+        batched.project_(params, theta0, radii)
+    for k, r in enumerate((float("inf"), 0.5, 1e3)):
+        single = [t[k].clone() for t in stacked]
+        constraints.project_(single, theta0, r)
+        for p, q in zip(single, params):
+            torch.testing.assert_close(q[k].detach(), p, rtol=0, atol=1e-6)
+    assert batched.distances(params, theta0)[1] == pytest.approx(0.5, rel=1e-6)
+    assert torch.equal(params[0][0].detach(), stacked[0][0])  # r = ∞: untouched, bit for bit

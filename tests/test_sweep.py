@@ -546,8 +546,14 @@ def test_a_batched_sweep_gives_the_single_run_rows_and_report(smoke, tmp_path, c
                 assert float(x) == pytest.approx(float(y), rel=1e-4, abs=1e-6), (a["run_id"], k, x, y)
     findings = lambda path: [line for line in open(path) if line.startswith("| F")]
     assert findings(os.path.join(out, "results.md")) == findings(os.path.join(smoke["out"], "results.md"))
-    log = open(os.path.join(out, "runs", "loss-k0.25-d0-lam1-s1", "sweep_train.out")).read()
-    assert log.count("(nats/seq)") == 6  # the Case I group's six runs trained together, in its first run's log
+    logs = lambda: {r: open(os.path.join(out, "runs", r, "sweep_train.out")).read() for r in os.listdir(
+        os.path.join(out, "runs"))}
+    before = logs()
+    assert before["loss-k0.25-d0-lam1-s1"].count("(nats/seq)") == 6  # the Case I group, in its first run's log
+    assert "batched group with loss-k0.25-d0-lam1-s1" in before["loss-k0-d0.3-lam10-s1"]
+    # --refresh reports theory again and trains nothing: every training log stays as it was
+    sweep.main(["--preset", "smoke", "--out_dir", out, "--jobs", "1", "--batch_runs", "8", "--refresh"])
+    assert logs() == before
 
 
 @pytest.mark.parametrize("shard", ["3/2", "0/2", "1-2", "a/b", "2/0"])

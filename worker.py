@@ -117,7 +117,7 @@ def execute_batch(tasks):
     """Fine-tune several runs of one θ_0 as one batched model (batched.py, sweep.py --batch_runs),
     then report each one's theory as execute does; the rows in order. A run already trained to its
     end with this configuration (--refresh, or a sweep killed before its row was written) is not
-    trained again, as a single run's resume would not be. Each trained run's train_seconds and
+    trained again (train.py --resume would find it at its last step). Each trained run's train_seconds and
     cpu_seconds are its share of the group's; the group's output goes to its first run's
     sweep_train.out. Runs that batched.py refuses to group are trained one at a time, saying why."""
     with ExitStack() as stack:
@@ -125,7 +125,7 @@ def execute_batch(tasks):
             take(t, stack)
         torch.set_num_threads(tasks[0]["threads"])
         t0, cpu0 = time.time(), time.process_time()
-        todo = [t for t in tasks if not trained(t)]
+        todo = [t for t in tasks if not (finished(t["dir"]) if t.get("refresh") else trained(t))]  # --refresh: theory only
         cfgs = [train.TrainConfig(**t["train"]) for t in todo]
         why = None
         try:
@@ -138,12 +138,12 @@ def execute_batch(tasks):
             for t in todo[1:]:  # where each run's training output is
                 with open(os.path.join(t["dir"], "sweep_train.out"), "w") as f:
                     f.write(f"trained in one batched group with {todo[0]['id']}: see {todo[0]['dir']}/sweep_train.out\n")
-        for t, cfg in zip(todo, cfgs) if why else ():
-            with open(os.path.join(t["dir"], "sweep_train.out"), "w") as f, redirect_stdout(f), redirect_stderr(f):
-                train.main(cfg, argv=[])
         if why:  # the sweep's own output
             print(f"  {todo[0]['id']} and {len(todo) - 1} more are not batched ({why}): trained one at a time",
                   flush=True)
+        for t, cfg in zip(todo, cfgs) if why else ():
+            with open(os.path.join(t["dir"], "sweep_train.out"), "w") as f, redirect_stdout(f), redirect_stderr(f):
+                train.main(cfg, argv=[])
         share = ((time.time() - t0) / max(1, len(todo)), (time.process_time() - cpu0) / max(1, len(todo)))
         rows = []
         for t in tasks:

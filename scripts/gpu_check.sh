@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The GPU check of issue 5, one command, under 8 minutes on one H100/H200:
+# The GPU check of issue 5, one command, at most 8½ minutes on one H100/H200 (its timeouts):
 #   1. bench.py on GPT-2 small, B=16, T=1024, bf16, torch.compile: the baseline loop and the
 #      project's step under every strategy (acceptance 3: ≥ 40% MFU, param within 3% of none);
 #   2. bench.py on the two small configs (eager), for the record;
 #   2b. bench.py --batched: K fine-tunes as one stacked model (batched.py) against one run;
 #   3. a real fine-tune with train.py on the GPU (--data real when a data folder is there,
 #      else the synthetic default), align + fine-tune under the param constraint;
-#   4. in a second call, GPU_PRESETS="paper paper-real-gpu real-gpu" (any of them): those sweeps only.
+#   4. in a call of its own, GPU_PRESETS=paper (or paper-real-gpu, real-gpu): that sweep only.
 # Everything lands in one folder; copy its tables into BENCHMARKS.md with the date and device.
 #
 #   bash scripts/gpu_check.sh [OUT_DIR]          # default: gpu_check_<date>
@@ -21,8 +21,11 @@ log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$OUT/summary.txt"; }
 } > "$OUT/env.txt" 2>&1
 log "env: $(tail -1 "$OUT/env.txt")"
 PRESETS=${GPU_PRESETS:-}
-[ "$PRESETS" = 1 ] && PRESETS="paper-real-gpu real-gpu"
 [ "$PRESETS" = 0 ] && PRESETS=""
+if [ "$PRESETS" = 1 ]; then  # each preset fills most of one 10-minute call: name the one to run
+    log "GPU_PRESETS=1 is not a preset: call again with GPU_PRESETS=paper, then paper-real-gpu, then real-gpu"
+    exit 2
+fi
 DATA=${SAFETY_DATA_DIR:-../shared/data}
 
 if [ -z "$PRESETS" ]; then  # the first call: steps 1-3; a call with GPU_PRESETS runs step 4 only
@@ -30,7 +33,7 @@ if [ -z "$PRESETS" ]; then  # the first call: steps 1-3; a call with GPU_PRESETS
 # 1. GPT-2 small (compile takes about a minute; 20 timed steps per variant after 5 warm-ups;
 #    the variants are bench.py's: the baseline loop and every strategy of the registry)
 log "bench gpt2-small B=16 T=1024 bf16 compile"
-timeout 360 python bench.py --config gpt2-small --device cuda --dtype bfloat16 --compile \
+timeout 300 python bench.py --config gpt2-small --device cuda --dtype bfloat16 --compile \
     --batch 16 --seq_len 1024 --steps 20 --json "$OUT/bench_gpt2_small.json" > "$OUT/bench_gpt2_small.txt" 2>&1
 log "  exit $? ; $(grep -E 'MFU|none tokens|param time|loss time' "$OUT/bench_gpt2_small.txt" | tr '\n' ' ')"
 
@@ -43,9 +46,9 @@ log "  exit $?"
 # 2b. the batched path (batched.py): K fine-tunes of the synthetic config as one model against one
 #     run; on a GPU one of these models uses a sliver of the device, so K of them should cost about one
 log "bench batched K = 1, 8, 32 (synthetic, eager)"
-timeout 90 python bench.py --config synthetic --variants none --device cuda --batched 1,8,32 --steps 20 \
+timeout 60 python bench.py --config synthetic --variants none --device cuda --batched 1,8,32 --steps 20 \
     --json "$OUT/bench_batched.json" > "$OUT/bench_batched.txt" 2>&1
-log "  exit $?; $(grep -A8 '^batched' "$OUT/bench_batched.txt" | tr '\n' ' ')"
+log "  exit $?; $(grep -A9 '^batched' "$OUT/bench_batched.txt" | tr '\n' ' ')"
 
 # 3. a fine-tune on the GPU, timed end to end
 if ls "$DATA"/safety_tuned_llamas >/dev/null 2>&1; then
@@ -59,21 +62,21 @@ else
     ARGS=()
 fi
 start=$(date +%s)
-timeout 120 python train.py --out_dir "$OUT/finetune" --device cuda --compile --no-progress \
+timeout 90 python train.py --out_dir "$OUT/finetune" --device cuda --compile --no-progress \
     --constraint param --radius 1.0 "${ARGS[@]}" > "$OUT/finetune.txt" 2>&1
 log "  exit $? after $(( $(date +%s) - start )) s; $(tail -3 "$OUT/finetune.txt" | tr '\n' ' ')"
 fi
 
-# 4. with GPU_PRESETS (a second call: each preset is sized for at most ten minutes of one H100/H200),
-#    the presets named, in order: "paper" (the synthetic grid, 90 fine-tunes as batched groups of 10,
-#    sweep.py --batch_runs), "paper-real-gpu" (arm P), "real-gpu" (arm R); GPU_PRESETS=1 means the two
-#    real-text ones. E.g. GPU_PRESETS=paper bash scripts/gpu_check.sh OUT
+# 4. with GPU_PRESETS=NAME (a call of its own per preset: each is cut at 9 minutes), that preset:
+#    "paper" (the synthetic grid, 90 fine-tunes as 9 batched groups of 10 at once, sweep.py
+#    --batch_runs), "paper-real-gpu" (arm P) or "real-gpu" (arm R). E.g. GPU_PRESETS=paper bash
+#    scripts/gpu_check.sh OUT
 for preset in $PRESETS; do
     start=$(date +%s)
     if [ "$preset" = paper ]; then
-        timeout 600 python sweep.py --preset paper --batch_runs 10 --jobs 4 --out_dir "$OUT/paper" > "$OUT/paper.txt" 2>&1
+        timeout 540 python sweep.py --preset paper --batch_runs 10 --jobs 9 --out_dir "$OUT/paper" > "$OUT/paper.txt" 2>&1
     elif ls "$DATA"/safety_tuned_llamas >/dev/null 2>&1; then
-        timeout 600 python sweep.py --preset "$preset" --data_dir "$DATA" --out_dir "$OUT/$preset" > "$OUT/$preset.txt" 2>&1
+        timeout 540 python sweep.py --preset "$preset" --data_dir "$DATA" --out_dir "$OUT/$preset" > "$OUT/$preset.txt" 2>&1
     else
         log "$preset: no real data folder at $DATA, skipped"; continue
     fi

@@ -71,6 +71,7 @@ def test_a_batched_group_equals_its_single_runs(tmp_path, theta0, group):
         assert c["optimizer"]["param_groups"] == a["optimizer"]["param_groups"]
         for j, st in a["optimizer"]["state"].items():  # the member's AdamW state is its single run's
             assert torch.equal(c["optimizer"]["state"][j]["step"], st["step"])
+            torch.testing.assert_close(c["optimizer"]["state"][j]["exp_avg"], st["exp_avg"], rtol=0, atol=1e-6)
             torch.testing.assert_close(c["optimizer"]["state"][j]["exp_avg_sq"], st["exp_avg_sq"], rtol=1e-3, atol=1e-12)
         assert all(torch.equal(a["generators"][n], c["generators"][n]) for n in a["generators"])  # same batches
         ma, mc = (json.load(open(os.path.join(x.out_dir, "metrics.json"))) for x in (s, b))
@@ -80,6 +81,11 @@ def test_a_batched_group_equals_its_single_runs(tmp_path, theta0, group):
         la, lc = ([json.loads(line) for line in open(os.path.join(x.out_dir, "log.jsonl"))] for x in (s, b))
         assert [(r["stage"], r["step"]) for r in la] == [(r["stage"], r["step"]) for r in lc] == [
             ("finetune", 0), ("finetune", 25), ("finetune", 50), ("finetune", STEPS)]
+        for ra, rc in zip(la, lc):  # every logged number: exact metrics, distance, the step's loss
+            assert ra.keys() == rc.keys()
+            for key, v in ra.items():
+                if isinstance(v, float):
+                    assert rc[key] == pytest.approx(v, rel=1e-5, abs=1e-6), (key, ra["step"])
         if s.constraint == "param":
             assert mc["finetuned"]["distance"] <= s.radius * (1 + 1e-6)
     # a member's folder is a finished train.py run: --resume loads its checkpoint (AdamW state and

@@ -35,7 +35,7 @@ import train
 from common import ConfigError, atomic_write_json
 from constraints import make_strategy
 from model import GPT, GPTConfig, flat_params
-from system import Log, prepare_out_dir, print_table, run_info, setup_system
+from system import Log, prepare_out_dir, print_table, record_metrics, run_info, setup_system
 
 STRATEGIES = ("none", "loss", "param")  # the strategies whose hooks batch (constraints.py)
 KNOBS = ("out_dir", "constraint", "lam", "radius", "overlap", "mismatch")  # may differ between members
@@ -140,26 +140,23 @@ def knobs(cfgs, device):
 
 def make_optimizer(net, cfg, sys_):
     """train.make_optimizer over the stacked weights: decay on the tensors that are matrices in each member."""
-    groups = [{"params": [p for p in net.params if p.dim() >= 3], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in net.params if p.dim() < 3], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99), fused=sys_.device_type == "cuda")
+    return train.make_optimizer(None, cfg, cfg.lr, sys_, params=net.params, lead=1)
 
 
-def open_member(cfg, sys_):
-    """A member's run folder, as train.main opens a fine-tune's: θ_0 loaded, config.json and a fresh
+def open_member(cfg, sys_, theta0):
+    """A member's run folder, as train.main opens a fine-tune's: its world, config.json and a fresh
     log.jsonl written."""
-    theta0_path = cfg.theta0 or os.path.join(cfg.out_dir, "theta0.pt")
-    theta0 = train.load_theta0(theta0_path, cfg, explicit=True)
     world = train.make_world(cfg, theta0["world_config"].get("vocab", ()))
     prepare_out_dir(cfg)
     atomic_write_json(os.path.join(cfg.out_dir, "config.json"),
                       {"config": dataclasses.asdict(cfg),
                        "run": dict(run_info([]), device=sys_.device, world_size=1, batched=True)})
-    return world, theta0, Log(os.path.join(cfg.out_dir, "log.jsonl"), True, None)
+    return world, Log(os.path.join(cfg.out_dir, "log.jsonl"), True, None)
 
 
 def check_group(cfgs):
-    """Raise ConfigError unless the runs can train as one batched group (before anything is written)."""
+    """Raise ConfigError unless the runs can train as one batched group (before anything is written);
+    return their θ_0 checkpoint (None for no runs)."""
     for c in cfgs:
         train.check_config(c)
     keys = [batch_key(c) for c in cfgs]
@@ -168,35 +165,33 @@ def check_group(cfgs):
         raise ConfigError(f"{bad.out_dir}: a {bad.constraint} run on {bad.data} data cannot be batched "
                           f"(batched.py trains fine-tunes of the synthetic world under {', '.join(STRATEGIES)})")
     if len(set(keys)) > 1:
-        a, b = json.loads(keys[0].split("|")[0]), json.loads(keys[keys.index(next(k for k in keys if k != keys[0]))]
-                                                                .split("|")[0])
+        a, b = (json.loads(key.split("|")[0]) for key in (keys[0], next(k for k in keys if k != keys[0])))
         diff = sorted(f for f in a if a[f] != b.get(f)) or ["proxy batches (Case I with other strategies)"]
         raise ConfigError(f"these runs differ in {', '.join(diff)}: a batched group shares everything but "
                           f"{', '.join(KNOBS[1:])}")
-    hashes = {train.load_theta0(c.theta0 or os.path.join(c.out_dir, "theta0.pt"), c, True)["theta0_hash"]
-              for c in cfgs}
-    if len(hashes) > 1:
+    theta0s = [train.load_theta0(c.theta0 or os.path.join(c.out_dir, "theta0.pt"), c, True) for c in cfgs]
+    if len({t["theta0_hash"] for t in theta0s}) > 1:
         raise ConfigError("these runs start from different θ_0s: a batched group fine-tunes one θ_0")
     if cfgs:
         sys_ = setup_system(cfgs[0])
         if sys_.ddp:
             raise ConfigError("a batched group runs in one process: drop torchrun, or run the fine-tunes one at a time")
         train.batch_shape(cfgs[0], train.make_world(cfgs[0]).seq_len, sys_)
+    return theta0s[0] if theta0s else None
 
 
 def finetune_group(cfgs, progress=False):
     """Fine-tune every TrainConfig of `cfgs` (stage finetune, one θ_0) as one batched model and
     write each run's folder as train.main does: config.json, log.jsonl, ckpt.pt, metrics.json.
     Returns the metrics of each run, in order (train.finetune's)."""
-    check_group(cfgs)
+    theta0 = check_group(cfgs)
     cfg, k = cfgs[0], len(cfgs)
     sys_ = setup_system(cfg)
-    members = [open_member(c, sys_) for c in cfgs]  # (world, θ_0 checkpoint, log) of each run
-    theta0 = members[0][1]
+    members = [open_member(c, sys_, theta0) for c in cfgs]  # (world, log) of each run
     net = Stacked(theta0, k, sys_.device)
     strategies = [make_strategy(c.constraint, flat_params(net.skeleton), c) for c in cfgs]  # for distance()
     proxy = strategies[0].needs_proxy
-    streams = [train.Streams("finetune", world, c, sys_, proxy) for c, (world, _, _) in zip(cfgs, members)]
+    streams = [train.Streams("finetune", world, c, sys_, proxy) for c, (world, _) in zip(cfgs, members)]
     lams, radii = knobs(cfgs, sys_.device)
     optimizer = make_optimizer(net, cfg, sys_)
     scaler = torch.amp.GradScaler(sys_.device_type, enabled=False)
@@ -206,25 +201,21 @@ def finetune_group(cfgs, progress=False):
         return [train.evaluate_and_save("finetune", step, None if train_loss is None else float(train_loss[i]),
                                         net.member(i), world, c, sys_, log, os.path.join(c.out_dir, "ckpt.pt"), s,
                                         theta0["theta0_hash"], MemberOptimizer(optimizer, i), scaler, st)
-                for i, (c, (world, _, log), s, st) in enumerate(zip(cfgs, members, strategies, streams))]
+                for i, (c, (world, log), s, st) in enumerate(zip(cfgs, members, strategies, streams))]
 
     first = save(0, None)
     last = run_steps(cfg, sys_, net, optimizer, streams, proxy, lams, radii, save, progress,
                      [c.out_dir for c in cfgs])
     out = []
     for c, a, f in zip(cfgs, first, last):
-        metrics = {"aligned": dict(evaluated(a), distance=0.0), "finetuned": evaluated(f), "constraint": c.constraint,
+        metrics = {"aligned": dict(record_metrics(a), distance=0.0), "finetuned": record_metrics(f),
+                   "constraint": c.constraint,
                    "radius": c.radius, "lam": c.lam, "overlap": c.overlap, "mismatch": c.mismatch}
         atomic_write_json(os.path.join(c.out_dir, "metrics.json"), metrics)
         print(c.out_dir)
         print_table(metrics)
         out.append(metrics)
     return out
-
-
-def evaluated(record):
-    """The metrics of a log.jsonl record (train.evaluate_and_save's), as metrics.json holds them."""
-    return {k: v for k, v in record.items() if k not in ("stage", "step", "train_loss")}
 
 
 def run_steps(cfg, sys_, net, optimizer, streams, proxy, lams, radii, save, progress, names):

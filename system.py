@@ -164,6 +164,11 @@ class Log:
                 f.flush()
 
 
+def record_metrics(record):
+    """The metrics of a log.jsonl record (train.evaluate_and_save's), as metrics.json holds them."""
+    return {k: v for k, v in record.items() if k not in ("stage", "step", "train_loss")}
+
+
 def print_table(metrics):
     keys = ["safety_loss", "capability_loss", "safety_gap", "capability_gap", "distance"]
     print(f"{'(nats/seq)':<12}" + "".join(f"{k:>17}" for k in keys))

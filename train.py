@@ -41,7 +41,7 @@ from model import (
     params_hash,
 )
 from startpoints import check_init, init_identity, init_vocab, initial_model, new_model, pretrain_key
-from system import Log, prepare_out_dir, print_table, run_info, setup_system
+from system import Log, prepare_out_dir, print_table, record_metrics, run_info, setup_system
 from textdata import RealDataConfig, make_source
 
 # -----------------------------------------------------------------------------
@@ -235,11 +235,12 @@ def lr_at(step, peak, warmup, total):
     return peak * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def make_optimizer(model, cfg, lr, sys_):
-    """AdamW with weight decay exactly on the tensors with dim ≥ 2 (matmuls, embeddings)."""
-    params = flat_params(model)
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+def make_optimizer(model, cfg, lr, sys_, params=None, lead=0):
+    """AdamW with weight decay exactly on the tensors with dim ≥ 2 (matmuls, embeddings). params:
+    other tensors than the model's, with `lead` leading dimensions (batched.py's stacked members)."""
+    params = flat_params(model) if params is None else params
+    groups = [{"params": [p for p in params if p.dim() - lead >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() - lead < 2], "weight_decay": 0.0}]
     fused = sys_.device_type == "cuda"  # fused AdamW: one kernel per step on CUDA
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99), fused=fused)
 
@@ -373,14 +374,13 @@ def evaluate_and_save(stage, step, train_loss, model, world, cfg, sys_, log, ckp
 
 
 def run_stage(stage, model, world, cfg, sys_, log, ckpt_path, constraint, theta0_hash, resume_ckpt, metrics0=None):
-    """Train `model` in place for one stage and return it.
+    """Train `model` in place for one stage.
 
     pretrain: min next-token loss on every token of the general text corpus
     align:    min ℓ_s on batches of the original safety data D_s
     finetune: min ℓ_f (+ λ·ℓ_s' under Case I) starting from θ_0, with the constraint's
               gradient hook and projection around every optimizer step
-    metrics0: evaluate()'s result at the starting weights, if known (logged at step 0).
-    Returns the log record of the last evaluation (None if there was none or on other ranks).
+    metrics0: evaluate() at the start, if known. Returns the last evaluation's log record (or None).
     """
     iters = {"pretrain": cfg.pretrain_iters, "align": cfg.align_iters, "finetune": cfg.max_iters}[stage]
     peak = {"pretrain": cfg.pretrain_lr, "align": cfg.align_lr, "finetune": cfg.lr}[stage]
@@ -541,7 +541,7 @@ def finetune(cfg, sys_, log, theta0_ckpt):
         model.load_state_dict(ckpt["model"])
     # the last evaluation of the loop is of the final weights: evaluated again only if there was none
     last = run_stage("finetune", model, world, cfg, sys_, log, resume_path, constraint, theta0_hash, ckpt, at_theta0)
-    finetuned = ({k: v for k, v in last.items() if k not in ("stage", "step", "train_loss")} if last else
+    finetuned = (record_metrics(last) if last else
                  dict(evaluate(model, world, sys_.device), distance=constraint.distance(flat_params(model)).item()))
     return {"aligned": aligned, "finetuned": finetuned, "constraint": cfg.constraint,
             "radius": cfg.radius, "lam": cfg.lam, "overlap": cfg.overlap, "mismatch": cfg.mismatch}

@@ -4,6 +4,8 @@ flags, atomic writes (a crash or a kill never leaves half a file behind), the cl
 killed writer's temporaries, and file checksums.
 """
 
+import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -86,3 +88,88 @@ def file_sha256(path):
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+# -----------------------------------------------------------------------------
+# A command line from a config dataclass. The class's source is the documentation: each field's
+# trailing comment is its --help line, and a comment on a line of its own starts a group of flags
+# (nanoGPT's config block, made a real CLI: `--radius 0.1` and `--radius=0.1`, --flag/--no-flag).
+
+
+def field_docs(cls):
+    """{field: (group, help)} from the comments of a dataclass's source."""
+    import inspect
+    import re
+    docs, group = {}, None
+    for line in inspect.getsource(cls).splitlines()[1:]:
+        own = re.match(r"\s+#\s*(.+)$", line)
+        field = re.match(r"\s+(\w+)\s*:[^=]+=.*?(?:#\s*(.+))?$", line)
+        if own:
+            group = own.group(1).strip()
+        elif field:
+            docs[field.group(1)] = (group, (field.group(2) or "").strip())
+    return docs
+
+
+def first_paragraph(doc):
+    """The first paragraph of a docstring, on one line: a command's --help description."""
+    return " ".join(doc.strip().split("\n\n")[0].split())
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help with every default shown and the description's own line breaks kept."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose error leads with the problem and the fix, not with the usage (which
+    --help prints in full)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}\n(`{self.prog} --help` lists every flag)\n")
+
+
+def parser_from(cls, description, types=None, choices=None, epilog=None, skip=(), preset=False, prog=None):
+    """An argparse parser with one flag per field of `cls`, grouped as its source groups them;
+    types: field → a parser of its value (for tuples); choices: field → its valid values. With
+    preset, a flag not given is absent from the parsed namespace (a preset supplies it), and its
+    help says the field's own default."""
+    ap = Parser(prog=prog, description=description, epilog=epilog, formatter_class=HelpFormatter)
+    groups = {}
+    for f, (group, text) in field_docs(cls).items():
+        if f in skip:
+            continue
+        if group not in groups:
+            groups[group] = ap.add_argument_group(group)
+        default = getattr(cls, f)
+        kind = (types or {}).get(f)
+        if preset:
+            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+            text, default = f"{text} (default: the preset's, else {shown!r})", argparse.SUPPRESS
+        if isinstance(getattr(cls, f), bool):
+            groups[group].add_argument(f"--{f}", action=argparse.BooleanOptionalAction, default=default, help=text)
+        else:
+            groups[group].add_argument(f"--{f}", type=kind or type(getattr(cls, f)), default=default, help=text,
+                                       choices=(choices or {}).get(f))
+    return ap
+
+
+def given_flags(ap, argv):
+    """The fields whose flag is on the command line (parsed again over a blank namespace)."""
+    blank = argparse.Namespace(**{a.dest: None for a in ap._actions if a.dest != "help"})
+    return {k for k, v in vars(ap.parse_args(argv, blank)).items() if v is not None}
+
+
+def read_config(path, cls):
+    """The fields of dataclass `cls` in a JSON config file (--config), checked against the class."""
+    try:
+        with open(path) as f:
+            values = json.load(f)
+    except OSError as e:
+        raise ConfigError(f"--config {path}: cannot read it ({e.strerror}): pass a JSON file of flag values")
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--config {path} is not valid JSON (line {e.lineno}: {e.msg}): fix the file")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    if not isinstance(values, dict) or set(values) - fields:
+        bad = sorted(set(values) - fields) if isinstance(values, dict) else ["(not a JSON object)"]
+        raise ConfigError(f"--config {path}: {', '.join(bad)} are not flags of this command: use the names of --help")
+    return values

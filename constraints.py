@@ -8,7 +8,7 @@ The fine-tuning strategies of THEORY.md §2–§3, starting from the aligned wei
     fisher   min ℓ_f(θ) + (γ/2)·(θ − θ_0)ᵀ diag(F)(θ − θ_0)       Case II, soft, Fisher metric
 
 A strategy is one class, registered in STRATEGIES by its name: train.py takes its CLI
-choices, flag checks and run keys from it, sweep.py its grids and run ids, bench.py its
+choices, flag checks and run keys from it, lab/sweep.py its grids and run ids, lab/bench.py its
 variants and theory.py the case it belongs to. To add one, subclass Strategy, set its
 class attributes, override the hooks it needs, and add it to STRATEGIES (README, "Adding
 a strategy").
@@ -36,7 +36,7 @@ class Strategy:
         case         "I" (a loss on proxy safety data), "II" (stay near θ_0) or None
         hparams      the TrainConfig fields it reads, each a number ≥ 0 (checked here)
         sweep_param  the one of them a sweep grid varies (None: nothing to vary)
-        grid         the values sweep.py gives it unless told others (--grid NAME=...)
+        grid         the values lab/sweep.py gives it unless told others (--grid NAME=...)
         needs_proxy  whether it draws a batch of proxy safety data D_s' every step
     """
     name, case, hparams, sweep_param, needs_proxy = "none", None, (), None, False

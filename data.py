@@ -10,7 +10,7 @@ D = (μ_D, P_D), contexts x ~ μ_D and responses y ~ P_D(·|x),
 as tables small enough to enumerate, so every loss, gap and bound is an exact sum over
 contexts and responses rather than a sample estimate. The second half holds those exact
 sums (entropies, expected log-losses, KL and TV per context), which theory.py builds on.
-Real text, where the densities are unknown, has the same source interface in textdata.py.
+Real text, where the densities are unknown, has the same source interface in realtext/textdata.py.
 """
 
 import itertools

@@ -1,12 +1,12 @@
 """
 Where a run runs: the device and dtype, the process group under torchrun (DDP), and the run
-folder with its log. train.py and bench.py set up through here; nothing in it knows about
+folder with its log. train.py and lab/bench.py set up through here; nothing in it knows about
 the theory or the data; run_info and print_table are what a run records and prints about itself.
 """
 
+import dataclasses
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from common import ConfigError, remove_stale_temporaries
+from model import CheckpointError, load_checkpoint
 
 
 @dataclass
@@ -67,58 +68,6 @@ def setup_system(cfg):
 
 
 # -----------------------------------------------------------------------------
-# What the machine is and holds (bench.py reports these)
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def device_name(sys_):
-    if sys_.device_type == "cuda":
-        return torch.cuda.get_device_name(sys_.device)
-    return f"{cpu_name()}, {os.cpu_count()} logical cores"
-
-
-def sync(sys_):
-    if sys_.device_type == "cuda":
-        torch.cuda.synchronize()
-
-
-def reset_peak_memory(sys_):
-    if sys_.device_type == "cuda":
-        torch.cuda.reset_peak_memory_stats(sys_.device)
-    else:
-        try:  # Linux: reset the process's peak resident set size (VmHWM) to its current size
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
-            pass
-
-
-def peak_memory_mb(sys_):
-    """GPU: peak allocated by PyTorch. CPU: the process's peak resident set (all models of
-    the run included), since the last reset."""
-    if sys_.device_type == "cuda":
-        return torch.cuda.max_memory_allocated(sys_.device) / 2 ** 20
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
-
-
-# -----------------------------------------------------------------------------
 # Output folder
 
 
@@ -137,22 +86,23 @@ def prepare_out_dir(cfg):
 
 
 class Log:
-    """log.jsonl: one JSON object per evaluation, each appended whole and flushed."""
+    """log.jsonl: one JSON object per evaluation, each appended whole and flushed. keep_steps
+    (resuming: {stage: step of its checkpoint}) keeps the lines up to each stage's checkpoint
+    and drops what was logged after it, which will be logged again; None starts a new log."""
 
-    def __init__(self, path, enabled, keep_upto=None):
+    def __init__(self, path, enabled, keep_steps=None):
         self.path, self.enabled = path, enabled
         if not enabled:
             return
         lines = []
-        if keep_upto is not None and os.path.exists(path):
-            # resuming: drop what was logged after the checkpoint, it will be logged again
+        if keep_steps is not None and os.path.exists(path):
             with open(path) as f:
                 for line in f:
                     try:
                         rec = json.loads(line)
                     except json.JSONDecodeError:
                         continue  # a line cut by a kill
-                    if keep_upto(rec):
+                    if rec.get("step", 0) <= keep_steps.get(rec.get("stage"), -1):
                         lines.append(line if line.endswith("\n") else line + "\n")
         with open(path, "w") as f:
             f.writelines(lines)
@@ -186,3 +136,25 @@ def run_info(argv):
         git = ""
     return {"argv": list(sys.argv[:1]) + list(argv if argv is not None else sys.argv[1:]),
             "git": git or None, "torch": torch.__version__, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def resume_checkpoint(path, cfg, stage):
+    """The resume checkpoint of this stage at path, if --resume and it was written by this run:
+    the same config (a field added since it was written takes its default there)."""
+    if not cfg.resume or not os.path.exists(path):
+        return None
+    ckpt = load_checkpoint(path)
+    if ckpt.get("kind") != f"{stage}-resume":
+        raise CheckpointError(f"{path} is not a {stage} checkpoint: remove it or drop --resume")
+    saved = {**dataclasses.asdict(type(cfg)()), **ckpt["config"], "resume": cfg.resume, "progress": cfg.progress}
+    if saved != dataclasses.asdict(cfg):
+        diff = [k for k in saved if saved[k] != getattr(cfg, k, None)]
+        raise CheckpointError(f"{path} was written with other settings ({', '.join(diff)}): "
+                              f"resume with the same flags or start a new --out_dir")
+    return ckpt
+
+
+def resume_steps(out_dir, files):
+    """{stage: step} of the resume checkpoints in out_dir (files: stage → file name)."""
+    return {stage: load_checkpoint(os.path.join(out_dir, name))["step"] for stage, name in files.items()
+            if os.path.exists(os.path.join(out_dir, name))}

@@ -7,14 +7,13 @@ Align, then fine-tune under a constraint (THEORY.md §2–§3).
     torchrun --standalone --nproc_per_node=2 train.py    # DDP (nccl on GPUs, gloo on CPU)
 
 Stage `align` trains θ_0 on the original safety data D_s, from --init_from (scratch, a
-checkpoint such as θ_pre, or gpt2 with --hf_dir: startpoints.py); stage `finetune` starts from
+checkpoint such as θ_pre, or gpt2 with --hf_dir: realtext/startpoints.py); stage `finetune` starts from
 θ_0 and fits the task data D_f under the chosen strategy; `all` (default) runs both and
 reuses a saved θ_0 whose configuration matches. Stage `pretrain` (real data) trains θ_pre on
-the general text corpus of corpus.py, for --init_from. Every run writes into --out_dir:
+the general text corpus of realtext/corpus.py, for --init_from. Every run writes into --out_dir:
 config.json, log.jsonl (one object per evaluation), checkpoints and metrics.json.
 """
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -27,22 +26,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import ConfigError, DataError, atomic_write_json
+from common import ConfigError, DataError, atomic_write_json, given_flags, parser_from, read_config
 from constraints import STRATEGIES, make_strategy
-from corpus import DEFAULT_CORPUS, Corpus, CorpusConfig
-from data import WorldConfig
+from data import SyntheticWorld, WorldConfig
 from evaluate import evaluate
-from model import (
-    CHECKPOINT_FORMAT,
-    CheckpointError,
-    atomic_torch_save,
-    flat_params,
-    load_checkpoint,
-    params_hash,
-)
-from startpoints import check_init, init_identity, init_vocab, initial_model, new_model, pretrain_key
-from system import Log, prepare_out_dir, print_table, record_metrics, run_info, setup_system
-from textdata import RealDataConfig, make_source
+from model import CHECKPOINT_FORMAT, CheckpointError, atomic_torch_save, flat_params, load_checkpoint, params_hash
+from realtext.corpus import DEFAULT_CORPUS, Corpus, CorpusConfig
+from realtext.startpoints import (check_init, init_identity, init_vocab, initial_model, new_model, pretrain_key,
+                                  shape_from_init)
+from realtext.textdata import RealDataConfig, real_source
+from system import (Log, prepare_out_dir, print_table, record_metrics, resume_checkpoint, resume_steps, run_info,
+                    setup_system)
 
 # -----------------------------------------------------------------------------
 # Configuration: one dataclass, one line per value; the CLI is generated from it.
@@ -50,64 +44,64 @@ from textdata import RealDataConfig, make_source
 
 @dataclass
 class TrainConfig:
-    # I/O
+    # run: where it writes and which stages it runs
     out_dir: str = "out"          # run folder: config.json, log.jsonl, checkpoints, metrics.json
-    stage: str = "all"            # pretrain | align | finetune | all (align + finetune)
-    init_from: str = "scratch"    # alignment starts from: scratch | a checkpoint (θ_pre) | gpt2 (with --hf_dir)
-    hf_dir: str = ""              # a local Hugging Face GPT-2 folder, for --init_from gpt2
-    theta0: str = ""              # θ_0 checkpoint to fine-tune from; default <out_dir>/theta0.pt
+    stage: str = "all"            # pretrain | align | finetune | all (align, then finetune)
+    init_from: str = "scratch"    # alignment starts from: scratch | a checkpoint path (θ_pre) | gpt2 (with --hf_dir)
+    hf_dir: str = ""              # a local Hugging Face GPT-2 folder, for --init_from gpt2 (its shape is the model's)
+    theta0: str = ""              # θ_0 checkpoint to fine-tune from (default: <out_dir>/theta0.pt)
     resume: bool = False          # continue the run in out_dir from its latest checkpoint
-    eval_interval: int = 250      # steps between exact evaluations (and checkpoints)
+    eval_interval: int = 250      # steps between evaluations and checkpoints
     log_interval: int = 25        # steps between progress-bar loss updates (one host sync each)
-    # data: the synthetic world (THEORY.md §1)
-    overlap: float = 0.25         # κ: share of task contexts drawn from the safety contexts
-    mismatch: float = 0.3         # δ: distance of the proxy safety data from the original
-    answer_overlap: float = 0.0   # ρ: share of each other's answers in P_s and P_f on the safety contexts
-    align_label_smoothing: float = 0.0  # ε: align on (1−ε)·one-hot + ε·uniform targets (a wider basin; landscape.py)
-    n_symbols: int = 12           # context alphabet; n_symbols**ctx_len contexts
+    # world: the synthetic world of THEORY.md §1 (--data synthetic)
+    overlap: float = 0.25         # κ: share of task contexts drawn from the safety contexts, in [0, 1]
+    mismatch: float = 0.3         # δ: how far the proxy safety data D_s' is from the original D_s, in [0, 1]
+    answer_overlap: float = 0.0   # ρ: share of each other's answers in P_s and P_f on the safety contexts, in [0, 1]
+    align_label_smoothing: float = 0.0  # ε: align on (1−ε)·one-hot + ε·uniform targets, in [0, 1] (a wider basin)
+    n_symbols: int = 12           # context alphabet size; the world has n_symbols**ctx_len contexts
     ctx_len: int = 3              # context length in symbols
     n_harmful: int = 4            # number of harmful topics
-    # data: real text instead (--data real; textdata.py, loaders.py, docs/real-data.md)
-    data: str = "synthetic"       # synthetic | real
-    safety_data: str = "safety_llamas"        # D_s: a name of loaders.REGISTRY or a file path
-    proxy_data: str = "safety_llamas_proxy"   # D_s': proxy safety data (Case I)
-    task_data: str = "alpaca_small"           # D_f: the fine-tuning task
-    align_helpful: str = ""       # real data: helpful (prompt, response) data mixed into the align batches
-    data_dir: str = ""            # the real data folder; default $SAFETY_DATA_DIR
-    block_size: int = 128         # real data: most tokens per example (prompt + response)
-    restrict_vocab: bool = True   # real data: output vocabulary = the data folder's tokens (CPU speed)
-    vocab_cap: int = 0            # real data: keep only the N most frequent of them, the rest UNK (0: all)
-    eval_examples: int = 256      # real data: held-out examples of D_s and of D_f per evaluation
-    # pretraining (--stage pretrain, real data; corpus.py)
-    pretrain_data: str = DEFAULT_CORPUS   # '+'-joined corpus sources
-    pretrain_iters: int = 2000
-    pretrain_lr: float = 3e-3
-    # model
-    n_layer: int = 2
-    n_head: int = 4
-    n_embd: int = 64
-    # optimizer (AdamW, warm-up then cosine decay to lr/10)
+    # real data: text instead of the world (--data real; docs/real-data.md)
+    data: str = "synthetic"       # synthetic | real (real: the flags of configs/real.json default to its values)
+    safety_data: str = "safety_llamas"        # D_s: a name of realtext.loaders.REGISTRY or a file path
+    proxy_data: str = "safety_llamas_proxy"   # D_s': proxy safety data of Case I (a name or a file)
+    task_data: str = "alpaca_small"           # D_f: the fine-tuning task (a name or a file)
+    align_helpful: str = ""       # helpful (prompt, response) data mixed into the align batches ('' none; 'a+b' mixes)
+    data_dir: str = ""            # the real data folder (default: $SAFETY_DATA_DIR)
+    block_size: int = 128         # most tokens per example, prompt + response
+    restrict_vocab: bool = True   # output vocabulary = the data folder's tokens (a smaller output layer: CPU speed)
+    vocab_cap: int = 0            # keep only the N most frequent of those tokens, the rest one UNK (0: all)
+    eval_examples: int = 256      # held-out examples of D_s and of D_f per evaluation
+    # pretraining: θ_pre on general text (--stage pretrain, real data)
+    pretrain_data: str = DEFAULT_CORPUS   # '+'-joined sources of realtext.corpus.SOURCES (or registry names)
+    pretrain_iters: int = 2000    # steps of the pretrain stage
+    pretrain_lr: float = 3e-3     # peak learning rate of the pretrain stage
+    # model: a GPT of this shape (for --init_from gpt2, the folder's own)
+    n_layer: int = 2              # transformer blocks
+    n_head: int = 4               # attention heads per block
+    n_embd: int = 64              # width of the residual stream
+    # optimisation: AdamW, linear warm-up, then cosine decay to lr/10
     align_iters: int = 1500       # steps of the align stage
     align_lr: float = 3e-3        # peak learning rate of the align stage
     max_iters: int = 1000         # steps of the fine-tune stage
     lr: float = 2e-3              # peak learning rate of the fine-tune stage
-    warmup_iters: int = 50
-    weight_decay: float = 0.0     # 0: decay would pull θ towards 0, not towards θ_0
-    grad_clip: float = 1.0        # clip the global gradient norm (0 disables)
-    batch_tokens: int = 1280      # global batch per dataset in tokens (256 sequences of 5 tokens)
-    micro_batch: int = 256        # sequences per forward pass; accumulation makes up the rest
-    # constraint (THEORY.md §2–§3)
-    constraint: str = "none"      # of constraints.STRATEGIES: none | loss (Case I) | param | penalty | fisher (Case II)
+    warmup_iters: int = 50        # steps of linear warm-up in every stage
+    weight_decay: float = 0.0     # AdamW decay on matrices (0: decay would pull θ towards 0, not towards θ_0)
+    grad_clip: float = 1.0        # clip the global gradient norm to this (0: no clipping)
+    batch_tokens: int = 1280      # global batch per dataset in tokens (on the world: 256 sequences of 5)
+    micro_batch: int = 256        # sequences per forward pass; gradient accumulation makes up the rest
+    # constraint: the fine-tuning strategy (THEORY.md §2–§3)
+    constraint: str = "none"      # none | loss (Case I) | param (Case II) | penalty | fisher (constraints.STRATEGIES)
     radius: float = 1.0           # r: L2 radius of the ball around θ_0 (param)
     lam: float = 1.0              # λ: weight of the proxy safety loss ℓ_s' (loss)
     gamma: float = 1.0            # γ: weight of the soft penalty (γ/2)‖θ−θ_0‖² (penalty, fisher)
-    fisher_examples: int = 64     # examples of D_s' behind the diagonal Fisher at θ_0 (fisher)
+    fisher_examples: int = 64     # examples of D_s' behind the diagonal Fisher metric at θ_0 (fisher)
     # system
-    seed: int = 1337
+    seed: int = 1337              # seeds the initial weights and every batch stream
     device: str = "auto"          # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"           # auto (bf16 on CUDA if supported, else fp32) | float32 | bfloat16 | float16
     compile: bool = False         # torch.compile the training forward (GPU; slow to start on CPU)
-    progress: bool = True         # show a tqdm progress bar
+    progress: bool = True         # show a progress bar
 
 
 # the fields that decide θ_0: a saved θ_0 is reused only when all of these match
@@ -117,44 +111,49 @@ ALIGN_FIELDS = ("n_symbols", "ctx_len", "n_harmful", "n_layer", "n_head", "n_emb
                 "answer_overlap", "align_label_smoothing")
 
 
-# `--data real` changes these defaults, for a run that ends in minutes on 2 CPU cores (a
-# 0.37M-parameter GPT on 64-token blocks, the real-cpu preset's recipe: docs/real-data.md); a
-# flag given on the command line wins. The dataclass keeps the old values, which are part of
-# every saved θ_0's key (ALIGN_FIELDS), so that a synthetic θ_0 saved before keeps its identity
-REAL_DEFAULTS = {"block_size": 64, "vocab_cap": 4096, "eval_examples": 128, "batch_tokens": 2048, "micro_batch": 32,
-                 "align_iters": 800, "max_iters": 300, "lr": 1e-3}
+# `--data real` defaults to configs/real.json (the real-cpu preset's recipe: minutes on 2 CPU cores);
+# the dataclass keeps the synthetic values, part of every saved θ_0's key (ALIGN_FIELDS)
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 
-def parse_args(argv=None, cls=TrainConfig):
-    """Build argparse from the dataclass: the type comes from the default, bools get
-    --flag/--no-flag, and both `--radius 0.1` and `--radius=0.1` work."""
-    ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                 epilog="--data real: " + ", ".join(f"--{k} {v}" for k, v in REAL_DEFAULTS.items())
-                                 + " unless given")
-    for f in dataclasses.fields(cls):
-        if isinstance(f.default, bool):
-            ap.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            ap.add_argument(f"--{f.name}", type=type(f.default), default=f.default,
-                            choices=tuple(STRATEGIES) if f.name == "constraint" else None)
+CHOICES = {"stage": ("pretrain", "align", "finetune", "all"), "data": ("synthetic", "real"),
+           "constraint": tuple(STRATEGIES), "dtype": ("auto", "float32", "bfloat16", "float16")}
+
+
+def parser():
+    return parser_from(TrainConfig, __doc__.strip().splitlines()[0], choices=CHOICES,
+                       epilog="--config FILE.json sets any of these from a file (the flags given win); --data real "
+                              "defaults the flags of configs/real.json to its values.")
+
+
+def parse_args(argv=None):
+    """TrainConfig from the dataclass's defaults, then configs/real.json (--data real), then a
+    --config file, then the flags given (parser_from: type from the default, bools as
+    --flag/--no-flag, both `--radius 0.1` and `--radius=0.1`); with --init_from gpt2, the model's
+    shape from its folder where neither the flags nor the file state it."""
+    ap = parser()
+    ap.add_argument("--config", default="", help="a JSON file of these flags' values (flags given win)")
     args = vars(ap.parse_args(argv))
-    if args["data"] == "real":
-        given = {k for k, v in vars(ap.parse_args(argv, argparse.Namespace(**{k: None for k in args}))).items()
-                 if v is not None}  # the flags on the command line: parsed again over a blank namespace
-        args.update({k: v for k, v in REAL_DEFAULTS.items() if k not in given})
-    return cls(**args)
+    given = given_flags(ap, argv)
+    try:
+        stated = read_config(args["config"], TrainConfig) if args.pop("config") else {}
+        args.update({k: v for k, v in stated.items() if k not in given})
+        if args["data"] == "real":
+            real = read_config(os.path.join(CONFIGS, "real.json"), TrainConfig)
+            args.update({k: v for k, v in real.items() if k not in given and k not in stated})
+    except ConfigError as e:
+        ap.error(str(e))
+    return TrainConfig(**shape_from_init(args, given | set(stated)))
 
 
 def check_config(cfg):
     """Reject bad values before anything is written."""
-    if cfg.stage not in ("pretrain", "align", "finetune", "all"):
-        raise ConfigError(f"--stage {cfg.stage!r} is unknown: choose pretrain, align, finetune or all")
+    for name, valid in CHOICES.items():
+        if getattr(cfg, name) not in valid:
+            raise ConfigError(f"--{name} {getattr(cfg, name)!r} is unknown: choose one of {', '.join(valid)}")
     if cfg.stage == "pretrain" and cfg.data != "real":
         raise ConfigError("--stage pretrain trains on real general text: add --data real")
     check_init(cfg)
-    if cfg.constraint not in STRATEGIES:
-        raise ConfigError(f"--constraint {cfg.constraint!r} is unknown: choose one of {', '.join(STRATEGIES)}")
     # every strategy's flags, so a bad value never waits for its use; the chosen one's first, so
     # that a flag several share (--gamma) is named with it
     for strategy in sorted(STRATEGIES.values(), key=lambda s: s.name != cfg.constraint):
@@ -180,27 +179,26 @@ def check_config(cfg):
         raise ConfigError(f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}")
     if cfg.align_helpful and cfg.data != "real":
         raise ConfigError("--align_helpful mixes helpful text into real-data alignment: add --data real or drop it")
-    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise ConfigError(f"--dtype {cfg.dtype!r} is unknown: choose auto, float32, bfloat16 or float16")
 
 
 def world_config(cfg):
-    return WorldConfig(overlap=cfg.overlap, mismatch=cfg.mismatch, n_symbols=cfg.n_symbols,
-                       ctx_len=cfg.ctx_len, n_harmful=cfg.n_harmful, answer_overlap=cfg.answer_overlap)
+    return WorldConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(WorldConfig)})
 
 
 def make_world(cfg, vocab=()):
     """The data source: the synthetic world, or real text (--data real). `vocab` fixes a
     real source's compact vocabulary to θ_0's, so that a fine-tune reads tokens as θ_0 did."""
+    if cfg.data == "synthetic":
+        return SyntheticWorld(world_config(cfg))
     real = RealDataConfig(safety=cfg.safety_data, proxy=cfg.proxy_data, task=cfg.task_data,
                           helpful=cfg.align_helpful, data_dir=cfg.data_dir, block_size=cfg.block_size,
                           restrict_vocab=cfg.restrict_vocab, vocab_cap=cfg.vocab_cap, eval_examples=cfg.eval_examples,
                           vocab=tuple(vocab))
-    return make_source(cfg.data, world_config(cfg), real)
+    return real_source(real)
 
 
 def make_corpus(cfg):
-    """The general text of the pretrain stage (corpus.py), in the vocabulary later runs use."""
+    """The general text of the pretrain stage (realtext/corpus.py), in the vocabulary later runs use."""
     return Corpus(CorpusConfig(sources=cfg.pretrain_data, data_dir=cfg.data_dir, block_size=cfg.block_size,
                                restrict_vocab=cfg.restrict_vocab, vocab_cap=cfg.vocab_cap,
                                eval_examples=cfg.eval_examples))
@@ -217,7 +215,7 @@ def align_key(cfg):
     for k in LATER_ALIGN_FIELDS:
         if fields[k] == getattr(TrainConfig, k):
             del fields[k]
-    if cfg.init_from != "scratch":  # the starting point's weights, not its path (startpoints.py)
+    if cfg.init_from != "scratch":  # the starting point's weights, not its path (realtext/startpoints.py)
         fields["init"] = init_identity(cfg)
     blob = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -235,12 +233,11 @@ def lr_at(step, peak, warmup, total):
     return peak * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def make_optimizer(model, cfg, lr, sys_, params=None, lead=0):
-    """AdamW with weight decay exactly on the tensors with dim ≥ 2 (matmuls, embeddings). params:
-    other tensors than the model's, with `lead` leading dimensions (batched.py's stacked members)."""
-    params = flat_params(model) if params is None else params
-    groups = [{"params": [p for p in params if p.dim() - lead >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() - lead < 2], "weight_decay": 0.0}]
+def make_optimizer(model, cfg, lr, sys_):
+    """AdamW with weight decay exactly on the tensors with dim ≥ 2 (matmuls, embeddings)."""
+    params = flat_params(model)
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     fused = sys_.device_type == "cuda"  # fused AdamW: one kernel per step on CUDA
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99), fused=fused)
 
@@ -269,7 +266,7 @@ def micro_loss(train_model, sys_, x, y, m, n_tokens, smoothing=0.0):
 def train_step(train_model, optimizer, scaler, params, constraint, sys_, batch, proxy, accum, grad_clip, smoothing=0.0):
     """One optimizer step on this rank's slice of a global batch: forward and backward over
     `accum` micro-batches, the constraint's gradient hook, clipping, AdamW, the projection.
-    run_stage and bench.py both call it, so the benchmark times exactly this code.
+    run_stage and lab/bench.py both call it, so the benchmark times exactly this code.
     batch, proxy: (x, y, mask, n_tokens) of this rank; proxy only when constraint.needs_proxy.
     Returns the step's loss as a detached device tensor (no host sync)."""
     micro = batch[0].size(0) // accum
@@ -310,6 +307,7 @@ def all_reduce_mean(t, sys_):
     return t
 
 
+RESUME_FILES = {"pretrain": "pretrain_ckpt.pt", "align": "align_ckpt.pt", "finetune": "ckpt.pt"}  # in out_dir
 STREAM_SEEDS = {"align": 0, "finetune": 1, "pretrain": 4}  # 2: the proxy stream, 3: a Fisher metric's
 
 
@@ -442,27 +440,11 @@ def run_stage(stage, model, world, cfg, sys_, log, ckpt_path, constraint, theta0
 # The two stages
 
 
-def try_resume(path, cfg, stage):
-    """The resume checkpoint of this stage, if --resume and it matches this run."""
-    if not cfg.resume or not os.path.exists(path):
-        return None
-    ckpt = load_checkpoint(path)
-    if ckpt.get("kind") != f"{stage}-resume":
-        raise CheckpointError(f"{path} is not a {stage} checkpoint: remove it or drop --resume")
-    # a field added since the checkpoint was written takes its default there
-    saved = {**dataclasses.asdict(TrainConfig()), **ckpt["config"], "resume": cfg.resume, "progress": cfg.progress}
-    if saved != dataclasses.asdict(cfg):
-        diff = [k for k in saved if saved[k] != getattr(cfg, k, None)]
-        raise CheckpointError(f"{path} was written with other settings ({', '.join(diff)}): "
-                              f"resume with the same flags or start a new --out_dir")
-    return ckpt
-
-
 def train_and_save(stage, model, world, cfg, sys_, log, path, kind, extra):
     """Train `model` through one stage from its resume checkpoint, if any, and save it to path as a
     checkpoint of `kind` with the fields extra(model) (on rank 0)."""
-    resume_path = os.path.join(cfg.out_dir, f"{stage}_ckpt.pt")
-    ckpt = try_resume(resume_path, cfg, stage)
+    resume_path = os.path.join(cfg.out_dir, RESUME_FILES[stage])
+    ckpt = resume_checkpoint(resume_path, cfg, stage)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
     run_stage(stage, model, world, cfg, sys_, log, resume_path, None, None, ckpt)
@@ -532,8 +514,8 @@ def finetune(cfg, sys_, log, theta0_ckpt):
     # uninterrupted one see the same
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + 3)
     constraint.setup(model, lambda n: tuple(t.to(sys_.device) for t in world.batch("proxy", n, gen)))
-    resume_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    ckpt = try_resume(resume_path, cfg, "finetune")
+    resume_path = os.path.join(cfg.out_dir, RESUME_FILES["finetune"])
+    ckpt = resume_checkpoint(resume_path, cfg, "finetune")
     if ckpt is not None:
         if ckpt["theta0_hash"] != theta0_hash:
             raise CheckpointError(f"{resume_path} was fine-tuned from another θ_0 ({ckpt['theta0_hash']} "
@@ -574,17 +556,12 @@ def main(cfg, argv=None):
     if sys_.ddp:
         torch.distributed.barrier()
 
-    def keep(rec):  # on resume: keep log lines up to each stage's checkpoint
-        return rec.get("step", 0) <= keep_steps.get(rec.get("stage"), -1)
-    keep_steps = {}
+    keep_steps = {}  # on resume: log lines up to each stage's checkpoint are kept
     if cfg.resume:
-        for stage, name in (("pretrain", "pretrain_ckpt.pt"), ("align", "align_ckpt.pt"), ("finetune", "ckpt.pt")):
-            p = os.path.join(cfg.out_dir, name)
-            if os.path.exists(p):
-                keep_steps[stage] = load_checkpoint(p)["step"]
+        keep_steps = resume_steps(cfg.out_dir, RESUME_FILES)
         if theta0_ckpt is not None or os.path.exists(theta0_path):
             keep_steps.setdefault("align", cfg.align_iters)
-    log = Log(os.path.join(cfg.out_dir, "log.jsonl"), sys_.master, keep if cfg.resume else None)
+    log = Log(os.path.join(cfg.out_dir, "log.jsonl"), sys_.master, keep_steps if cfg.resume else None)
 
     if cfg.stage == "pretrain":
         pretrain(cfg, sys_, log, theta_pre_path)

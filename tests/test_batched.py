@@ -7,10 +7,11 @@ import os
 
 import pytest
 import torch
-import batched
+
 import constraints
 import train
 from common import ConfigError
+from lab import batched
 from model import load_checkpoint
 
 STEPS = 60  # enough for the runs to part ways: the projection binds, λ matters, the task is being learned

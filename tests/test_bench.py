@@ -10,7 +10,7 @@ from constraints import STRATEGIES
 
 def test_bench_writes_every_variant_with_the_documented_keys(tmp_path):
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "bench.py", "--config", "synthetic", "--steps", "10", "--warmup", "1",
+    proc = subprocess.run([sys.executable, "-m", "lab.bench", "--config", "synthetic", "--steps", "10", "--warmup", "1",
                            "--threads", "1", "--json", str(out)], capture_output=True, text=True, cwd=ROOT,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -35,6 +35,6 @@ def test_bench_writes_every_variant_with_the_documented_keys(tmp_path):
 def test_bench_refuses_too_few_steps_and_unknown_configs():
     for args in (["--steps", "3"], ["--config", "bogus"], ["--variants", "bogus"], ["--batched", "0"],
                  ["--batched", "two"]):
-        proc = subprocess.run([sys.executable, "bench.py", *args], capture_output=True, text=True, cwd=ROOT,
+        proc = subprocess.run([sys.executable, "-m", "lab.bench", *args], capture_output=True, text=True, cwd=ROOT,
                               timeout=120)
         assert proc.returncode != 0 and "Traceback" not in proc.stderr

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+
 from conftest import ROOT
 
 HELPER = os.path.join(ROOT, "tests", "ddp_helper.py")

@@ -7,11 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-import estimators
-import loaders
-import textdata
 from common import DataError
+from lab import estimators
 from model import GPT, GPTConfig
+from realtext import loaders, textdata
 
 DATA_DIR = os.environ.get("SAFETY_DATA_DIR", "")
 needs_data = pytest.mark.skipif(not os.path.isdir(DATA_DIR or "/nonexistent"),

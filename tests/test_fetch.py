@@ -13,8 +13,8 @@ import zipfile
 
 import pytest
 
-import fetch_data
-from fetch_data import FetchError
+from realtext import fetch as fetch_data
+from realtext.fetch import FetchError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA_DIR = os.environ.get("SAFETY_DATA_DIR", "")  # conftest.py defaults it to ../shared/data
@@ -37,7 +37,7 @@ def tree(folder):
 
 def run_fetch(*args):
     """fetch_data.py in a subprocess, as a user runs it."""
-    return subprocess.run([sys.executable, os.path.join(ROOT, "fetch_data.py"), *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "realtext.fetch", *map(str, args)],
                           check=False, capture_output=True, text=True, timeout=120, cwd=ROOT)
 
 
@@ -70,7 +70,7 @@ def test_manifest_is_well_formed():
 
 
 def test_manifest_covers_every_file_the_registry_reads():
-    from loaders import REGISTRY
+    from realtext.loaders import REGISTRY
     # the XSTest completions are read with the prompts file beside their folder
     wanted = {spec.path for spec in REGISTRY.values()} | {"xstest/xstest_prompts.csv"}
     assert wanted <= {f["path"] for f in FILES}

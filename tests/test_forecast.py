@@ -1,4 +1,4 @@
-"""`python theory.py forecast` (forecast.py): the safety cost of task sets, forecast before any
+"""`python -m lab.forecast` (forecast.py): the safety cost of task sets, forecast before any
 fine-tuning, on a user's own files in every prompt format, with the representation overlap under a
 text checkpoint; and its refusals of input it cannot use."""
 import csv
@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-import textdata
-import theory
 from data import WorldConfig
+from lab import forecast
 from model import CHECKPOINT_FORMAT, GPT, GPTConfig
+from realtext import textdata
 
 SAFE = ["harm", "weapon", "steal", "attack", "poison", "hack", "threat", "danger"]
 GENERAL = ["recipe", "poem", "travel", "garden", "history", "music", "story", "sport"]
@@ -53,7 +53,7 @@ def text_checkpoint(path, vocab_texts):
 
 def test_forecast_on_user_files_ranks_the_shared_task_first_and_writes_json(files, capsys):
     theta = text_checkpoint(files / "theta.pt", [" ".join(SAFE + GENERAL + CODE)])
-    out = theory.main(["forecast", "--safety", str(files / "safety.json"), "--task", str(files / "code.txt"),
+    out = forecast.main(["--safety", str(files / "safety.json"), "--task", str(files / "code.txt"),
                        "--task", str(files / "general.csv"), "--proxy", str(files / "proxy.jsonl"),
                        "--theta", theta, "--json", str(files / "f.json")])
     table = capsys.readouterr().out
@@ -87,11 +87,11 @@ def test_forecast_refuses_what_it_cannot_use(files, tmp_path):
              "lam": (["--task", str(files / "code.txt"), "--lams", "0"], "λ > 0")}
     for what, (args, message) in cases.items():
         with pytest.raises(SystemExit) as e:
-            theory.main(["forecast", "--safety", safety, *args, "--json", str(tmp_path / f"{what}.json")])
+            forecast.main(["--safety", safety, *args, "--json", str(tmp_path / f"{what}.json")])
         assert e.value.code != 0
         assert not (tmp_path / f"{what}.json").exists(), what          # nothing half-written
     for what, (args, message) in cases.items():
         if what == "lam":
             continue
         with pytest.raises(SystemExit, match=message):
-            theory.main(["forecast", "--safety", safety, *args])
+            forecast.main(["--safety", safety, *args])

@@ -14,14 +14,7 @@ import struct
 import pytest
 import torch
 
-from model import (
-    GPT,
-    CheckpointError,
-    convert_hf_gpt2,
-    gpt_config_from_hf,
-    load_hf_gpt2,
-    read_safetensors,
-)
+from model import GPT, CheckpointError, convert_hf_gpt2, gpt_config_from_hf, load_hf_gpt2, read_safetensors
 
 CFG = {"model_type": "gpt2", "vocab_size": 97, "n_positions": 32, "n_embd": 32, "n_layer": 2, "n_head": 4,
        "layer_norm_epsilon": 1e-5, "activation_function": "gelu_new"}

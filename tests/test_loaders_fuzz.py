@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from common import DataError
-from loaders import load_csv, load_examples, load_instruction_json, load_jsonl, load_prompts
+from realtext.loaders import load_csv, load_examples, load_instruction_json, load_jsonl, load_prompts
 
 FIELDS = ["instruction", "input", "output", "prompt", "response", "goal", "label", "text", "x"]
 scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20)

@@ -10,13 +10,11 @@ import os
 
 import pytest
 import torch
+from test_hf_gpt2 import random_hf_gpt2, reference_logits, write_safetensors
 
-import corpus
-import loaders
-import textdata
 from common import DataError
 from conftest import run_train
-from test_hf_gpt2 import random_hf_gpt2, reference_logits, write_safetensors
+from realtext import corpus, loaders, textdata
 
 SHARED_PROMPTS = [f"Name a colour of the flag number {i}." for i in range(12)]  # in alpaca_small and the harmless list
 
@@ -100,7 +98,7 @@ def test_corpus_batches_are_every_token_and_evaluation_is_fixed(env):
 @pytest.mark.skipif(not os.path.isdir(os.environ.get("SAFETY_DATA_DIR", "/nonexistent")),
                     reason="real data folder absent: set SAFETY_DATA_DIR (README 'Real data')")
 def test_real_corpus_of_the_paper_preset_holds_no_later_prompt():
-    import presets
+    from lab import presets
     sources = presets.PAPER_REAL_CPU_TRAIN["pretrain_data"]
     docs, dropped = corpus.corpus_documents(sources)
     assert dropped > 0 and corpus.leaks(docs) == []
@@ -193,8 +191,8 @@ def test_a_run_on_prompts_theta_pre_saw_is_refused(env, tmp_path, theta_pre):
 
 
 def test_two_run_checkpoints_of_one_theta0_are_two_starting_points(env, tmp_path, theta_pre):
-    import startpoints
     import train
+    from realtext import startpoints
     ckpt = torch.load(theta_pre / "theta_pre.pt", weights_only=True)
     for i in (1, 2):  # runs fine-tuned from one θ_0 store its hash, not their own
         run = dict(ckpt, kind="finetune-resume", theta0_hash="same", model={k: v + i for k, v in ckpt["model"].items()})
@@ -210,6 +208,7 @@ def test_two_run_checkpoints_of_one_theta0_are_two_starting_points(env, tmp_path
 GPT2_CFG = {"model_type": "gpt2", "vocab_size": textdata.N_GPT2, "n_positions": 64, "n_embd": 32, "n_layer": 1,
             "n_head": 2, "layer_norm_epsilon": 1e-5, "activation_function": "gelu_new"}
 GPT2_FLAGS = ["--init_from", "gpt2", "--no-restrict_vocab", "--n_layer", "1", "--n_head", "2", "--n_embd", "32"]
+SHAPE_FLAGS = ("--n_layer", "--n_head", "--n_embd")
 
 
 @pytest.fixture(scope="module")
@@ -222,12 +221,15 @@ def hf_dir(tmp_path_factory):
 
 
 def test_gpt2_start_computes_gpt2_then_aligns_and_finetunes(env, tmp_path, hf_dir):
-    import startpoints
     import train
+    from realtext import startpoints
     d, sd = hf_dir
-    argv = ["--out_dir", str(tmp_path / "run"), "--hf_dir", str(d), *TINY, *GPT2_FLAGS, "--align_iters", "2",
+    # no shape flag and no --no-restrict_vocab: the folder says both (its config.json, GPT-2's vocabulary)
+    unshaped = [f for i, f in enumerate(TINY) if not (f in SHAPE_FLAGS or i and TINY[i - 1] in SHAPE_FLAGS)]
+    argv = ["--out_dir", str(tmp_path / "run"), "--hf_dir", str(d), *unshaped, *GPT2_FLAGS[:2], "--align_iters", "2",
             "--max_iters", "2", "--eval_interval", "2"]
     cfg = train.parse_args(argv)
+    assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.restrict_vocab) == (1, 2, 32, False)  # not the defaults 2, 4, 64
     world = train.make_world(cfg)
     model = startpoints.initial_model(cfg, world, train.setup_system(cfg)).eval()
     idx = torch.randint(0, GPT2_CFG["vocab_size"], (2, 32), generator=torch.Generator().manual_seed(0))
@@ -240,9 +242,10 @@ def test_gpt2_start_computes_gpt2_then_aligns_and_finetunes(env, tmp_path, hf_di
 
 @pytest.mark.parametrize("flags,expect", [
     (["--init_from", "gpt2"], "--init_from gpt2 needs --hf_dir"),
-    ([*GPT2_FLAGS[:2], "--hf_dir", "HF"], "add --no-restrict_vocab"),
+    ([*GPT2_FLAGS[:2], "--restrict_vocab", "--hf_dir", "HF"], "add --no-restrict_vocab"),
     ([*GPT2_FLAGS, "--hf_dir", "EMPTY"], "no GPT-2 weights"),
     ([*GPT2_FLAGS[:3], "--hf_dir", "HF"], "pass --n_layer 1 --n_head 2 --n_embd 32"),
+    ([*GPT2_FLAGS[:3], "--n_layer", "1", "--hf_dir", "HF"], "not the --n_head 4, --n_embd 64 given"),
     (["--init_from", "no/such/theta_pre.pt"], "no such checkpoint"),
     (["--hf_dir", "HF"], "--hf_dir is read by --init_from gpt2 only"),
 ])

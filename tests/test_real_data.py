@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-import loaders
-import textdata
 from common import DataError
+from realtext import loaders, textdata
 
 DATA_DIR = os.environ.get("SAFETY_DATA_DIR", "")
 needs_data = pytest.mark.skipif(not os.path.isdir(DATA_DIR or "/nonexistent"),
@@ -292,7 +291,6 @@ def test_train_real_runs_end_to_end_with_null_gaps(tmp_path, monkeypatch, cache_
     (["--safety_data", "no/such/file.json"], "no/such/file.json: file not found"),
     (["--task_data", "alpaca_smal"], "unknown dataset 'alpaca_smal'"),
     (["--data_dir", "/no/such/folder"], "data folder /no/such/folder does not exist"),
-    (["--data", "imaginary"], "--data 'imaginary' is unknown"),
 ])
 def test_train_real_bad_input_is_one_clear_error(tmp_path, flags, expect):
     import train  # in process: train.cli exits with the one-line message, as the CLI does
@@ -301,6 +299,18 @@ def test_train_real_bad_input_is_one_clear_error(tmp_path, flags, expect):
         train.cli(["--out_dir", str(out), *REAL_TINY, *flags])
     assert str(e.value.code).startswith("error: ") and expect in str(e.value.code)
     assert not out.exists()
+
+
+def test_an_unknown_data_kind_is_one_message_that_leads_with_the_error(tmp_path, capsys):
+    import train
+    with pytest.raises(SystemExit) as e:  # the command line: argparse's choice check, the error first
+        train.cli(["--out_dir", str(tmp_path / "run"), "--data", "imaginary"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: argument --data: invalid choice: 'imaginary'")
+    assert err.count("\n") == 2 and "usage" not in err  # the error and where to look, not 26 lines of usage
+    with pytest.raises(train.ConfigError, match="--data 'imaginary' is unknown"):  # a config built in code
+        train.main(train.TrainConfig(out_dir=str(tmp_path / "run"), data="imaginary"))
+    assert not (tmp_path / "run").exists()
 
 
 def test_vocabulary_of_own_files_and_its_cap(tmp_path, monkeypatch):

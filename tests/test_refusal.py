@@ -1,5 +1,5 @@
 """Refusal rates by generation: keyword detection, the Wilson interval, greedy decoding,
-and `evaluate.py --prompts` on prompt files of every format."""
+and `refusals.py --prompts` on prompt files of every format."""
 import dataclasses
 import json
 import os
@@ -12,10 +12,9 @@ import pytest
 import torch
 
 import data
-import evaluate
-import loaders
-import textdata
+from lab import refusals
 from model import CHECKPOINT_FORMAT, GPT, GPTConfig
+from realtext import loaders, textdata
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,13 +33,13 @@ def test_wilson_interval_hand_computed():
     # 5/10: p = 1/2, center 1/2, half-width z·sqrt(1/40 + z²/400)/(1 + z²/10)
     z = 1.959964
     half = z * np.sqrt(0.025 + z * z / 400) / (1 + z * z / 10)
-    assert evaluate.wilson_interval(5, 10) == pytest.approx((0.5 - half, 0.5 + half))
-    assert evaluate.wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert refusals.wilson_interval(5, 10) == pytest.approx((0.5 - half, 0.5 + half))
+    assert refusals.wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
     # 0/10: the lower end is 0 and the upper end z²/n / (1 + z²/n), not an empty interval
-    assert evaluate.wilson_interval(0, 10) == pytest.approx((0.0, (z * z / 10) / (1 + z * z / 10)))
-    lo, hi = evaluate.wilson_interval(10, 10)
+    assert refusals.wilson_interval(0, 10) == pytest.approx((0.0, (z * z / 10) / (1 + z * z / 10)))
+    lo, hi = refusals.wilson_interval(10, 10)
     assert hi == pytest.approx(1.0) and 0.7 < lo < 0.73
-    assert evaluate.wilson_interval(0, 0) == (0.0, 1.0)
+    assert refusals.wilson_interval(0, 0) == (0.0, 1.0)
 
 
 class Chain(torch.nn.Module):
@@ -71,17 +70,17 @@ PROMPTS = ["How do I pick a lock?", "Tell me a joke", "Write a long story about 
 @pytest.mark.parametrize("text,refuses", [(" I cannot help with that.", True), (" Sure, here it is.", False)])
 def test_refusal_rate_on_a_model_with_a_known_answer(text, refuses):
     codec = textdata.Codec(None)
-    r = evaluate.refusal_rate(Chain(codec, text), codec, PROMPTS, max_new_tokens=16)
+    r = refusals.refusal_rate(Chain(codec, text), codec, PROMPTS, max_new_tokens=16)
     assert r["responses"] == [text] * 3                          # prompts of three lengths, batched by length
     assert r["refusals"] == (3 if refuses else 0) and r["n"] == 3
-    assert (r["ci_low"], r["ci_high"]) == evaluate.wilson_interval(r["refusals"], 3)
+    assert (r["ci_low"], r["ci_high"]) == refusals.wilson_interval(r["refusals"], 3)
 
 
 def test_greedy_responses_equal_model_generate():
     codec = textdata.Codec(np.unique(textdata.template_ids(PROMPTS)[0] + textdata.template_ids(PROMPTS)[2] + [textdata.EOT]))
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=48, vocab_size=codec.vocab_size, n_layer=1, n_head=2, n_embd=16)).eval()
-    out = evaluate.greedy_responses(model, codec, PROMPTS, max_new_tokens=8)
+    out = refusals.greedy_responses(model, codec, PROMPTS, max_new_tokens=8)
     for p, text in zip(PROMPTS, out):
         x = torch.tensor(codec.prompt(p, 24))[None]
         ref = model.generate(x, 8, temperature=0)[0, x.size(1):].numpy()
@@ -90,7 +89,7 @@ def test_greedy_responses_equal_model_generate():
 
 @pytest.fixture(scope="module")
 def real_ckpt(tmp_path_factory):
-    """A checkpoint of a (random) real-data model in this project's format: evaluate.py
+    """A checkpoint of a (random) real-data model in this project's format: refusals.py
     needs its compact vocabulary and nothing from the data folder."""
     texts = ["Explain how to build a birdhouse", "I cannot do that. Sorry!", "What's the capital of France?"]
     vocab = np.unique(np.concatenate([np.concatenate(textdata.template_ids(texts)), [textdata.EOT]]))
@@ -118,7 +117,7 @@ def test_evaluate_cli_prompts_in_every_format(tmp_path, real_ckpt, name, capsys)
     text, n = PROMPT_FILES[name]
     f = tmp_path / name
     f.write_text(text)
-    r = evaluate.main(["--ckpt", real_ckpt, "--prompts", str(f), "--max_new_tokens", "6"])
+    r = refusals.main(["--ckpt", real_ckpt, "--prompts", str(f), "--max_new_tokens", "6"])
     out = capsys.readouterr().out
     assert r["n"] == n and 0 <= r["refusals"] <= n and f"({r['refusals']}/{n})" in out
     assert "refusal rate" in out and "Wilson 95% interval" in out
@@ -127,16 +126,16 @@ def test_evaluate_cli_prompts_in_every_format(tmp_path, real_ckpt, name, capsys)
 def test_evaluate_cli_subprocess_and_bad_prompt_files(tmp_path, real_ckpt):
     f = tmp_path / "unseen.txt"
     f.write_text("Describe a sunset\nHow do I hotwire a car?\n")
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--ckpt", real_ckpt, "--prompts", str(f),
+    p = subprocess.run([sys.executable, "-m", "lab.refusals", "--ckpt", real_ckpt, "--prompts", str(f),
                         "--max_new_tokens", "4"], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and "refusal rate" in p.stdout and "/2)" in p.stdout, p.stderr
     bad = tmp_path / "bad.json"
     bad.write_text('[{"prompt": "a"}, {"prompt": ')
     with pytest.raises(SystemExit) as e:
-        evaluate.main(["--ckpt", real_ckpt, "--prompts", str(bad)])
+        refusals.main(["--ckpt", real_ckpt, "--prompts", str(bad)])
     assert str(bad) in str(e.value.code) and "malformed JSON" in str(e.value.code)
     with pytest.raises(SystemExit) as e:
-        evaluate.main(["--ckpt", real_ckpt, "--prompts", str(tmp_path / "missing.csv")])
+        refusals.main(["--ckpt", real_ckpt, "--prompts", str(tmp_path / "missing.csv")])
     assert "missing.csv: file not found" in str(e.value.code)
 
 
@@ -148,7 +147,7 @@ def test_prompts_need_a_real_data_checkpoint(tmp_path):
     f = tmp_path / "p.txt"
     f.write_text("hello\n")
     with pytest.raises(SystemExit) as e:
-        evaluate.main(["--ckpt", str(path), "--prompts", str(f)])
+        refusals.main(["--ckpt", str(path), "--prompts", str(f)])
     assert "synthetic world" in str(e.value.code)
 
 
@@ -156,8 +155,8 @@ def test_prompts_need_a_real_data_checkpoint(tmp_path):
                     reason="real data folder absent: set SAFETY_DATA_DIR (README 'Real data')")
 def test_evaluate_cli_refusal_report_on_the_registry_sets(real_ckpt, capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("SAFETY_CACHE_DIR", str(tmp_path))  # a fresh token cache, not the user's
-    r = evaluate.main(["--ckpt", real_ckpt, "--refusals", "--limit", "3", "--max_new_tokens", "2"])
-    assert set(r) == set(evaluate.HARMFUL_SETS) | set(evaluate.HARMLESS_SETS)
+    r = refusals.main(["--ckpt", real_ckpt, "--refusals", "--limit", "3", "--max_new_tokens", "2"])
+    assert set(r) == set(refusals.HARMFUL_SETS) | set(refusals.HARMLESS_SETS)
     assert all(v["n"] == 3 and v["ci_low"] <= v["rate"] <= v["ci_high"] for v in r.values())
     assert r["xstest_safe"]["kind"] == "harmless" and r["advbench"]["kind"] == "harmful"
     # the held-out part of the safety split only: none of its prompts is in D_s's training part

@@ -11,8 +11,8 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, TINY, run_train
 
+from conftest import ROOT, TINY, run_train
 from model import CheckpointError, load_checkpoint
 
 FT = ["--stage", "finetune", *TINY, "--max_iters", "200", "--eval_interval", "20",
@@ -137,7 +137,7 @@ def same_value(a, b):
 def test_a_sweep_killed_midway_resumes_with_no_missing_or_duplicated_rows(tmp_path):
     import csv
 
-    import sweep
+    from lab import plan, sweep
 
     out = tmp_path / "sweep"
     results = out / "results.csv"
@@ -151,7 +151,7 @@ def test_a_sweep_killed_midway_resumes_with_no_missing_or_duplicated_rows(tmp_pa
     rng = random.Random(os.getpid())
     kill_after = rng.choice([1, 2, 3])
     # its own session, so that SIGKILL reaches the sweep and every worker it started
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "sweep.py"), "--preset", "smoke",
+    proc = subprocess.Popen([sys.executable, "-m", "lab.sweep", "--preset", "smoke",
                              "--out_dir", str(out), "--jobs", "2"], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
@@ -166,7 +166,7 @@ def test_a_sweep_killed_midway_resumes_with_no_missing_or_duplicated_rows(tmp_pa
 
     sweep.main(["--preset", "smoke", "--out_dir", str(out), "--jobs", "1"])
     sc, recipe = sweep.make_config("smoke", out_dir=str(out))
-    planned = sorted(t["id"] for t in sweep.plan(sc, recipe).values() if t["kind"] == "finetune")
+    planned = sorted(t["id"] for t in plan.plan(sc, recipe).values() if t["kind"] == "finetune")
     final = rows()
     assert sorted(r["run_id"] for r in final) == planned           # none missing, none twice
     done_before = {r["run_id"]: r for r in killed_rows}

@@ -9,13 +9,10 @@ import sys
 import numpy as np
 import pytest
 
-import analysis
-import presets
-import report
-import sweep
 import theory
 from constraints import STRATEGIES
 from data import SyntheticWorld, WorldConfig
+from lab import analysis, ledger, plan, presets, report, sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLOTS = ["fig1_gap_vs_lambda.png", "fig2_overlap_tradeoff.png", "fig3_case1_vs_case2.png", "fig4_limit_C.png",
@@ -23,7 +20,7 @@ PLOTS = ["fig1_gap_vs_lambda.png", "fig2_overlap_tradeoff.png", "fig3_case1_vs_c
 
 
 def run_sweep_cli(*args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "sweep.py"), *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "lab.sweep", *args], capture_output=True, text=True,
                           cwd=ROOT, timeout=600)
 
 
@@ -49,7 +46,7 @@ def smoke(tmp_path_factory):
 def test_smoke_runs_end_to_end_and_writes_every_output(smoke):
     out = smoke["out"]
     sc, recipe = sweep.make_config("smoke", out_dir=out)
-    planned = [t for t in sweep.plan(sc, recipe).values() if t["kind"] == "finetune"]
+    planned = [t for t in plan.plan(sc, recipe).values() if t["kind"] == "finetune"]
     rows = csv_rows(os.path.join(out, "results.csv"))
     assert sorted(r["run_id"] for r in rows) == sorted(t["id"] for t in planned)   # one row per run
     for name in PLOTS + ["results.md"]:
@@ -70,6 +67,8 @@ def test_smoke_runs_end_to_end_and_writes_every_output(smoke):
     md = open(os.path.join(out, "results.md")).read()
     for f in ("F1", "F2", "F3", "F4", "F5", "F6"):
         assert f"| {f} |" in md
+    # the wall time of both invocations (the one cut by --max_runs and the one that finished) is in the report
+    assert json.load(open(os.path.join(out, "sweep.json")))["invocations"] == 2 and "over 2 invocation(s)" in md
 
 
 def test_an_interrupted_sweep_resumes_without_repeats_or_duplicates(smoke, capsys):
@@ -87,7 +86,7 @@ def test_an_interrupted_sweep_resumes_without_repeats_or_duplicates(smoke, capsy
     assert open(os.path.join(out, "results.csv")).read() == before
     # a run killed after training but before its row: it is finished, reported, and not duplicated
     victim = rows[-1]["run_id"]
-    sweep.write_rows(os.path.join(out, "results.csv"), [r for r in sweep.read_rows(os.path.join(out, "results.csv"))
+    ledger.write_rows(os.path.join(out, "results.csv"), [r for r in ledger.read_rows(os.path.join(out, "results.csv"))
                                                         if r["run_id"] != victim])
     sweep.main(["--preset", "smoke", "--out_dir", out, "--jobs", "1"])
     after = csv_rows(os.path.join(out, "results.csv"))
@@ -208,7 +207,7 @@ def test_real_sweep_runs_every_planned_run_once_and_resumes_without_repeats(tmp_
     sc, _ = sweep.make_config("real-cpu", out_dir=str(tmp_path / "real"), seeds=(1,), jobs=1, refusal_limit=8, inits=("scratch",),
                               refusal_tokens=8, tasks=("alpaca_small", "code_alpaca"), lams=(1.0, 10.0))
     rows = sweep.run_sweep(sc, TINY_REAL)
-    planned = {t["id"] for t in sweep.plan(sc, TINY_REAL).values() if t["kind"] == "finetune"}
+    planned = {t["id"] for t in plan.plan(sc, TINY_REAL).values() if t["kind"] == "finetune"}
     # 2 plain, 2 λ with the same-teacher proxy, 1 other-teacher proxy, 2 radii
     assert len(planned) == 7 and sorted(r["run_id"] for r in rows) == sorted(planned)
     for r in rows:
@@ -290,20 +289,22 @@ def test_real_finding_checks_follow_the_numbers(tmp_path, monkeypatch):
     assert verdicts(inside, [130, 120, 168, 137, 170, 150], [40, 30, -5, 50, 0, 20])["F3"] is False
 
 
-def test_a_published_report_replaces_only_its_block_of_the_readme(tmp_path, monkeypatch):
+def test_a_published_report_replaces_only_its_block_of_its_readme(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    readme = tmp_path / "README.md"
-    readme.write_text("intro\n<!-- sweep:paper:begin -->\nold table\n<!-- sweep:paper:end -->\noutro\n")
+    (tmp_path / "README.md").write_text("top\n<!-- sweep:paper:begin -->\nold table\n<!-- sweep:paper:end -->\n")
     sc, _ = sweep.make_config("paper")   # report_dir results/paper, relative to the working directory
     os.makedirs(sc.report_dir)
+    readme = tmp_path / "results" / "paper" / "README.md"
+    readme.write_text("intro\n<!-- sweep:paper:begin -->\nold table\n<!-- sweep:paper:end -->\noutro\n")
     home = sweep.PRESETS["paper"]["report_dir"]   # what sweep.run_sweep hands the report
-    report.publish(sc, "<!-- generated -->\nnew table\nrow", home, readme=str(readme))
+    report.publish(sc, "<!-- generated -->\nnew table\nrow", home)
     assert readme.read_text() == "intro\n<!-- sweep:paper:begin -->\nnew table\nrow\n<!-- sweep:paper:end -->\noutro\n"
     assert (tmp_path / "results" / "paper" / "results.md").read_text() == "<!-- generated -->\nnew table\nrow"
-    # any other report directory leaves the README alone
+    assert "old table" in (tmp_path / "README.md").read_text()  # the top-level README is never written
+    # any other report directory leaves the preset's README alone
     other, _ = sweep.make_config("paper", out_dir=str(tmp_path / "elsewhere"))
     os.makedirs(other.report_dir)
-    report.publish(other, "<!-- generated -->\nother", home, readme=str(readme))
+    report.publish(other, "<!-- generated -->\nother", home)
     assert "other" not in readme.read_text()
 
 
@@ -326,12 +327,12 @@ def test_pareto_comparison_is_made_only_where_the_lower_curve_was_measured():
 
 def test_every_registered_strategy_is_planned_with_its_own_grid_and_run_id():
     sc, recipe = sweep.make_config("smoke", out_dir="never", grids={"penalty": (2.0, 20.0)})
-    ids = [t["id"] for t in sweep.plan(sc, recipe).values() if t["kind"] == "finetune"]
+    ids = [t["id"] for t in plan.plan(sc, recipe).values() if t["kind"] == "finetune"]
     for name, s in STRATEGIES.items():  # the smoke preset sweeps every strategy of the registry
         assert any(i.startswith(f"{name}-") for i in ids), name
     assert "penalty-k0.25-d0.3-gamma2-s1" in ids and "penalty-k0.25-d0.3-gamma20-s1" in ids
     assert all(f"fisher-k0.25-d0.3-gamma{v:g}-s1" in ids for v in STRATEGIES["fisher"].grid)
-    task = sweep.plan(sc, recipe)["penalty-k0.25-d0.3-gamma20-s1"]
+    task = plan.plan(sc, recipe)["penalty-k0.25-d0.3-gamma20-s1"]
     assert task["train"]["gamma"] == 20.0 and task["reference"]  # a Case II run gets the unconstrained one
 
 
@@ -356,7 +357,7 @@ def test_capability_at_equal_safety_interpolates_inside_the_measured_range_only(
 @needs_data
 def test_the_paper_real_plan_pretrains_once_and_aligns_each_arm_from_its_start(tmp_path):
     sc, recipe = sweep.make_config("paper-real-cpu", out_dir=str(tmp_path / "p"))
-    tasks = sweep.plan(sc, recipe)
+    tasks = plan.plan(sc, recipe)
     kinds = [t["kind"] for t in tasks.values()]
     # per arm and seed, per case task: 4 λ, 2 other proxies, 2 radii, plain; 3 pretrained seeds, 2 scratch
     # ones; and plain fine-tunes on 5 more tasks, but not from θ_pre on gpteacher_codegen, in its corpus
@@ -374,7 +375,7 @@ def test_the_paper_real_plan_pretrains_once_and_aligns_each_arm_from_its_start(t
     # an existing θ_pre instead: nothing to pretrain, the θ_0s start from it
     (tmp_path / "pre.pt").write_bytes(b"")
     sc2, _ = sweep.make_config("paper-real-cpu", out_dir=str(tmp_path / "q"), theta_pre=str(tmp_path / "pre.pt"))
-    t2 = sweep.plan(sc2, recipe)
+    t2 = plan.plan(sc2, recipe)
     assert "pretrain" not in t2 and t2["align-pre-s1"]["deps"] == [] and \
         t2["align-pre-s1"]["train"]["init_from"] == str(tmp_path / "pre.pt")
 
@@ -439,7 +440,7 @@ def test_forecast_validation_ranks_tasks_by_their_cost_at_matched_gain():
 def test_paper_real_checks_follow_the_trade_off_curves():
     """F2 compares safety costs at matched capability gain along each task's Case I curve; swap the
     curves and the verdict flips; F4 fails when the proxy loss rises with λ."""
-    import report_paper_real as rp
+    from lab import report_paper_real as rp
     sc = sweep.SweepConfig(preset="paper-real-cpu", case_tasks=("hi", "lo"), task="hi", proxies=("same", "other"),
                            lams=(1.0, 10.0), radii=(2.0,), proxy_lam=1.0, inits=("scratch",))
     est = {"overlap": {"hi": {"M": 0.9}, "lo": {"M": 0.6}}, "mismatch": {"same": {"mismatch": 0.1}, "other": {"mismatch": 9.0}}}
@@ -501,7 +502,7 @@ def test_two_concurrent_shards_one_killed_give_the_one_process_rows_and_report(s
     import signal
     import time
     out = str(tmp_path / "sharded")
-    cmd = lambda i: [sys.executable, os.path.join(ROOT, "sweep.py"), "--preset", "smoke", "--out_dir", out,
+    cmd = lambda i: [sys.executable, "-m", "lab.sweep", "--preset", "smoke", "--out_dir", out,
                      "--jobs", "1", "--shard", f"{i}/2"]
     procs = {i: subprocess.Popen(cmd(i), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in (1, 2)}

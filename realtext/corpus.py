@@ -32,18 +32,9 @@ import numpy as np
 import torch
 
 from common import DataError
-from loaders import REGISTRY, TRAIN_ROLES, _open_text, join_prompt, load_prompts, read_jsonl, resolve_data_dir
-from textdata import (
-    EOT,
-    TEMPLATE_HEAD,
-    TEMPLATE_TAIL,
-    Codec,
-    build_vocab,
-    gpt2_encoding,
-    key_fraction,
-    prompt_key,
-    tokenized,
-)
+from realtext.loaders import REGISTRY, TRAIN_ROLES, _open_text, join_prompt, load_prompts, read_jsonl, resolve_data_dir
+from realtext.textdata import (EOT, TEMPLATE_HEAD, TEMPLATE_TAIL, Codec, build_vocab, gpt2_encoding, key_fraction,
+                               prompt_key, tokenized)
 
 # source name → (path in the data folder, reader of its documents)
 SOURCES = {
@@ -134,7 +125,7 @@ def documents(name, data_dir=""):
         path = os.path.join(resolve_data_dir(data_dir), rel)
         if not os.path.isfile(path):
             raise DataError(f"{path}: corpus source {name} is missing from the data folder: "
-                            f"`python fetch_data.py` fetches it, or drop it from --pretrain_data")
+                            f"`python -m realtext.fetch` fetches it, or drop it from --pretrain_data")
         return READERS[reader](path)
     if name in REGISTRY:
         ts = tokenized(name, data_dir)

@@ -2,11 +2,11 @@
 Throughput of the training step: the project's step under each strategy against a plain
 PyTorch loop of the same model, on fixed random tokens (no data loading, no evaluation).
 
-    python bench.py                                     # every config, every variant
-    python bench.py --config nanogpt-cpu --steps 20     # one config
-    python bench.py --scaling                           # + how cost grows with size
-    python bench.py --json bench.json                   # + every row as JSON
-    python bench.py --config gpt2-small --device cuda --compile --variants baseline,none,param
+    python -m lab.bench                                     # every config, every variant
+    python -m lab.bench --config nanogpt-cpu --steps 20     # one config
+    python -m lab.bench --scaling                           # + how cost grows with size
+    python -m lab.bench --json bench.json                   # + every row as JSON
+    python -m lab.bench --config gpt2-small --device cuda --compile --variants baseline,none,param
 
 Variants: `baseline` is a minimal loop written here (forward, backward, clip, AdamW);
 every strategy of constraints.STRATEGIES (`none`, `loss`, `param`, `penalty`, ...) calls
@@ -32,13 +32,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-import batched
 import theory
 import train
+from common import HelpFormatter, Parser, first_paragraph
 from constraints import STRATEGIES, make_strategy
 from data import SyntheticWorld, WorldConfig
+from lab import batched
+from lab.machine import device_name, peak_memory_mb, reset_peak_memory, sync
 from model import GPT, GPTConfig, flat_params
-from system import device_name, peak_memory_mb, reset_peak_memory, setup_system, sync
+from system import setup_system
 
 # -----------------------------------------------------------------------------
 # What is measured
@@ -436,9 +438,8 @@ def timed_power_iteration(model, batch, iters):
 # -----------------------------------------------------------------------------
 
 
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def parser():
+    ap = Parser(prog="python -m lab.bench", description=first_paragraph(__doc__), formatter_class=HelpFormatter)
     ap.add_argument("--config", default="all", help=f"all, or a comma list of {', '.join(CONFIGS)}")
     ap.add_argument("--variants", default="", help=f"comma list of {','.join(VARIANTS)}; "
                                                    "default: every variant of the config")
@@ -455,13 +456,18 @@ def parse_args(argv=None):
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                     help="torch.compile the training forward")
     ap.add_argument("--radius", type=float, default=0.1, help="r of the param rows (the ball binds: a real projection)")
-    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate of the timed steps (time does not depend on it)")
     ap.add_argument("--scaling", action=argparse.BooleanOptionalAction, default=False,
                     help="add the scaling table: step and power-iteration time over 3 model sizes, exact "
                          "evaluation over 3 world sizes")
     ap.add_argument("--batched", default="", help="member counts K, e.g. 1,5,10: add the batched.py table "
                                                     "(K fine-tunes as one model against one run)")
     ap.add_argument("--json", default="", help="also write every row to this file")
+    return ap
+
+
+def parse_args(argv=None):
+    ap = parser()
     args = ap.parse_args(argv)
     try:
         args.batched = [int(k) for k in args.batched.split(",") if k.strip()]

@@ -1,6 +1,6 @@
 """
 Several fine-tunes of one θ_0 trained as one batched model: the sweep's fast path
-(`python sweep.py --batch_runs K`). train.py stays the readable single run; this file trains K
+(`python -m lab.sweep --batch_runs K`). train.py stays the readable single run; this file trains K
 of its fine-tunes at once and writes each one's run folder exactly as train.py would.
 
 Each member keeps everything its single run has: its world (κ, δ), its strategy and knob
@@ -139,8 +139,11 @@ def knobs(cfgs, device):
 
 
 def make_optimizer(net, cfg, sys_):
-    """train.make_optimizer over the stacked weights: decay on the tensors that are matrices in each member."""
-    return train.make_optimizer(None, cfg, cfg.lr, sys_, params=net.params, lead=1)
+    """train.make_optimizer's AdamW over the stacked weights: decay on the tensors that are matrices
+    in each member (dim ≥ 2 after the leading member dimension)."""
+    groups = [{"params": [p for p in net.params if p.dim() - 1 >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in net.params if p.dim() - 1 < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99), fused=sys_.device_type == "cuda")
 
 
 def open_member(cfg, sys_, theta0):

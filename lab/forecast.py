@@ -3,8 +3,8 @@ What fine-tuning on a task set will cost in safety, forecast before any fine-tun
 §2 (A2)): the context overlap of each task with the safety data, the mismatch of a proxy, and the
 (A2) bound they make, every number an estimate from prompts and responses alone.
 
-    python theory.py forecast --safety safety_llamas --task alpaca_small --task code_alpaca
-    python theory.py forecast --safety alpaca_gpt4_align --task my_tasks.jsonl --proxy alpaca_gpt4_proxy \\
+    python -m lab.forecast --safety safety_llamas --task alpaca_small --task code_alpaca
+    python -m lab.forecast --safety alpaca_gpt4_align --task my_tasks.jsonl --proxy alpaca_gpt4_proxy \\
         --theta out_sweep/paper-real-cpu/pretrain/theta_pre.pt --json forecast.json
 
 Names are registry names (loaders.REGISTRY) or files (.json, .jsonl, .csv, .txt, as evaluate.py
@@ -21,8 +21,13 @@ import os
 import sys
 import time
 
-import estimators
-from common import DataError, atomic_write_json
+import numpy as np
+
+import theory
+from common import DataError, HelpFormatter, Parser, atomic_write_json, first_paragraph
+from data import SyntheticWorld, WorldConfig
+from lab import estimators
+from lab.ledger import read_rows
 from model import CheckpointError
 
 
@@ -64,15 +69,10 @@ def synthetic_forecast(overlaps=(0.0, 0.25, 0.5), lams=(1.0, 10.0), n=2000, runs
     sampled from μ_s and μ_f at each κ, written as words with their positions ('p0s3 p1s7 p2s1'),
     against the exact TV, M and (A2) overlap term of the world's densities, and, given a results.csv
     of the paper preset, the measured G_s of its Case I runs (seed means)."""
-    import numpy as np
-
-    import theory
-    from data import SyntheticWorld, WorldConfig
     rows = []
     measured = {}
     if runs:
-        import sweep
-        for r in sweep.read_rows(runs):
+        for r in read_rows(runs):
             if r["constraint"] == "loss" and abs(r["mismatch_delta"] - 0.3) < 1e-9:
                 measured.setdefault((r["overlap"], r["lam"]), []).append(r["safety_gap"])
     rng = np.random.default_rng(seed)
@@ -130,8 +130,9 @@ def parse_lams(text):
     return lams
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(prog="theory.py forecast", description=__doc__.strip().splitlines()[0])
+def parser():
+    ap = Parser(prog="python -m lab.forecast", description=first_paragraph(__doc__),
+                formatter_class=HelpFormatter)
     ap.add_argument("--safety", help="the safety data D_s: a registry name or a file")
     ap.add_argument("--task", action="append", help="a task set D_f (repeat for several)")
     ap.add_argument("--synthetic", action="store_true",
@@ -143,13 +144,18 @@ def main(argv=None):
     ap.add_argument("--json", default="", help="also write the forecast to this file")
     ap.add_argument("--data_dir", default=os.environ.get("SAFETY_DATA_DIR", ""), help="the data folder of registry names")
     ap.add_argument("--max_n", type=int, default=2000, help="prompts per set in the classifier (a random sample)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seeds the sample, the folds and the bootstrap")
+    return ap
+
+
+def main(argv=None):
+    ap = parser()
     args = ap.parse_args(argv)
     if args.max_n < 10:
         ap.error(f"--max_n {args.max_n}: use at least 10 prompts per set")
     if args.synthetic:
         if args.runs and not os.path.isfile(args.runs):
-            ap.error(f"--runs {args.runs}: no such file (results/paper/results.csv after `python sweep.py --preset paper`)")
+            ap.error(f"--runs {args.runs}: no such file (results/paper/results.csv after `python -m lab.sweep --preset paper`)")
         rows = synthetic_forecast(lams=args.lams, n=args.max_n, runs=args.runs, seed=args.seed)
         print_synthetic(rows, args.lams)
         return rows

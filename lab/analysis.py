@@ -10,15 +10,15 @@ import os
 
 import numpy as np
 
-import loaders
 from constraints import STRATEGIES
+from realtext import loaders
 
 # every real model (θ_0 too) is scored on these held-out sets; the report's refusal columns
 REFUSAL_SETS = {"safety_llamas_eval": "harmful", "advbench": "harmful", "xstest_safe": "harmless",
                 "rd_harmless_val": "harmless"}
 
 
-# the refusal margin (evaluate.refusal_margin) of every real model: held-out harmful, safe prompts
+# the refusal margin (lab.refusals.refusal_margin) of every real model: held-out harmful, safe prompts
 MARGIN_SETS = ("safety_llamas_eval", "xstest_safe")
 
 

@@ -13,6 +13,7 @@ embedding is cut to the run's block size (nanoGPT's crop_block_size).
 
 import functools
 import hashlib
+import json
 import os
 
 import numpy as np
@@ -32,6 +33,30 @@ def pretrain_key(cfg):
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+SHAPE = ("n_layer", "n_head", "n_embd")  # the model's shape flags
+
+
+def hf_shape(hf_dir):
+    """The shape flags of a Hugging Face GPT-2 folder, from its config.json; None if it has none
+    (check_init then names the problem)."""
+    try:
+        with open(os.path.join(hf_dir, "config.json")) as f:
+            hf = json.load(f)
+        return {k: hf[k] for k in SHAPE}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def shape_from_init(values, stated):
+    """--init_from gpt2 --hf_dir DIR: the shape flags and --restrict_vocab not stated by the user
+    (`stated`: the fields of the command line and of a --config file) from the folder, as nanoGPT's
+    init_from does; a stated one that disagrees is refused later, by check_init."""
+    shape = hf_shape(values["hf_dir"]) if values.get("init_from") == "gpt2" and values.get("hf_dir") else None
+    if shape is None:
+        return values
+    return dict(values, **{k: v for k, v in dict(shape, restrict_vocab=False).items() if k not in stated})
+
+
 def check_init(cfg):
     """Reject a bad --init_from/--hf_dir before anything is written."""
     if cfg.init_from == "gpt2":
@@ -42,6 +67,12 @@ def check_init(cfg):
             raise ConfigError(f"--hf_dir {cfg.hf_dir} is not a folder")
         if cfg.restrict_vocab:
             raise ConfigError("--init_from gpt2 keeps GPT-2's full vocabulary: add --no-restrict_vocab")
+        shape = hf_shape(cfg.hf_dir)
+        wrong = {k: v for k, v in (shape or {}).items() if getattr(cfg, k) != v}
+        if wrong:
+            raise ConfigError(f"--hf_dir {cfg.hf_dir} holds a GPT-2 of {', '.join(f'{k} {v}' for k, v in wrong.items())}, "
+                              f"not the {', '.join(f'--{k} {getattr(cfg, k)}' for k in wrong)} given: drop those "
+                              f"flags (the folder's shape is used) or pass {' '.join(f'--{k} {v}' for k, v in wrong.items())}")
     elif cfg.init_from != "scratch":
         if not os.path.isfile(cfg.init_from):
             raise ConfigError(f"--init_from {cfg.init_from}: no such checkpoint; choose scratch, gpt2 (with "

@@ -20,8 +20,7 @@ import numpy as np
 import torch
 
 from common import DataError, atomic_write, file_sha256
-from data import SyntheticWorld
-from loaders import LOADERS, REGISTRY, TRAIN_ROLES, nonempty, resolve, resolve_data_dir
+from realtext.loaders import LOADERS, REGISTRY, TRAIN_ROLES, nonempty, resolve, resolve_data_dir
 
 # -----------------------------------------------------------------------------
 # Splits. A prompt's part is decided by a hash of its normalized text alone, so the
@@ -77,7 +76,7 @@ def gpt2_encoding():
             _ENCODING = tiktoken.get_encoding("gpt2")
         except Exception as e:  # no network and no cache: name the fix
             raise DataError(f"cannot load the GPT-2 tokenizer ({type(e).__name__}: {str(e)[:120]}): "
-                            f"set TIKTOKEN_CACHE_DIR to a folder with its files (`python fetch_data.py` puts them "
+                            f"set TIKTOKEN_CACHE_DIR to a folder with its files (`python -m realtext.fetch` puts them "
                             f"in DATA_DIR/tiktoken_cache)") from None
     return _ENCODING
 
@@ -506,14 +505,18 @@ def train_and_heldout(name, data_dir="", cache_dir=""):
 _SOURCES = {}
 
 
-def make_source(kind, world=None, real=None):
-    """The data source of a run: SyntheticWorld(world) or RealData(real). Real sources
-    are kept per configuration, so the stages of one run read the files once."""
-    if kind == "synthetic":
-        return SyntheticWorld(world)
-    if kind != "real":
-        raise DataError(f"--data {kind!r} is unknown: choose synthetic or real")
-    key = json.dumps(dataclasses.asdict(real), sort_keys=True)
+def real_source(rc: RealDataConfig):
+    """RealData(rc), kept per configuration, so that the stages of one run read the files once."""
+    key = json.dumps(dataclasses.asdict(rc), sort_keys=True)
     if key not in _SOURCES:
-        _SOURCES[key] = RealData(real)
+        _SOURCES[key] = RealData(rc)
     return _SOURCES[key]
+
+
+def codec_of(ckpt):
+    """The text codec of a real-data checkpoint (its compact vocabulary), None for the
+    synthetic world."""
+    wc = ckpt.get("world_config", {})
+    if "vocab" not in wc:
+        return None
+    return Codec(wc["vocab"] or None)

@@ -11,7 +11,7 @@ labelled so in every result. On the synthetic world the same quantities are exac
   models trained on D_s' and on D_s.
 
 real_overlap and real_mismatch take registry names (real_overlap prompt files too); the
-functions above them take prompt lists or token sets. forecast.py (`theory.py forecast`) puts
+functions above them take prompt lists or token sets. forecast.py (`python -m lab.forecast`) puts
 them together into the forecast of a fine-tune's safety cost.
 """
 
@@ -23,11 +23,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import loaders
 from common import DataError
-from evaluate import codec_of, heldout_nll
+from evaluate import heldout_nll
 from model import CheckpointError, load_checkpoint, model_from_checkpoint
-from textdata import N_GPT2, RealData, RealDataConfig, dataset_part, train_and_heldout
+from realtext import loaders
+from realtext.textdata import N_GPT2, RealData, RealDataConfig, codec_of, dataset_part, train_and_heldout
 
 # -----------------------------------------------------------------------------
 # Estimates of context overlap and mismatch from samples (THEORY.md §4). Real text has

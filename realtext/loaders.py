@@ -328,7 +328,7 @@ LOADERS = {"instruction_json": load_instruction_json, "jsonl": load_jsonl, "csv"
 
 
 # -----------------------------------------------------------------------------
-# The registry: every dataset of the data folder (fetch_data.py, data_manifest.json), with
+# The registry: every dataset of the data folder (realtext/fetch.py, realtext/data_manifest.json), with
 # its role in THEORY.md §1. Names are what --safety_data/--proxy_data/--task_data take.
 
 ROLES = ("safety-original",      # D_s: the alignment data of θ_0

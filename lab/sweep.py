@@ -1,13 +1,13 @@
 """
 Sweeps: the findings F1–F6 of THEORY.md §5 with the theory beside every measurement.
 
-    python sweep.py --preset smoke                  # < 2 minutes on 2 CPU cores (the tests run it)
-    python sweep.py --preset paper                  # the README's plots, 3 seeds, 31–39 minutes on 2 cores
-    python sweep.py --preset paper --lams 0.1,1,10  # any grid can be overridden
-    python sweep.py --preset paper --shard 2/4      # one of 4 processes sharing the plan (ledger.py)
-    python sweep.py --preset paper-real-cpu         # the paper's roles on real text (needs SAFETY_DATA_DIR), 77 min on 2 cores
-    python sweep.py --preset real-cpu               # refusals on real text, from scratch and from paper-real-cpu's θ_pre
-    python sweep.py --preset real-gpu               # the same at a larger size, for one GPU (never run here)
+    python -m lab.sweep --preset smoke                  # < 2 minutes on 2 CPU cores (the tests run it)
+    python -m lab.sweep --preset paper                  # the README's plots, 3 seeds, 31–39 minutes on 2 cores
+    python -m lab.sweep --preset paper --lams 0.1,1,10  # any grid can be overridden
+    python -m lab.sweep --preset paper --shard 2/4      # one of 4 processes sharing the plan (ledger.py)
+    python -m lab.sweep --preset paper-real-cpu         # the paper's roles on real text (needs SAFETY_DATA_DIR), 77 min on 2 cores
+    python -m lab.sweep --preset real-cpu               # refusals on real text, from scratch and from paper-real-cpu's θ_pre
+    python -m lab.sweep --preset real-gpu               # the same at a larger size, for one GPU (never run here)
 
 Each seed aligns one θ_0 (the safety data μ_s, P_s do not depend on κ or δ, so one θ_0
 serves every world), computes the alignment landscape at θ_0 once (THEORY.md §3), and
@@ -39,19 +39,16 @@ from dataclasses import dataclass
 
 import torch
 
-import analysis
-import batched
-import loaders
-import report
-import report_paper_real
 import theory
 import train
-import worker
-from common import DataError, SweepError, atomic_write_json, remove_stale_temporaries
+from common import DataError, SweepError, atomic_write_json, parser_from, remove_stale_temporaries
 from constraints import STRATEGIES
-from model import CheckpointError, load_checkpoint
-from ledger import FIRST_COLUMNS, locked, merge_row, parse_shard, read_rows, shard_ids, write_rows  # noqa: F401
-from presets import PRESETS
+from lab import analysis, batched, report, report_paper_real, worker
+from lab.ledger import locked, merge_row, parse_shard, read_rows, shard_ids
+from lab.plan import INITS, batch_groups, extra_strategies, is_real, plan, strategy_grid
+from lab.presets import PRESETS
+from model import CheckpointError
+from realtext import loaders
 
 # -----------------------------------------------------------------------------
 # Configuration: one dataclass; a preset is a dict of its values (data, not code), and
@@ -60,26 +57,27 @@ from presets import PRESETS
 
 @dataclass
 class SweepConfig:
-    preset: str = "smoke"         # a name of presets.PRESETS: a dict of the values below
-    out_dir: str = ""             # runs, θ_0s, results.csv; default out_sweep/<preset>
-    report_dir: str = ""          # results.md, results.csv and the plots; default out_dir
+    # run: which preset, where, and how many processes
+    preset: str = "smoke"         # a name of lab/presets.py's PRESETS: a dict of the values below
+    out_dir: str = ""             # runs, θ_0s, results.csv ('': out_sweep/<preset>)
+    report_dir: str = ""          # results.md, results.csv and the plots ('': out_dir)
     jobs: int = 2                 # runs at a time, each in its own process
     threads: int = 1              # CPU threads per run: one per core beats oversubscribed threads
     max_runs: int = 0             # stop after this many fine-tunes (0: all); rerun to resume
-    shard: str = ""               # i/n: run only this share of the plan; n shards may run at once on one out_dir (ledger.py)
-    batch_runs: int = 0           # train up to this many fine-tunes of one θ_0 at once as one batched model (batched.py; 0: singly)
+    shard: str = ""               # i/n: run only this share of the plan; n shards may share one out_dir (lab/ledger.py)
+    batch_runs: int = 0           # train up to this many fine-tunes of one θ_0 as one batched model (lab/batched.py; 0: singly)
     refresh: bool = False         # report theory.py again on every finished run (no training)
-    # grids (THEORY.md §2–§3); comma-separated on the command line
+    # grids of the synthetic world (THEORY.md §2–§3), comma-separated: --lams 0.1,1,10
     seeds: tuple = (1,)           # each seed aligns its own θ_0 and seeds its fine-tunes
-    lams: tuple = (1.0, 10.0)     # λ: Case I penalty strengths
+    lams: tuple = (1.0, 10.0)     # λ: Case I weights of the proxy safety loss
     mismatches: tuple = (0.0, 0.3)  # δ grid of the mismatch experiment (F1), at κ = overlap
     overlaps: tuple = (0.0, 0.25)   # κ grid of the overlap experiment (F2), at δ = mismatch
     radii: tuple = (0.05, 0.5)    # r: Case II radii (F3, F6), at (overlap, mismatch)
     strategies: tuple = ()        # more strategies of constraints.STRATEGIES at (κ, δ), each over its grid
-    grids: dict = dataclasses.field(default_factory=dict)  # name → values of its sweep_param (--grid)
+    grids: dict = dataclasses.field(default_factory=dict)  # name → values of its sweep_param (--grid NAME=...)
     overlap: float = 0.25         # κ of the mismatch and radius experiments
     mismatch: float = 0.3         # δ of the overlap and radius experiments
-    # real-data grids (presets real-cpu, real-gpu: README "Real data"); registry names or files
+    # real data: the grids of the real-text presets (registry names or files, comma-separated)
     tasks: tuple = ("alpaca_safety_only", "alpaca_small", "code_alpaca")  # D_f of the plain fine-tunes (F2)
     proxies: tuple = ("safety_llamas_proxy", "xstest_llama2orig")  # D_s' of Case I: same teacher first (F1)
     task: str = "alpaca_small"    # D_f of the Case I and Case II runs ...
@@ -93,17 +91,13 @@ class SweepConfig:
     data_dir: str = ""            # the real data folder; default $SAFETY_DATA_DIR
     refusal_limit: int = 128      # prompts per refusal set, greedy decoding ...
     refusal_tokens: int = 24      # ... of this many new tokens
-    # theory.py
+    # theory: the checks of theory.py's numbers
     tol_abs: float = 0.05         # a Case I gap within tol_abs + tol_rel·G(P*) of the optimum reaches it
-    tol_rel: float = 0.1
+    tol_rel: float = 0.1          # (relative part of that tolerance)
     power_iters: int = 100        # most power iterations for λ_max(H_s)
-    power_tol: float = 1e-4       # relative residual that stops them
+    power_tol: float = 1e-4       # relative residual ‖Hv − λv‖/|λ| that stops them
     f6_small_radius: float = 0.25  # F6 is checked at r ≤ this ...
     f6_factor: float = 2.0        # ... as measured/predicted within [1/factor, factor]
-
-
-def is_real(recipe):
-    return recipe.get("data") == "real"
 
 
 def parse_list(text, kind):
@@ -114,24 +108,23 @@ def parse_list(text, kind):
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {kind.__name__}s") from None
 
 
+LIST_TYPES = {"seeds": int, "scratch_seeds": int, "tasks": str, "proxies": str, "strategies": str, "case_tasks": str,
+              "inits": str}  # the kind of each list flag's values (the others: float)
+
+
+def parser():
+    types = {f.name: (lambda s, k=LIST_TYPES.get(f.name, float): parse_list(s, k))
+             for f in dataclasses.fields(SweepConfig) if isinstance(f.default, tuple)}
+    ap = parser_from(SweepConfig, __doc__.strip().splitlines()[0], types=types, choices={"preset": sorted(PRESETS)},
+                     skip=("grids",), preset=True, prog="python -m lab.sweep")
+    ap.add_argument("--grid", action="append", type=parse_grid, metavar="NAME=V1,V2,...", default=argparse.SUPPRESS,
+                    help="the values of strategy NAME's sweep parameter (default: its Strategy.grid); repeatable")
+    return ap
+
+
 def parse_args(argv=None):
     """SweepConfig from the preset, then the flags actually given."""
-    ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    ap.add_argument("--grid", action="append", type=parse_grid, metavar="NAME=V1,V2,...",
-                    help="the values of strategy NAME's sweep parameter (default: its Strategy.grid)")
-    for f in dataclasses.fields(SweepConfig):
-        if f.name == "grids":
-            continue
-        if isinstance(f.default, tuple):
-            kind = {"seeds": int, "scratch_seeds": int, "tasks": str, "proxies": str, "strategies": str,
-                    "case_tasks": str, "inits": str}.get(f.name, float)
-            ap.add_argument(f"--{f.name}", type=lambda s, k=kind: parse_list(s, k), default=None)
-        elif isinstance(f.default, bool):
-            ap.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None)
-        else:
-            ap.add_argument(f"--{f.name}", type=type(f.default), default=None,
-                            choices=sorted(PRESETS) if f.name == "preset" else None)
-    given = {k: v for k, v in vars(ap.parse_args(argv)).items() if v is not None}
+    given = {k: v for k, v in vars(parser().parse_args(argv)).items() if v is not None}
     if "grid" in given:  # added to the preset's grids, one strategy at a time
         given["grids"] = {**PRESETS[given.get("preset", "smoke")].get("grids", {}), **dict(given.pop("grid"))}
     return make_config(**given)
@@ -165,7 +158,7 @@ def make_config(preset="smoke", **overrides):
             raise SweepError(f"--preset {preset} reads real data: pass --data_dir DIR or set SAFETY_DATA_DIR to the "
                              f"data folder (README 'Real data' says where each file comes from)") from None
     if sc.theta_pre and "pretrain" in sc.inits and not os.path.isfile(sc.theta_pre):
-        raise SweepError(f"--theta_pre {sc.theta_pre} does not exist: pretrain it first (`python sweep.py --preset "
+        raise SweepError(f"--theta_pre {sc.theta_pre} does not exist: pretrain it first (`python -m lab.sweep --preset "
                          f"paper-real-cpu` writes it), pass --theta_pre '' to pretrain one here, or --inits scratch")
     return sc, recipe
 
@@ -246,158 +239,6 @@ VALUE_RULES = (("seeds scratch_seeds pretrain_seed", lambda v: isinstance(v, int
                ("max_runs batch_runs", lambda v: v >= 0, "an integer ≥ 0"),
                ("tol_abs tol_rel power_tol f6_small_radius", lambda v: math.isfinite(v) and v >= 0, "a finite number ≥ 0"),
                ("f6_factor", lambda v: v >= 1, "a number ≥ 1"))
-
-
-# -----------------------------------------------------------------------------
-# The plan: every task of the sweep, with the tasks it waits for
-
-
-TAGS = {"lam": "lam", "radius": "r"}  # a run id's name for a sweep parameter (default: its own name)
-
-
-def run_id(constraint, overlap, mismatch, value, seed):
-    """'loss-k0.25-d0.3-lam1-s1': the strategy, the world, the value of its sweep parameter, the seed."""
-    p = STRATEGIES[constraint].sweep_param
-    knob = f"-{TAGS.get(p, p)}{value:g}" if p else ""
-    return f"{constraint}-k{overlap:g}-d{mismatch:g}{knob}-s{seed}"
-
-
-def extra_strategies(sc):
-    """The strategies of --strategies beyond the design's none, loss and param."""
-    return [s for s in sc.strategies if s not in ("none", "loss", "param")]
-
-
-def strategy_grid(sc, name):
-    """The values of a strategy's sweep parameter: --grid NAME=..., else its class's grid."""
-    return tuple(sc.grids.get(name, STRATEGIES[name].grid))
-
-
-INITS = ("scratch", "pretrain")
-
-
-def plan(sc, recipe):
-    """The tasks: (on real data, the estimators once, and θ_pre if an arm needs it,) one align
-    per arm and seed, then its fine-tunes (synthetic_runs or real_runs). A run in two
-    experiments is planned once."""
-    real = is_real(recipe)
-    tasks = {"estimate": {"id": "estimate", "kind": "estimate", "deps": [], "dir": os.path.join(sc.out_dir, "estimates"),
-                          "tasks": list(dict.fromkeys(sc.tasks + (sc.task,) + sc.case_tasks)), "proxies": list(sc.proxies),
-                          "safety": recipe["safety_data"], "data_dir": recipe.get("data_dir", "")}} if real else {}
-    pre_dir = os.path.join(sc.out_dir, "pretrain")
-    pre_path = sc.theta_pre or os.path.join(pre_dir, "theta_pre.pt")
-    if "pretrain" in sc.inits and not sc.theta_pre:
-        tasks["pretrain"] = {"id": "pretrain", "kind": "pretrain", "deps": [], "dir": pre_dir,
-                             "train": dict(recipe, out_dir=pre_dir, stage="pretrain", seed=sc.pretrain_seed)}
-    pretrained = pretrained_on(sc, recipe, pre_path)
-    for init, seeds, prefix in analysis.arms(sc):
-        start = {} if init == "scratch" else {"init_from": pre_path}
-        for seed in seeds:
-            align_dir, aid = os.path.join(sc.out_dir, "theta0", f"{prefix}s{seed}"), f"align-{prefix}s{seed}"
-            data = {"task_data": sc.task, "proxy_data": sc.proxies[0]} if real else {}
-            tasks[aid] = {"id": aid, "kind": "align", "deps": ["pretrain"] if start and not sc.theta_pre else [],
-                          "dir": align_dir, "train": dict(recipe, out_dir=align_dir, stage="align", seed=seed,
-                                                          **data, **start)}
-            for rid, knobs, fields in (real_runs if real else synthetic_runs)(sc, seed, align_dir):
-                rid = prefix + rid
-                if rid in tasks or (start and set(knobs.get("task_data", "").split("+")) & pretrained):
-                    continue  # planned already, or a task θ_pre was pretrained on (train.py refuses it)
-                run_dir = os.path.join(sc.out_dir, "runs", rid)
-                if "meta" in fields:
-                    fields["meta"]["init"] = init
-                tasks[rid] = {"id": rid, "kind": "finetune", "dir": run_dir, **fields,
-                              "deps": [aid] + fields.get("deps", []),
-                              "train": dict(recipe, out_dir=run_dir, stage="finetune", seed=seed, **knobs, **start,
-                                            theta0=os.path.join(align_dir, "theta0.pt"),
-                                            eval_interval=recipe["max_iters"])}
-    settings = ({"real": True, "refusals": sc.refusals, "refusal_limit": sc.refusal_limit,
-                 "refusal_tokens": sc.refusal_tokens} if real else
-                {"tol_abs": sc.tol_abs, "tol_rel": sc.tol_rel, "power_iters": sc.power_iters, "power_tol": sc.power_tol})
-    for t in tasks.values():
-        if "train" in t:
-            t["train"].update(progress=False, resume=True)  # resume=True: a killed run continues
-        t.update(threads=sc.threads, **settings)
-    return tasks
-
-
-def pretrained_on(sc, recipe, pre_path):
-    """The corpus sources of the pretrain arm's θ_pre: the recipe's when the sweep pretrains it, else
-    those stored in sc.theta_pre (none if that file is not there yet: its align task will say so)."""
-    if "pretrain" not in sc.inits:
-        return set()
-    if not sc.theta_pre:
-        return set(recipe.get("pretrain_data", "").split("+")) - {""}
-    try:
-        return set(load_checkpoint(pre_path)["config"].get("pretrain_data", "").split("+")) - {""}
-    except CheckpointError:
-        return set()
-
-
-def batch_groups(sc, tasks):
-    """--batch_runs K: mark the fine-tunes that batched.py trains together (t["group"]): runs of one
-    θ_0 that share everything but their knobs (batched.batch_key), in plan order, K at a time.
-    Returns the fine-tunes that cannot be batched, which run singly."""
-    if sc.batch_runs <= 1:
-        return []
-    groups, alone = {}, []
-    for t in tasks.values():
-        if t["kind"] != "finetune":
-            continue
-        key = batched.batch_key(train.TrainConfig(**t["train"]))
-        if key is None:
-            alone.append(t)
-        else:
-            groups.setdefault((t["deps"][0], key), []).append(t)  # deps[0]: the align task of its θ_0
-    for members in groups.values():
-        for i in range(0, len(members), sc.batch_runs):
-            chunk = members[i:i + sc.batch_runs]
-            for t in chunk if len(chunk) > 1 else ():
-                t["group"] = f"batch-{chunk[0]['id']}"
-    return alone
-
-
-def synthetic_runs(sc, seed, align_dir):
-    """The fine-tunes of one seed over the synthetic grids: (run id, TrainConfig values, task fields)."""
-    none_id = run_id("none", sc.overlap, sc.mismatch, 0.0, seed)
-    # λ = 0 for runs without the proxy term: plain fine-tuning IS Case I at λ = 0
-    for constraint, k, d, v in ([("loss", sc.overlap, d, lam) for d in sc.mismatches for lam in sc.lams]
-                                + [("loss", k, sc.mismatch, lam) for k in sc.overlaps for lam in sc.lams]
-                                + [("none", sc.overlap, sc.mismatch, 0.0)]
-                                + [("param", sc.overlap, sc.mismatch, r) for r in sc.radii]
-                                + [(s, sc.overlap, sc.mismatch, v) for s in extra_strategies(sc)
-                                   for v in strategy_grid(sc, s)]):
-        strategy = STRATEGIES[constraint]
-        # a Case II run's theory needs the unconstrained run, for d = ‖θ_f* − θ_0‖ of bound (E)
-        ref = os.path.join(sc.out_dir, "runs", none_id) if strategy.case == "II" else None
-        knobs = {"constraint": constraint, "overlap": k, "mismatch": d, "lam": 0.0, "radius": 0.0}
-        if strategy.sweep_param:
-            knobs[strategy.sweep_param] = v
-        yield run_id(constraint, k, d, v, seed), knobs, {"landscape_dir": align_dir, "reference": ref,
-                                                         "deps": [none_id] if ref else []}
-
-
-# Real data (presets real-cpu, real-gpu; THEORY.md §4–§5): no densities, so no gaps or bounds;
-# every model (θ_0 too) has held-out losses (nats per sequence) and greedy refusal rates on held-out
-# harmful and harmless prompts (evaluate.py), and the sweep estimates overlap and mismatch once
-# (estimators.py). Each seed's θ_0 (refusals, with helpful answers mixed in) is fine-tuned:
-#
-#     none            D_f ∈ tasks                                    F2
-#     Case I  (loss)  λ ∈ lams with the same-teacher proxies[0],
-#                     and proxies[1:] at proxy_lam, D_f = task       F1, F4
-#     Case II (param) r ∈ radii, D_f = task                          F3
-#
-# (each of case_tasks instead of task, if given), for each arm of `inits`: θ_0 from scratch, or
-# from θ_pre, pretrained once on the general text corpus (corpus.py; run ids "pre-...")
-def real_runs(sc, seed, align_dir):
-    """The fine-tunes of one seed of a real-data sweep: (run id, TrainConfig values, task fields)."""
-    cases = analysis.case_tasks(sc)
-    for constraint, task, proxy, lam, r in ([("none", t, "", 0.0, 0.0) for t in dict.fromkeys(sc.tasks + cases)]
-                                            + [("loss", t, sc.proxies[0], lam, 0.0) for t in cases for lam in sc.lams]
-                                            + [("loss", t, p, sc.proxy_lam or sc.lams[0], 0.0)
-                                               for t in cases for p in sc.proxies[1:]]
-                                            + [("param", t, "", 0.0, r) for t in cases for r in sc.radii]):
-        yield (analysis.real_run_id(constraint, task, proxy, lam, r, seed),
-               {"constraint": constraint, "task_data": task, "proxy_data": proxy or sc.proxies[0], "lam": lam, "radius": r},
-               {"meta": {"constraint": constraint, "task": task, "proxy": proxy, "lam": lam, "radius": r, "seed": seed}})
 
 
 # -----------------------------------------------------------------------------
@@ -494,18 +335,46 @@ def run_sweep(sc, recipe, write_report=True):
     shard = parse_shard(sc.shard)
     mine = shard_ids(tasks, shard)
     todo = [t for t in tasks.values() if t["id"] not in done and t["id"] in mine]
-    todo_all = list(todo)
     n_runs = sum(t["kind"] == "finetune" for t in tasks.values())
     print(f"sweep {sc.preset}: {n_runs} runs ({n_runs - sum(t['kind'] == 'finetune' for t in tasks.values() if t['id'] not in done)} "
           f"already done), {len(sc.seeds)} seeds, {sc.jobs} at a time, out_dir {sc.out_dir}"
           + (f"; shard {shard[0]}/{shard[1]}: {sum(t['kind'] == 'finetune' for t in todo)} runs of its share left"
              if sc.shard else ""))
+    try:
+        stopped = run_tasks(sc, tasks, list(todo), done, mine, csv_path, t_start)
+    finally:
+        if todo and not sc.refresh:  # a report only (nothing left, or --refresh) adds no time
+            state = add_wall_time(sc, state, t_start)
+    if stopped:
+        print(f"stopped after --max_runs {sc.max_runs}; run the same command without it to continue")
+        return None
+    rows = [r for r in read_rows(csv_path) if r["run_id"] in tasks]
+    if write_report:
+        report_when_complete(sc, recipe, rows, state, n_runs, shard, tasks)
+    return rows
+
+
+def add_wall_time(sc, state, t_start):
+    """Add this invocation's wall time to sweep.json (shards add theirs to one file, under the lock);
+    the state it holds now."""
+    with locked(sc.out_dir):
+        path = os.path.join(sc.out_dir, "sweep.json")
+        state = dict(json.load(open(path)), recipe=state["recipe"])
+        state["wall_seconds"] += time.time() - t_start
+        state["invocations"] += 1
+        atomic_write_json(path, state)
+    return state
+
+
+def run_tasks(sc, tasks, todo, done, mine, csv_path, t_start):
+    """Run the tasks of `todo` as their dependencies finish, sc.jobs at a time (a batched group as one
+    unit), recording each finished run's row. Returns whether --max_runs stopped it early."""
     # align first, then the unconstrained runs that radius runs wait for, then the rest
     order = {"pretrain": 0, "align": 0, "estimate": 1, "none": 1, "loss": 2}  # then param and every other strategy
     todo.sort(key=lambda t: order.get(t["kind"] if t["kind"] != "finetune" else t["train"]["constraint"], 3))
     executor = InlineExecutor() if sc.jobs <= 1 else ProcessPoolExecutor(
         sc.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads, initargs=(1,))
-    running, started, stopped = {}, 0, False
+    running, started, stopped, rows = {}, 0, False, read_rows(csv_path)
 
     def ready(t):  # every dependency done, or trained in t's own batched group
         return all(d in done or (t.get("group") and tasks[d].get("group") == t["group"]) for d in t["deps"])
@@ -535,14 +404,7 @@ def run_sweep(sc, recipe, write_report=True):
             ended, _ = wait(list(running), return_when=FIRST_COMPLETED)
             for fut in ended:
                 unit = running.pop(fut)
-                try:
-                    results = fut.result() if len(unit) > 1 else [fut.result()]
-                except (SweepError, train.ConfigError, DataError, CheckpointError, theory.RunError,
-                        FloatingPointError) as e:
-                    for t in unit if sc.shard else ():  # the shards waiting for it stop with this message
-                        atomic_write_json(os.path.join(t["dir"], "failed.json"), {"error": str(e)})
-                    what = unit[0]["id"] if len(unit) == 1 else f"the batched group of {', '.join(t['id'] for t in unit)}"
-                    raise SweepError(f"{what} failed: {e} (log: {os.path.join(unit[0]['dir'], 'sweep_train.out')})")
+                results = unit_results(sc, fut, unit)
                 for t, result in zip(unit, results):
                     done.add(t["id"])
                     rows = record(sc, tasks, t, result, rows, csv_path, time.time() - t_start)
@@ -553,22 +415,20 @@ def run_sweep(sc, recipe, write_report=True):
     except BaseException:
         executor.shutdown(wait=True, cancel_futures=True)
         raise
-    finally:
-        if todo_all and not sc.refresh:  # a report only (nothing left, or --refresh) adds no time
-            with locked(sc.out_dir):  # shards add their times to one sweep.json
-                path = os.path.join(sc.out_dir, "sweep.json")
-                state = dict(json.load(open(path)), recipe=state["recipe"])
-                state["wall_seconds"] += time.time() - t_start
-                state["invocations"] += 1
-                atomic_write_json(path, state)
     executor.shutdown()
-    if stopped:
-        print(f"stopped after --max_runs {sc.max_runs}; run the same command without it to continue")
-        return None
-    rows = [r for r in read_rows(csv_path) if r["run_id"] in tasks]
-    if write_report:
-        report_when_complete(sc, recipe, rows, state, n_runs, shard, tasks)
-    return rows
+    return stopped
+
+
+def unit_results(sc, fut, unit):
+    """The rows of a finished unit (one task, or a batched group); a failure stops the sweep with its
+    message (and, with shards, leaves failed.json for the shards that wait for it)."""
+    try:
+        return fut.result() if len(unit) > 1 else [fut.result()]
+    except (SweepError, train.ConfigError, DataError, CheckpointError, theory.RunError, FloatingPointError) as e:
+        for t in unit if sc.shard else ():  # the shards waiting for it stop with this message
+            atomic_write_json(os.path.join(t["dir"], "failed.json"), {"error": str(e)})
+        what = unit[0]["id"] if len(unit) == 1 else f"the batched group of {', '.join(t['id'] for t in unit)}"
+        raise SweepError(f"{what} failed: {e} (log: {os.path.join(unit[0]['dir'], 'sweep_train.out')})") from None
 
 
 def report_when_complete(sc, recipe, rows, state, n_runs, shard, tasks):

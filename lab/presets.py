@@ -1,11 +1,15 @@
 """
 The presets of sweep.py: each is a dict of SweepConfig values (data, not code) with "train",
-the train.py recipe (TrainConfig fields) of every run. `python sweep.py --preset NAME`; any
+the train.py recipe (TrainConfig fields) of every run. `python -m lab.sweep --preset NAME`; any
 value can be overridden by its flag.
 """
 
+import os
+
+import train
+from common import read_config
 from constraints import STRATEGIES
-from corpus import DEFAULT_CORPUS
+from realtext.corpus import DEFAULT_CORPUS
 
 # the train.py recipe of every run of a preset (TrainConfig fields)
 # smoke: a 216-context world and a 1-layer model, every code path in seconds
@@ -26,10 +30,9 @@ PAPER_TRAIN = {"align_iters": 800, "max_iters": 1200, "warmup_iters": 50, "lr": 
 # 0.52 of XSTest's safe ones; adding Dolly's human-written answers to safety-related
 # questions brought that to 0.32 (seed 1). real-gpu: a 6-layer, 384-wide model on the full
 # compact vocabulary (never run: no GPU was lent)
-REAL_CPU_TRAIN = {"data": "real", "safety_data": "safety_llamas", "align_helpful": "alpaca_gpt4_demo+dolly_safety_only",
-                  "block_size": 64, "vocab_cap": 4096, "n_layer": 2, "n_head": 4, "n_embd": 64,
-                  "batch_tokens": 2048, "micro_batch": 32, "align_iters": 800, "align_lr": 3e-3,
-                  "warmup_iters": 50, "max_iters": 300, "lr": 1e-3, "eval_examples": 128}
+REAL_CPU_TRAIN = {**read_config(os.path.join(train.CONFIGS, "real.json"), train.TrainConfig),  # what --data real defaults to
+                  "data": "real", "safety_data": "safety_llamas", "align_helpful": "alpaca_gpt4_demo+dolly_safety_only",
+                  "n_layer": 2, "n_head": 4, "n_embd": 64, "align_lr": 3e-3, "warmup_iters": 50}
 REAL_GPU_TRAIN = dict(REAL_CPU_TRAIN, block_size=256, vocab_cap=0, n_layer=6, n_head=6, n_embd=384,
                       batch_tokens=16384, micro_batch=64, align_iters=1500, max_iters=500, lr=6e-4,
                       eval_examples=256)
@@ -46,7 +49,7 @@ PAPER_REAL_CPU_TRAIN = dict(REAL_CPU_TRAIN, safety_data="alpaca_gpt4_align", ali
 PAPER_REAL_GPU_TRAIN = dict(PAPER_REAL_CPU_TRAIN, block_size=256, vocab_cap=0, n_layer=6, n_head=6, n_embd=384,
                             batch_tokens=16384, micro_batch=64, align_iters=300, max_iters=300, lr=3e-4,
                             align_lr=6e-4, pretrain_iters=4000, pretrain_lr=1e-3, eval_examples=256)
-# tasks: the plain fine-tunes that validate the forecast (theory.py forecast) beside the two of
+# tasks: the plain fine-tunes that validate the forecast (python -m lab.forecast) beside the two of
 # the paper; gpteacher_codegen is in θ_pre's corpus, so only the scratch arm fine-tunes on it
 ARM_P = {"tasks": ("alpaca_small_task", "alpaca_small", "alpaca_safety_only", "dolly_safety_only", "xstest_gpt4",
                    "code_alpaca", "gpteacher_codegen"), "case_tasks": ("alpaca_small_task", "code_alpaca"),
@@ -54,7 +57,7 @@ ARM_P = {"tasks": ("alpaca_small_task", "alpaca_small", "alpaca_safety_only", "d
          "lams": (0.3, 1.0, 3.0, 10.0), "proxy_lam": 1.0, "inits": ("scratch", "pretrain"), "refusals": False}
 
 # arm R's task sets from high to low overlap with the refusals (data README), plain fine-tunes
-# of each validate the forecast (theory.py forecast); θ_pre was pretrained on gpteacher_codegen
+# of each validate the forecast (python -m lab.forecast); θ_pre was pretrained on gpteacher_codegen
 REAL_TASKS = ("alpaca_safety_only", "dolly_safety_only", "alpaca_small", "alpaca_gpt4_demo", "code_alpaca",
               "gpteacher_codegen")
 

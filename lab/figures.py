@@ -9,11 +9,11 @@ import os
 
 import numpy as np
 
-import analysis
 import theory
-from analysis import REFUSAL_SETS, groups, mean, real_run_id, seed_means
 from constraints import STRATEGIES
 from data import SyntheticWorld, WorldConfig
+from lab import analysis
+from lab.analysis import REFUSAL_SETS, groups, mean, real_run_id, seed_means
 
 
 def figure(*grid, **kw):

@@ -1,0 +1,167 @@
+"""
+The plan of a sweep (lab/sweep.py): every task, with the tasks it waits for. Each seed aligns one
+θ_0 (the safety data μ_s, P_s do not depend on κ or δ, so one θ_0 serves every world), then
+fine-tunes it over the grids of THEORY.md §2–§3 (synthetic_runs) or over the real-text arms
+(real_runs). A task is a dict: its id, kind (pretrain, align, finetune, estimate), folder,
+dependencies and the train.py recipe it runs.
+"""
+
+import os
+
+import train
+from constraints import STRATEGIES
+from lab import analysis, batched
+from model import CheckpointError, load_checkpoint
+
+
+def is_real(recipe):
+    return recipe.get("data") == "real"
+
+
+
+TAGS = {"lam": "lam", "radius": "r"}  # a run id's name for a sweep parameter (default: its own name)
+
+
+def run_id(constraint, overlap, mismatch, value, seed):
+    """'loss-k0.25-d0.3-lam1-s1': the strategy, the world, the value of its sweep parameter, the seed."""
+    p = STRATEGIES[constraint].sweep_param
+    knob = f"-{TAGS.get(p, p)}{value:g}" if p else ""
+    return f"{constraint}-k{overlap:g}-d{mismatch:g}{knob}-s{seed}"
+
+
+def extra_strategies(sc):
+    """The strategies of --strategies beyond the design's none, loss and param."""
+    return [s for s in sc.strategies if s not in ("none", "loss", "param")]
+
+
+def strategy_grid(sc, name):
+    """The values of a strategy's sweep parameter: --grid NAME=..., else its class's grid."""
+    return tuple(sc.grids.get(name, STRATEGIES[name].grid))
+
+
+INITS = ("scratch", "pretrain")
+
+
+def plan(sc, recipe):
+    """The tasks: (on real data, the estimators once, and θ_pre if an arm needs it,) one align
+    per arm and seed, then its fine-tunes (synthetic_runs or real_runs). A run in two
+    experiments is planned once."""
+    real = is_real(recipe)
+    tasks = {"estimate": {"id": "estimate", "kind": "estimate", "deps": [], "dir": os.path.join(sc.out_dir, "estimates"),
+                          "tasks": list(dict.fromkeys(sc.tasks + (sc.task,) + sc.case_tasks)), "proxies": list(sc.proxies),
+                          "safety": recipe["safety_data"], "data_dir": recipe.get("data_dir", "")}} if real else {}
+    pre_dir = os.path.join(sc.out_dir, "pretrain")
+    pre_path = sc.theta_pre or os.path.join(pre_dir, "theta_pre.pt")
+    if "pretrain" in sc.inits and not sc.theta_pre:
+        tasks["pretrain"] = {"id": "pretrain", "kind": "pretrain", "deps": [], "dir": pre_dir,
+                             "train": dict(recipe, out_dir=pre_dir, stage="pretrain", seed=sc.pretrain_seed)}
+    pretrained = pretrained_on(sc, recipe, pre_path)
+    for init, seeds, prefix in analysis.arms(sc):
+        start = {} if init == "scratch" else {"init_from": pre_path}
+        for seed in seeds:
+            align_dir, aid = os.path.join(sc.out_dir, "theta0", f"{prefix}s{seed}"), f"align-{prefix}s{seed}"
+            data = {"task_data": sc.task, "proxy_data": sc.proxies[0]} if real else {}
+            tasks[aid] = {"id": aid, "kind": "align", "deps": ["pretrain"] if start and not sc.theta_pre else [],
+                          "dir": align_dir, "train": dict(recipe, out_dir=align_dir, stage="align", seed=seed,
+                                                          **data, **start)}
+            for rid, knobs, fields in (real_runs if real else synthetic_runs)(sc, seed, align_dir):
+                rid = prefix + rid
+                if rid in tasks or (start and set(knobs.get("task_data", "").split("+")) & pretrained):
+                    continue  # planned already, or a task θ_pre was pretrained on (train.py refuses it)
+                run_dir = os.path.join(sc.out_dir, "runs", rid)
+                if "meta" in fields:
+                    fields["meta"]["init"] = init
+                tasks[rid] = {"id": rid, "kind": "finetune", "dir": run_dir, **fields,
+                              "deps": [aid] + fields.get("deps", []),
+                              "train": dict(recipe, out_dir=run_dir, stage="finetune", seed=seed, **knobs, **start,
+                                            theta0=os.path.join(align_dir, "theta0.pt"),
+                                            eval_interval=recipe["max_iters"])}
+    settings = ({"real": True, "refusals": sc.refusals, "refusal_limit": sc.refusal_limit,
+                 "refusal_tokens": sc.refusal_tokens} if real else
+                {"tol_abs": sc.tol_abs, "tol_rel": sc.tol_rel, "power_iters": sc.power_iters, "power_tol": sc.power_tol})
+    for t in tasks.values():
+        if "train" in t:
+            t["train"].update(progress=False, resume=True)  # resume=True: a killed run continues
+        t.update(threads=sc.threads, **settings)
+    return tasks
+
+
+def pretrained_on(sc, recipe, pre_path):
+    """The corpus sources of the pretrain arm's θ_pre: the recipe's when the sweep pretrains it, else
+    those stored in sc.theta_pre (none if that file is not there yet: its align task will say so)."""
+    if "pretrain" not in sc.inits:
+        return set()
+    if not sc.theta_pre:
+        return set(recipe.get("pretrain_data", "").split("+")) - {""}
+    try:
+        return set(load_checkpoint(pre_path)["config"].get("pretrain_data", "").split("+")) - {""}
+    except CheckpointError:
+        return set()
+
+
+def batch_groups(sc, tasks):
+    """--batch_runs K: mark the fine-tunes that batched.py trains together (t["group"]): runs of one
+    θ_0 that share everything but their knobs (batched.batch_key), in plan order, K at a time.
+    Returns the fine-tunes that cannot be batched, which run singly."""
+    if sc.batch_runs <= 1:
+        return []
+    groups, alone = {}, []
+    for t in tasks.values():
+        if t["kind"] != "finetune":
+            continue
+        key = batched.batch_key(train.TrainConfig(**t["train"]))
+        if key is None:
+            alone.append(t)
+        else:
+            groups.setdefault((t["deps"][0], key), []).append(t)  # deps[0]: the align task of its θ_0
+    for members in groups.values():
+        for i in range(0, len(members), sc.batch_runs):
+            chunk = members[i:i + sc.batch_runs]
+            for t in chunk if len(chunk) > 1 else ():
+                t["group"] = f"batch-{chunk[0]['id']}"
+    return alone
+
+
+def synthetic_runs(sc, seed, align_dir):
+    """The fine-tunes of one seed over the synthetic grids: (run id, TrainConfig values, task fields)."""
+    none_id = run_id("none", sc.overlap, sc.mismatch, 0.0, seed)
+    # λ = 0 for runs without the proxy term: plain fine-tuning IS Case I at λ = 0
+    for constraint, k, d, v in ([("loss", sc.overlap, d, lam) for d in sc.mismatches for lam in sc.lams]
+                                + [("loss", k, sc.mismatch, lam) for k in sc.overlaps for lam in sc.lams]
+                                + [("none", sc.overlap, sc.mismatch, 0.0)]
+                                + [("param", sc.overlap, sc.mismatch, r) for r in sc.radii]
+                                + [(s, sc.overlap, sc.mismatch, v) for s in extra_strategies(sc)
+                                   for v in strategy_grid(sc, s)]):
+        strategy = STRATEGIES[constraint]
+        # a Case II run's theory needs the unconstrained run, for d = ‖θ_f* − θ_0‖ of bound (E)
+        ref = os.path.join(sc.out_dir, "runs", none_id) if strategy.case == "II" else None
+        knobs = {"constraint": constraint, "overlap": k, "mismatch": d, "lam": 0.0, "radius": 0.0}
+        if strategy.sweep_param:
+            knobs[strategy.sweep_param] = v
+        yield run_id(constraint, k, d, v, seed), knobs, {"landscape_dir": align_dir, "reference": ref,
+                                                         "deps": [none_id] if ref else []}
+
+
+# Real data (presets real-cpu, real-gpu; THEORY.md §4–§5): no densities, so no gaps or bounds;
+# every model (θ_0 too) has held-out losses (nats per sequence) and greedy refusal rates on held-out
+# harmful and harmless prompts (evaluate.py), and the sweep estimates overlap and mismatch once
+# (estimators.py). Each seed's θ_0 (refusals, with helpful answers mixed in) is fine-tuned:
+#
+#     none            D_f ∈ tasks                                    F2
+#     Case I  (loss)  λ ∈ lams with the same-teacher proxies[0],
+#                     and proxies[1:] at proxy_lam, D_f = task       F1, F4
+#     Case II (param) r ∈ radii, D_f = task                          F3
+#
+# (each of case_tasks instead of task, if given), for each arm of `inits`: θ_0 from scratch, or
+# from θ_pre, pretrained once on the general text corpus (corpus.py; run ids "pre-...")
+def real_runs(sc, seed, align_dir):
+    """The fine-tunes of one seed of a real-data sweep: (run id, TrainConfig values, task fields)."""
+    cases = analysis.case_tasks(sc)
+    for constraint, task, proxy, lam, r in ([("none", t, "", 0.0, 0.0) for t in dict.fromkeys(sc.tasks + cases)]
+                                            + [("loss", t, sc.proxies[0], lam, 0.0) for t in cases for lam in sc.lams]
+                                            + [("loss", t, p, sc.proxy_lam or sc.lams[0], 0.0)
+                                               for t in cases for p in sc.proxies[1:]]
+                                            + [("param", t, "", 0.0, r) for t in cases for r in sc.radii]):
+        yield (analysis.real_run_id(constraint, task, proxy, lam, r, seed),
+               {"constraint": constraint, "task_data": task, "proxy_data": proxy or sc.proxies[0], "lam": lam, "radius": r},
+               {"meta": {"constraint": constraint, "task": task, "proxy": proxy, "lam": lam, "radius": r, "seed": seed}})

@@ -24,6 +24,9 @@ import math
 import torch
 
 
+SYMBOLS = {"radius": "r", "lam": "λ", "gamma": "γ"}  # a hyper-parameter's name in THEORY.md
+
+
 class Strategy:
     """Plain fine-tuning, and the base of every strategy. It holds a frozen copy of θ_0;
     the training loop calls, per fine-tuning run and step:
@@ -51,9 +54,17 @@ class Strategy:
         self._delta = self._buf = None  # CPU scratch, allocated on first use
 
     @classmethod
+    def describe(cls, hp):
+        """'param, r = 0.1': the strategy and its hyper-parameters, in THEORY.md's symbols."""
+        return ", ".join([cls.name] + [f"{SYMBOLS.get(k, k)} = {hp[k]:g}" for k in cls.hparams])
+
+    @classmethod
     def check(cls, hp):
         """Raise ValueError naming the flag of a missing or bad hyper-parameter."""
         for k in cls.hparams:
+            if k not in hp:  # a new strategy whose field TrainConfig does not have yet
+                raise ValueError(f"strategy {cls.name!r} reads --{k}, which is not a field of TrainConfig: add "
+                                 f"`{k}: float = ...` to TrainConfig in train.py (docs/extending.md)")
             v = hp.get(k)
             if not isinstance(v, (int, float)) or not (v >= 0 and math.isfinite(v)):  # also NaN
                 raise ValueError(f"--{k} {v} must be a finite number ≥ 0 (--constraint {cls.name})")

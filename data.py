@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common import DataError
+from common import ConfigError, DataError
 
 # -----------------------------------------------------------------------------
 # The synthetic world
@@ -226,3 +226,56 @@ def gap(mu, P, Q):
     """G_D(Q) = E_{x~μ_D} KL(P_D(·|x) ‖ Q(·|x)) of a model Q on D = (μ, P) (THEORY.md §1);
     +∞ when Q gives zero probability to something D says."""
     return expect(mu, context_kl(P, Q))
+
+
+# -----------------------------------------------------------------------------
+# The batches of a run, from any source with batch(name, n, generator) and seq_len: the world,
+# real text (realtext.textdata.RealData) or the pretraining corpus (realtext.corpus.Corpus)
+
+
+def batch_shape(cfg, seq_len, sys_):
+    """Sequences per step and accumulation steps from the global batch in tokens."""
+    per_seq = seq_len
+    if cfg.batch_tokens % (per_seq * cfg.micro_batch * sys_.world_size):
+        raise ConfigError(
+            f"--batch_tokens {cfg.batch_tokens} must be a multiple of tokens per sequence ({per_seq}) "
+            f"× --micro_batch {cfg.micro_batch} × world size {sys_.world_size} "
+            f"= {per_seq * cfg.micro_batch * sys_.world_size}")
+    global_seqs = cfg.batch_tokens // per_seq
+    return global_seqs, global_seqs // (cfg.micro_batch * sys_.world_size)
+
+
+STREAM_SEEDS = {"align": 0, "finetune": 1, "pretrain": 4}  # 2: the proxy stream, 3: a Fisher metric's
+
+
+class Streams:
+    """The batches of a stage, one seeded generator per dataset, so that Case I's proxy draws
+    never shift the task batches: `--lam 0` then reproduces `--constraint none` bit for bit.
+    Each rank takes its slice of the one global batch, so that 2 ranks × B/2 see exactly
+    what 1 rank × B sees."""
+
+    def __init__(self, stage, world, cfg, sys_, with_proxy):
+        self.world, self.sys_ = world, sys_
+        self.global_seqs, self.accum = batch_shape(cfg, world.seq_len, sys_)
+        self.local_seqs = self.global_seqs // sys_.world_size
+        self.main = {"pretrain": "general", "align": "safety", "finetune": "task"}[stage]
+        self.gens = {self.main: torch.Generator().manual_seed(cfg.seed * 1000 + STREAM_SEEDS[stage])}
+        if with_proxy:
+            self.gens["proxy"] = torch.Generator().manual_seed(cfg.seed * 1000 + 2)
+
+    def batch(self, name):
+        """(x, y, mask, n_tokens): this rank's slice, and the global count of response
+        tokens, the loss normaliser."""
+        x, y, m = self.world.batch(name, self.global_seqs, self.gens[name])
+        n_tokens = m.sum()
+        sl = slice(self.sys_.rank * self.local_seqs, (self.sys_.rank + 1) * self.local_seqs)
+        if self.sys_.device_type == "cuda":
+            return (*(t[sl].pin_memory().to(self.sys_.device, non_blocking=True) for t in (x, y, m)), n_tokens)
+        return (*(t[sl].to(self.sys_.device) for t in (x, y, m)), n_tokens)
+
+    def state(self):
+        return {k: g.get_state() for k, g in self.gens.items()}
+
+    def load_state(self, states):
+        for k, g in self.gens.items():
+            g.set_state(states[k])

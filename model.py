@@ -159,15 +159,19 @@ class GPT(nn.Module):
         return logits, (nll * mask).sum() / mask.sum().clamp(min=1.0)
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, stop_token=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, stop_token=None,
+                 suppress=()):
         """Extend idx (B, T) by max_new_tokens; temperature 0 means greedy decoding. With
         stop_token, decoding ends early once every row has produced it (rows that ended
-        go on being extended: the caller cuts at the first stop_token). The output layer
-        runs on the last position only, the one that is sampled from."""
+        go on being extended: the caller cuts at the first stop_token). Tokens of `suppress`
+        are never produced (a compact vocabulary's UNK, which decodes to no text). The output
+        layer runs on the last position only, the one that is sampled from."""
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
             h = self.hidden_states(idx[:, -self.config.block_size:])[:, -1]
             logits = self.lm_head(h)[:, : self.config.vocab_size]
+            if len(suppress):
+                logits[:, list(suppress)] = -float("inf")
             if temperature == 0:
                 idx_next = logits.argmax(dim=-1, keepdim=True)
             else:
@@ -219,20 +223,34 @@ def atomic_torch_save(obj, path):
 def load_checkpoint(path, map_location="cpu"):
     """Load a checkpoint written by this project, refusing anything else with a clear
     message. weights_only=True never unpickles arbitrary objects, so no code runs."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a folder, not a checkpoint: pass the .pt file in it (theta0.pt, ckpt.pt)")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist: run train.py first or fix the path")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{path} is not a readable checkpoint of this project: it is empty (0 bytes, a write "
+                              f"that never happened): delete it and train again")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, a pickle with code in it, a text file, ...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"{path} is not a readable checkpoint of this project ({first[:200]}); "
-            f"it may be truncated or unsafe: delete it and train again") from None
+        raise CheckpointError(f"{path} is not a readable checkpoint of this project: {why_unreadable(e)}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(
             f"{path} is not a checkpoint of this project (no '{CHECKPOINT_FORMAT}' marker): "
             f"point to a file written by train.py")
     return ckpt
+
+
+def why_unreadable(e):
+    """What torch.load's exception says about a file, in our words and one line."""
+    text = " ".join(str(e).split())
+    if "Weights only load failed" in text or "weights_only" in text:
+        return ("it holds objects other than tensors and plain values, which could run code when loaded, so it "
+                "is refused: load only checkpoints written by train.py")
+    if isinstance(e, EOFError) or "central directory" in text or "failed reading" in text:
+        return "it ends early (truncated: a run killed while writing, or a copy cut short): delete it and train again"
+    return (f"it is not a PyTorch file ({type(e).__name__}): point to a .pt file written by train.py, or delete it "
+            f"and train again")
 
 
 CHECKPOINT_FORMAT = "safety-tradeoff-ckpt-v1"

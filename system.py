@@ -119,9 +119,11 @@ def record_metrics(record):
     return {k: v for k, v in record.items() if k not in ("stage", "step", "train_loss")}
 
 
-def print_table(metrics):
+def print_table(metrics, title=""):
+    """The run's table: θ_0 and the fine-tuned model, nats per sequence (real data: no gaps, n/a)."""
     keys = ["safety_loss", "capability_loss", "safety_gap", "capability_gap", "distance"]
-    print(f"{'(nats/seq)':<12}" + "".join(f"{k:>17}" for k in keys))
+    print((title + "; " if title else "") + "losses and gaps in nats per sequence, distance ‖θ − θ_0‖₂")
+    print(f"{'':<12}" + "".join(f"{k:>17}" for k in keys))
     for row in ("aligned", "finetuned"):
         # gaps are None on real data (the entropies H_D are unknown)
         print(f"{row:<12}" + "".join(f"{'n/a' if metrics[row][k] is None else format(metrics[row][k], '.4f'):>17}"
@@ -138,6 +140,30 @@ def run_info(argv):
             "git": git or None, "torch": torch.__version__, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
+def new_run_folder(stem):
+    """stem-YYYYmmdd-HHMMSS, a folder no other run has (a second run in the same second gets -2)."""
+    path = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    n, unique = 1, path
+    while os.path.exists(unique):
+        n += 1
+        unique = f"{path}-{n}"
+    return unique
+
+
+def resume_points(cfg, files, also=()):
+    """Under --resume, {stage: its resume checkpoint} in cfg.out_dir (files: stage → file name), each
+    checked against this run's config now, before anything is written; also: other files whose presence
+    counts as something to resume (a θ_0 aligned before the fine-tune started). Nothing there: an error."""
+    if not cfg.resume:
+        return {}
+    points = {stage: resume_checkpoint(os.path.join(cfg.out_dir, name), cfg, stage) for stage, name in files.items()}
+    points = {stage: ckpt for stage, ckpt in points.items() if ckpt is not None}
+    if not points and not any(os.path.exists(p) for p in also):
+        raise ConfigError(f"--resume: {cfg.out_dir} holds nothing to resume (no {', '.join(files.values())}): "
+                          f"drop --resume to start the run, or pass the --out_dir of the run to continue")
+    return points
+
+
 def resume_checkpoint(path, cfg, stage):
     """The resume checkpoint of this stage at path, if --resume and it was written by this run:
     the same config (a field added since it was written takes its default there)."""
@@ -152,9 +178,3 @@ def resume_checkpoint(path, cfg, stage):
         raise CheckpointError(f"{path} was written with other settings ({', '.join(diff)}): "
                               f"resume with the same flags or start a new --out_dir")
     return ckpt
-
-
-def resume_steps(out_dir, files):
-    """{stage: step} of the resume checkpoints in out_dir (files: stage → file name)."""
-    return {stage: load_checkpoint(os.path.join(out_dir, name))["step"] for stage, name in files.items()
-            if os.path.exists(os.path.join(out_dir, name))}

@@ -385,7 +385,7 @@ def load_run(run_dir):
             "theta0_path": theta0_path}
 
 
-def report(run_dir, reference_dir=None, landscape=None, power_iters=100, power_tol=1e-4):
+def report(run_dir, reference_dir=None, landscape=None, power_iters=100, power_tol=1e-4, say=lambda text: None):
     """theory.json of one run: the Case I quantities at the run's (κ, δ, λ), the limit C
     against the fine-tuned model, and, for a Case II strategy's run, the Case II quantities.
 
@@ -395,7 +395,9 @@ def report(run_dir, reference_dir=None, landscape=None, power_iters=100, power_t
 
     reference_dir: an unconstrained fine-tune (--constraint none) of the same θ_0 and
     world, for the distance d = ‖θ_f* − θ_0‖ of bound (E). landscape: theta0_landscape of
-    the run's θ_0 if already known (fine-tunes of one θ_0 share it), else computed here."""
+    the run's θ_0 if already known (fine-tunes of one θ_0 share it), else computed here. say: where
+    progress goes (the CLI: stderr)."""
+    say(f"{run_dir}: reading the run and its θ_0")
     run = load_run(run_dir)
     cfg, world = run["config"], run["world"]
     model = model_from_checkpoint(run["ckpt"]).eval()
@@ -410,6 +412,7 @@ def report(run_dir, reference_dir=None, landscape=None, power_iters=100, power_t
            "mismatch_delta": cfg["mismatch"], "lam": lam, "radius": cfg["radius"], "seed": cfg["seed"],
            "safety_gap": G_s, "capability_gap": G_f, "proxy_gap": G_sp,
            "distance": run["metrics"]["finetuned"]["distance"]}
+    say("Case I: the exact optimum P*_λ, the bounds A1–B2 and the limit C of the world")
     out.update(world_case_one(world, lam))
     out["C_lhs"] = limit_C_lhs(G_s, G_f)
     out["C_holds"] = out["C_lhs"] >= out["C_limit"] - 1e-9
@@ -425,12 +428,15 @@ def report(run_dir, reference_dir=None, landscape=None, power_iters=100, power_t
     with torch.no_grad():
         out["measured_safety_increase"] = float(population_loss(model, pop) - population_loss(theta0_model, pop))
     if strategy.case == "II":
+        say(f"Case II: ∇ℓ_s and λ_max(H_s) at θ_0 (power iteration, at most {power_iters} Hessian-vector products)"
+            if landscape is None else "Case II: the second-order prediction along θ − θ_0")
         c2 = case_two(theta0_model, model, world, landscape, power_iters, power_tol)
         r = cfg["radius"] if "radius" in strategy.hparams else c2["update_norm"]  # the ball's, or the step's
         out.update(c2)
         out["D_radius"] = r
         out["D_bound"] = bound_D(c2["grad_norm_s"], c2["hessian_top_eig_s"], r)
     if reference_dir is not None:
+        say(f"(E): the distance of the unconstrained run {reference_dir}")
         ref = load_run(reference_dir)
         if ref["config"]["constraint"] != "none" or ref["ckpt"]["theta0_hash"] != run["ckpt"]["theta0_hash"]:
             raise RunError(f"--reference_run {reference_dir} must be a --constraint none fine-tune of the same θ_0")
@@ -457,17 +463,21 @@ def json_safe(obj):
 # -----------------------------------------------------------------------------
 # CLI
 
-TABLE_KEYS = ["safety_gap", "capability_gap", "mismatch", "overlap_term", "overlap_mass",
-              "optimum_safety_gap", "optimum_capability_gap", "A1_safety_bound", "A2_safety_bound",
-              "B1_capability_bound", "B2_capability_bound", "C_lhs", "C_limit", "case1_safety_excess",
-              "case1_capability_excess", "case1_objective_excess", "grad_norm_s", "hessian_top_eig_s",
-              "second_order_prediction", "measured_safety_increase", "D_bound", "d_unconstrained"]
+# what the printout shows of theory.json: the limit C and the distance for every run, then the
+# quantities of the run's own case (Case I: the optimum and bounds at its λ; Case II: the landscape)
+TABLE_KEYS = {None: ["safety_gap", "capability_gap", "distance", "C_lhs", "C_limit", "measured_safety_increase"],
+              "I": ["mismatch", "overlap_term", "overlap_mass", "optimum_safety_gap", "optimum_capability_gap",
+                    "A1_safety_bound", "A2_safety_bound", "B1_capability_bound", "B2_capability_bound",
+                    "case1_safety_excess", "case1_capability_excess", "case1_objective_excess"],
+              "II": ["grad_norm_s", "hessian_top_eig_s", "second_order_prediction", "D_bound", "d_unconstrained",
+                     "E_implied_curvature"]}
 
 
 def print_table(out):
-    print(f"{out['run_dir']}: constraint {out['constraint']}, κ {out['overlap']}, δ {out['mismatch_delta']}, "
-          f"λ {out['lam']}, r {out['radius']} (nats per sequence)")
-    for k in TABLE_KEYS:
+    strategy = STRATEGIES[out["constraint"]]
+    print(f"{out['run_dir']}: {strategy.describe(out)}; world κ {out['overlap']:g}, δ {out['mismatch_delta']:g} "
+          f"(losses and gaps in nats per sequence; THEORY.md §2–§3)")
+    for k in TABLE_KEYS[None] + TABLE_KEYS.get(strategy.case, []):
         if k in out:
             v = out[k]
             print(f"  {k:<34}{v:>14.6g}" if isinstance(v, (int, float)) else f"  {k:<34}{v!s:>14}")
@@ -488,7 +498,8 @@ def parser():
 def main(argv=None):
     args = parser().parse_args(argv)
     try:
-        out = report(args.run_dir, args.reference_run, power_iters=args.power_iters, power_tol=args.power_tol)
+        out = report(args.run_dir, args.reference_run, power_iters=args.power_iters, power_tol=args.power_tol,
+                     say=lambda text: print(text, file=sys.stderr, flush=True))
     except (RunError, CheckpointError, DataError) as e:
         sys.exit(f"error: {e}")
     atomic_write_json(os.path.join(args.run_dir, "theory.json"), json_safe(out))

@@ -28,14 +28,14 @@ from tqdm import tqdm
 
 from common import ConfigError, DataError, atomic_write_json, given_flags, parser_from, read_config
 from constraints import STRATEGIES, make_strategy
-from data import SyntheticWorld, WorldConfig
+from data import Streams, SyntheticWorld, WorldConfig, batch_shape
 from evaluate import evaluate
 from model import CHECKPOINT_FORMAT, CheckpointError, atomic_torch_save, flat_params, load_checkpoint, params_hash
 from realtext.corpus import DEFAULT_CORPUS, Corpus, CorpusConfig
 from realtext.startpoints import (check_init, init_identity, init_vocab, initial_model, new_model, pretrain_key,
                                   shape_from_init)
 from realtext.textdata import RealDataConfig, real_source
-from system import (Log, prepare_out_dir, print_table, record_metrics, resume_checkpoint, resume_steps, run_info,
+from system import (Log, new_run_folder, prepare_out_dir, print_table, record_metrics, resume_points, run_info,
                     setup_system)
 
 # -----------------------------------------------------------------------------
@@ -45,11 +45,11 @@ from system import (Log, prepare_out_dir, print_table, record_metrics, resume_ch
 @dataclass
 class TrainConfig:
     # run: where it writes and which stages it runs
-    out_dir: str = "out"          # run folder: config.json, log.jsonl, checkpoints, metrics.json
+    out_dir: str = ""             # run folder: config.json, log.jsonl, checkpoints, metrics.json ('': a new out/<run>-<time>)
     stage: str = "all"            # pretrain | align | finetune | all (align, then finetune)
     init_from: str = "scratch"    # alignment starts from: scratch | a checkpoint path (θ_pre) | gpt2 (with --hf_dir)
     hf_dir: str = ""              # a local Hugging Face GPT-2 folder, for --init_from gpt2 (its shape is the model's)
-    theta0: str = ""              # θ_0 checkpoint to fine-tune from (default: <out_dir>/theta0.pt)
+    theta0: str = ""              # θ_0 to fine-tune from ('': <out_dir>/theta0.pt, or out/theta0-<recipe key>/ with no --out_dir)
     resume: bool = False          # continue the run in out_dir from its latest checkpoint
     eval_interval: int = 250      # steps between evaluations and checkpoints
     log_interval: int = 25        # steps between progress-bar loss updates (one host sync each)
@@ -242,18 +242,6 @@ def make_optimizer(model, cfg, lr, sys_):
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99), fused=fused)
 
 
-def batch_shape(cfg, seq_len, sys_):
-    """Sequences per step and accumulation steps from the global batch in tokens."""
-    per_seq = seq_len
-    if cfg.batch_tokens % (per_seq * cfg.micro_batch * sys_.world_size):
-        raise ConfigError(
-            f"--batch_tokens {cfg.batch_tokens} must be a multiple of tokens per sequence ({per_seq}) "
-            f"× --micro_batch {cfg.micro_batch} × world size {sys_.world_size} "
-            f"= {per_seq * cfg.micro_batch * sys_.world_size}")
-    global_seqs = cfg.batch_tokens // per_seq
-    return global_seqs, global_seqs // (cfg.micro_batch * sys_.world_size)
-
-
 def micro_loss(train_model, sys_, x, y, m, n_tokens, smoothing=0.0):
     """This micro-batch's share of the global batch's mean loss over response tokens."""
     # mean over this slice's response tokens, rescaled so that the sum over micro-steps
@@ -308,40 +296,6 @@ def all_reduce_mean(t, sys_):
 
 
 RESUME_FILES = {"pretrain": "pretrain_ckpt.pt", "align": "align_ckpt.pt", "finetune": "ckpt.pt"}  # in out_dir
-STREAM_SEEDS = {"align": 0, "finetune": 1, "pretrain": 4}  # 2: the proxy stream, 3: a Fisher metric's
-
-
-class Streams:
-    """The batches of a stage, one seeded generator per dataset, so that Case I's proxy draws
-    never shift the task batches: `--lam 0` then reproduces `--constraint none` bit for bit.
-    Each rank takes its slice of the one global batch, so that 2 ranks × B/2 see exactly
-    what 1 rank × B sees."""
-
-    def __init__(self, stage, world, cfg, sys_, with_proxy):
-        self.world, self.sys_ = world, sys_
-        self.global_seqs, self.accum = batch_shape(cfg, world.seq_len, sys_)
-        self.local_seqs = self.global_seqs // sys_.world_size
-        self.main = {"pretrain": "general", "align": "safety", "finetune": "task"}[stage]
-        self.gens = {self.main: torch.Generator().manual_seed(cfg.seed * 1000 + STREAM_SEEDS[stage])}
-        if with_proxy:
-            self.gens["proxy"] = torch.Generator().manual_seed(cfg.seed * 1000 + 2)
-
-    def batch(self, name):
-        """(x, y, mask, n_tokens): this rank's slice, and the global count of response
-        tokens, the loss normaliser."""
-        x, y, m = self.world.batch(name, self.global_seqs, self.gens[name])
-        n_tokens = m.sum()
-        sl = slice(self.sys_.rank * self.local_seqs, (self.sys_.rank + 1) * self.local_seqs)
-        if self.sys_.device_type == "cuda":
-            return (*(t[sl].pin_memory().to(self.sys_.device, non_blocking=True) for t in (x, y, m)), n_tokens)
-        return (*(t[sl].to(self.sys_.device) for t in (x, y, m)), n_tokens)
-
-    def state(self):
-        return {k: g.get_state() for k, g in self.gens.items()}
-
-    def load_state(self, states):
-        for k, g in self.gens.items():
-            g.set_state(states[k])
 
 
 def evaluate_and_save(stage, step, train_loss, model, world, cfg, sys_, log, ckpt_path, constraint, theta0_hash,
@@ -428,7 +382,8 @@ def run_stage(stage, model, world, cfg, sys_, log, ckpt_path, constraint, theta0
                 raise FloatingPointError(
                     f"{stage}: the loss became NaN or inf at step {first_bad.item()}; the last good "
                     f"checkpoint is kept in {ckpt_path}: lower --{'lr' if stage == 'finetune' else stage + '_lr'}")
-            bar.set_postfix(loss=f"{all_reduce_mean(loss_sum, sys_).item() / cfg.log_interval:.4f}")
+            mean_loss = all_reduce_mean(loss_sum, sys_).item() / cfg.log_interval  # per response token
+            bar.set_postfix_str(f"train loss {mean_loss:.4f} nats/token")
             loss_sum.zero_()
         if step % cfg.eval_interval == 0 or step == iters:
             record = save(step, float(all_reduce_mean(step_loss, sys_).item()))
@@ -440,15 +395,15 @@ def run_stage(stage, model, world, cfg, sys_, log, ckpt_path, constraint, theta0
 # The two stages
 
 
-def train_and_save(stage, model, world, cfg, sys_, log, path, kind, extra):
-    """Train `model` through one stage from its resume checkpoint, if any, and save it to path as a
-    checkpoint of `kind` with the fields extra(model) (on rank 0)."""
+def train_and_save(stage, model, world, cfg, sys_, log, path, kind, extra, ckpt):
+    """Train `model` through one stage from its resume checkpoint ckpt, if any, and save it to path
+    as a checkpoint of `kind` with the fields extra(model) (on rank 0)."""
     resume_path = os.path.join(cfg.out_dir, RESUME_FILES[stage])
-    ckpt = resume_checkpoint(resume_path, cfg, stage)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
     run_stage(stage, model, world, cfg, sys_, log, resume_path, None, None, ckpt)
     if sys_.master:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)  # θ_0's own folder, out/theta0-<key>
         atomic_torch_save({"format": CHECKPOINT_FORMAT, "kind": kind, "model": model.state_dict(),
                            "model_config": dataclasses.asdict(model.config), "world_config": dataclasses.asdict(world.wc),
                            "config": dataclasses.asdict(cfg), **extra(model)}, path)
@@ -458,7 +413,7 @@ def train_and_save(stage, model, world, cfg, sys_, log, path, kind, extra):
     return model
 
 
-def pretrain(cfg, sys_, log, path):
+def pretrain(cfg, sys_, log, path, ckpt):
     """Stage 0 (real data): θ_pre = argmin of the next-token loss on the general text corpus,
     from scratch; saved with the corpus's statistics (its unigram entropy: the loss of a model
     that ignores context) and the prompts it holds (startpoints.check_corpus)."""
@@ -466,14 +421,14 @@ def pretrain(cfg, sys_, log, path):
     return train_and_save("pretrain", new_model(cfg, world, sys_), world, cfg, sys_, log, path, "theta_pre", lambda m: {
         "pretrain_key": pretrain_key(cfg), "params_hash": params_hash(m),
         "corpus_keys": torch.from_numpy(world.prompt_keys.view(np.int64)),
-        "corpus": dict(world.stats, **evaluate(m, world, sys_.device))})
+        "corpus": dict(world.stats, **evaluate(m, world, sys_.device))}, ckpt)
 
 
-def align(cfg, sys_, log, theta0_path):
+def align(cfg, sys_, log, theta0_path, ckpt):
     """Stage 1: θ_0 = argmin ℓ_s on D_s, trained from --init_from; saved to theta0_path."""
     world = make_world(cfg, init_vocab(cfg))  # a θ_pre's tokens mean what they meant in pretraining
     return train_and_save("align", initial_model(cfg, world, sys_), world, cfg, sys_, log, theta0_path, "theta0",
-                          lambda m: {"align_key": align_key(cfg), "theta0_hash": params_hash(m)})
+                          lambda m: {"align_key": align_key(cfg), "theta0_hash": params_hash(m)}, ckpt)
 
 
 def load_theta0(path, cfg, explicit):
@@ -497,10 +452,11 @@ def load_theta0(path, cfg, explicit):
                                   f"pass the same values or align again with --stage align")
         print(f"θ_0 at {path} was aligned with other settings ({', '.join(diff)}); aligning again")
         return None
+    print(f"θ_0: {path}, aligned with this recipe before: reused")
     return ckpt
 
 
-def finetune(cfg, sys_, log, theta0_ckpt):
+def finetune(cfg, sys_, log, theta0_ckpt, ckpt):
     """Stage 2: start from θ_0 and fit D_f under the constraint (THEORY.md §2–§3)."""
     world = make_world(cfg, theta0_ckpt["world_config"].get("vocab", ()))
     model = new_model(cfg, world, sys_)
@@ -515,7 +471,6 @@ def finetune(cfg, sys_, log, theta0_ckpt):
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + 3)
     constraint.setup(model, lambda n: tuple(t.to(sys_.device) for t in world.batch("proxy", n, gen)))
     resume_path = os.path.join(cfg.out_dir, RESUME_FILES["finetune"])
-    ckpt = resume_checkpoint(resume_path, cfg, "finetune")
     if ckpt is not None:
         if ckpt["theta0_hash"] != theta0_hash:
             raise CheckpointError(f"{resume_path} was fine-tuned from another θ_0 ({ckpt['theta0_hash']} "
@@ -529,13 +484,28 @@ def finetune(cfg, sys_, log, theta0_ckpt):
             "radius": cfg.radius, "lam": cfg.lam, "overlap": cfg.overlap, "mismatch": cfg.mismatch}
 
 
+def with_paths(cfg):
+    """cfg with its run folder and θ_0's path. Not given, every run gets a folder of its own under out/
+    (out/param-radius0.1-<time>), never another run's, and θ_0 lives in out/theta0-<its key>/, shared
+    by every run of its alignment recipe (θ_pre in out/pretrain-<its key>/): reused, never overwritten."""
+    if not cfg.out_dir and (cfg.resume or int(os.environ.get("RANK", -1)) != -1):
+        raise ConfigError(f"{'--resume continues' if cfg.resume else 'torchrun starts'} one run folder: pass --out_dir")
+    store = os.path.join("out", f"theta0-{align_key(cfg)[:8]}")
+    theta0 = cfg.theta0 or os.path.join(cfg.out_dir or store, "theta0.pt")
+    p = STRATEGIES[cfg.constraint].sweep_param
+    out = (cfg.out_dir or os.path.join("out", f"pretrain-{pretrain_key(cfg)[:8]}") if cfg.stage == "pretrain" else
+           cfg.out_dir or store if cfg.stage == "align" else
+           cfg.out_dir or new_run_folder(os.path.join("out", cfg.constraint + (f"-{p}{getattr(cfg, p):g}" if p else ""))))
+    return dataclasses.replace(cfg, out_dir=out, theta0=theta0)
+
+
 def main(cfg, argv=None):
     check_config(cfg)
+    explicit_theta0, cfg = bool(cfg.theta0), with_paths(cfg)
     # raises DataError on an impossible world or unreadable data
     world = make_corpus(cfg) if cfg.stage == "pretrain" else make_world(cfg, init_vocab(cfg))
     sys_ = setup_system(cfg)
     batch_shape(cfg, world.seq_len, sys_)  # raises ConfigError on a batch that does not divide
-    theta0_path = cfg.theta0 or os.path.join(cfg.out_dir, "theta0.pt")
     theta_pre_path = os.path.join(cfg.out_dir, "theta_pre.pt")
     if cfg.stage == "pretrain" and os.path.exists(theta_pre_path):
         if load_checkpoint(theta_pre_path).get("pretrain_key") == pretrain_key(cfg):
@@ -544,37 +514,36 @@ def main(cfg, argv=None):
         print(f"θ_pre at {theta_pre_path} was pretrained with another recipe; pretraining again")
     if cfg.init_from != "scratch" and cfg.stage in ("align", "all"):
         initial_model(cfg, world, sys_)  # raises on a starting point of another shape, vocabulary or data
-    explicit_theta0 = bool(cfg.theta0)
     theta0_ckpt = None
     if cfg.stage in ("finetune", "all"):
-        theta0_ckpt = load_theta0(theta0_path, cfg, explicit_theta0)  # may raise before any write
+        theta0_ckpt = load_theta0(cfg.theta0, cfg, explicit_theta0)  # may raise before any write
+    resumed = resume_points(cfg, RESUME_FILES, also=[os.path.join(cfg.out_dir, "theta0.pt")])  # checked now
     if sys_.master:
+        print(f"run folder {cfg.out_dir}" + (f" (resuming {', '.join(resumed)})" if resumed else ""))
         prepare_out_dir(cfg)
         atomic_write_json(os.path.join(cfg.out_dir, "config.json"),
                           {"config": dataclasses.asdict(cfg), "run": dict(run_info(argv), device=sys_.device,
                                                                        world_size=sys_.world_size)})
     if sys_.ddp:
         torch.distributed.barrier()
-
-    keep_steps = {}  # on resume: log lines up to each stage's checkpoint are kept
-    if cfg.resume:
-        keep_steps = resume_steps(cfg.out_dir, RESUME_FILES)
-        if theta0_ckpt is not None or os.path.exists(theta0_path):
-            keep_steps.setdefault("align", cfg.align_iters)
+    keep_steps = {stage: ckpt["step"] for stage, ckpt in resumed.items()}  # log lines up to each checkpoint
+    if cfg.resume and (theta0_ckpt is not None or os.path.exists(cfg.theta0)):
+        keep_steps.setdefault("align", cfg.align_iters)
     log = Log(os.path.join(cfg.out_dir, "log.jsonl"), sys_.master, keep_steps if cfg.resume else None)
 
     if cfg.stage == "pretrain":
-        pretrain(cfg, sys_, log, theta_pre_path)
+        pretrain(cfg, sys_, log, theta_pre_path, resumed.get("pretrain"))
+        print(f"θ_pre: {theta_pre_path} (align from it with --init_from {theta_pre_path})")
         return None
     if cfg.stage == "align" or (cfg.stage in ("finetune", "all") and theta0_ckpt is None):
-        align(cfg, sys_, log, theta0_path)
-        theta0_ckpt = load_checkpoint(theta0_path)
+        align(cfg, sys_, log, cfg.theta0, resumed.get("align"))
+        theta0_ckpt = load_checkpoint(cfg.theta0)
     if cfg.stage == "align":
         return None
-    metrics = finetune(cfg, sys_, log, theta0_ckpt)
+    metrics = finetune(cfg, sys_, log, theta0_ckpt, resumed.get("finetune"))
     if sys_.master:
         atomic_write_json(os.path.join(cfg.out_dir, "metrics.json"), metrics)
-        print_table(metrics)
+        print_table(metrics, f"{cfg.out_dir}: {STRATEGIES[cfg.constraint].describe(dataclasses.asdict(cfg))}")
     return metrics
 
 

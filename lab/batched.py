@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 import train
 from common import ConfigError, atomic_write_json
+from constraints import STRATEGIES as STRATEGY_CLASSES
 from constraints import make_strategy
 from model import GPT, GPTConfig, flat_params
 from system import Log, prepare_out_dir, print_table, record_metrics, run_info, setup_system
@@ -215,8 +216,7 @@ def finetune_group(cfgs, progress=False):
                    "constraint": c.constraint,
                    "radius": c.radius, "lam": c.lam, "overlap": c.overlap, "mismatch": c.mismatch}
         atomic_write_json(os.path.join(c.out_dir, "metrics.json"), metrics)
-        print(c.out_dir)
-        print_table(metrics)
+        print_table(metrics, f"{c.out_dir}: {STRATEGY_CLASSES[c.constraint].describe(dataclasses.asdict(c))}")
         out.append(metrics)
     return out
 

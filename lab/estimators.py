@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from common import DataError
 from evaluate import heldout_nll
+from lab.refusals import wilson_interval
 from model import CheckpointError, load_checkpoint, model_from_checkpoint
 from realtext import loaders
 from realtext.textdata import N_GPT2, RealData, RealDataConfig, codec_of, dataset_part, train_and_heldout
@@ -185,8 +186,12 @@ def overlap_from_scores(z, labels, fold, lams=(1.0,), n_boot=200, seed=0):
         TV(μ_s, μ_f) ≈ mean |2c − 1|,   M = 1 − TV,   (A2) term ≈ mean over D_s of log(1 + (1−c)/(λ c))
 
     with c the isotonic calibration of z fit on the other folds, beside the same read off the
-    raw scores σ(z) ('uncalibrated') and the lower bound 2·acc − 1 that the accuracy certifies.
-    Intervals: 2.5–97.5% of a bootstrap over prompts, within each set (the classifier fixed)."""
+    raw scores σ(z) ('uncalibrated') and the lower bound 2·acc − 1 that the accuracy certifies
+    (Neyman–Pearson: no test tells the two apart better than TV). The calibrated TV is reported inside
+    [that bound, 1]: calibration smooths its rates towards ½, so on sets a classifier separates
+    perfectly it would read below what its own accuracy proves. Intervals (95%): a bootstrap over
+    prompts within each set, the classifier fixed, and for TV and M no narrower than the binomial
+    sampling error of the accuracy behind the bound (Wilson's interval of acc, read as 2·acc − 1)."""
     c = np.empty(len(z))
     for k in np.unique(fold):
         m = fold == k
@@ -199,10 +204,16 @@ def overlap_from_scores(z, labels, fold, lams=(1.0,), n_boot=200, seed=0):
     boot = np.concatenate([rng.choice(pos, (n_boot, len(pos))), rng.choice(neg, (n_boot, len(neg)))], 1)
     interval = lambda v: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))]
     tv, lb = np.abs(2 * c - 1), 2 * right - 1.0  # per prompt: their means are TV and 2·acc − 1
-    return {"tv": float(tv.mean()), "tv_interval": interval(tv[boot].mean(1)),
-            "M": 1.0 - float(tv.mean()), "M_interval": interval(1 - tv[boot].mean(1)),
+    bound = max(0.0, float(lb.mean()))
+    acc_lo, acc_hi = wilson_interval(int(right.sum()), len(right))
+    bound_interval = [max(0.0, 2 * acc_lo - 1), max(0.0, 2 * acc_hi - 1)]
+    tv_hat = min(1.0, max(float(tv.mean()), bound))
+    boot_tv = interval(tv[boot].mean(1))
+    tv_interval = [min(boot_tv[0], bound_interval[0], tv_hat), min(1.0, max(boot_tv[1], bound_interval[1], tv_hat))]
+    return {"tv": tv_hat, "tv_interval": tv_interval, "M": 1.0 - tv_hat, "M_interval": [1 - tv_interval[1],
+                                                                                          1 - tv_interval[0]],
             "tv_uncalibrated": float(np.abs(2 * raw - 1).mean()), "M_uncalibrated": 1 - float(np.abs(2 * raw - 1).mean()),
-            "tv_lower_bound": max(0.0, float(lb.mean())), "tv_lower_bound_interval": interval(np.maximum(0, lb[boot].mean(1))),
+            "tv_lower_bound": bound, "tv_lower_bound_interval": bound_interval,
             "accuracy": float(right.mean()),
             "a2_overlap_term": {float(lam): float(a2(c[pos], lam)) for lam in lams},
             "a2_overlap_term_interval": {float(lam): interval(a2(c[boot[:, :len(pos)]], lam)) for lam in lams},

@@ -29,6 +29,7 @@ from data import SyntheticWorld, WorldConfig
 from lab import estimators
 from lab.ledger import read_rows
 from model import CheckpointError
+from realtext import loaders
 
 
 def forecast(safety, tasks, proxy="", theta="", lams=(1.0, 10.0), data_dir="", max_n=2000, seed=0):
@@ -37,12 +38,22 @@ def forecast(safety, tasks, proxy="", theta="", lams=(1.0, 10.0), data_dir="", m
     t0 = time.time()
     if not tasks:
         raise DataError("no --task given: name at least one task set")
+    for name in [safety, *tasks] + ([proxy] if proxy else []):  # every input found before anything is read or cached
+        for part in name.split("+") if not os.path.isfile(name) else [name]:
+            if not os.path.isfile(part):
+                path = loaders.resolve(part, data_dir)[2]  # a registry name, or one message naming it
+                if not os.path.isfile(path):
+                    raise DataError(f"{part}: its file {path} is not in the data folder: fetch it "
+                                    f"(python -m realtext.fetch) or fix --data_dir")
+    if theta and not os.path.isfile(theta):
+        raise DataError(f"--theta {theta} does not exist: pass a θ_pre or θ_0 checkpoint of real text")
     ps = estimators.prompts_of(safety, data_dir)
     model = estimators.text_model(theta) if theta else None
     mismatch = estimators.real_mismatch(proxy, safety, data_dir=data_dir) if proxy else None
     out = {"estimate": True, "safety": safety, "proxy": proxy or None, "theta": theta or None,
            "lams": [float(v) for v in lams], "mismatch": mismatch, "tasks": {}}
-    for task in tasks:
+    for i, task in enumerate(tasks, 1):
+        print(f"forecast: task {i}/{len(tasks)}, {task} ({time.time() - t0:.0f} s in)", file=sys.stderr, flush=True)
         pf = estimators.prompts_of(task, data_dir)
         c = estimators.classifier_overlap(ps, pf, lams=lams, max_n=max_n, seed=seed)
         entry = {k: c[k] for k in ("tv", "tv_interval", "tv_uncalibrated", "tv_lower_bound", "tv_lower_bound_interval",
@@ -105,19 +116,24 @@ def print_forecast(out):
     print(f"forecast for D_s = {out['safety']}" + (f", proxy {out['proxy']} (mismatch estimate "
           f"{out['mismatch']['mismatch']:.2f} nats/seq)" if out["proxy"] else "")
           + f"; every number an estimate ({out['seconds']:.0f} s)")
-    cols = ["rank", "task", "TV calibrated [95%, prompt resampling]", "TV raw", "TV ≥", "M", "lexical"]
-    cols += ["TV repr."] if out["theta"] else []
+    cols = ["rank", "task", "overlap M = 1 − TV [95%]", "TV calibrated", "TV ≥ (certified)", "TV raw",
+            "lexical overlap"]
+    cols += ["overlap M, hidden states"] if out["theta"] else []
     cols += [f"(A2) term λ={lam:g}" for lam in out["lams"]] + ([f"(A2) bound λ={lam0:g}"] if out["proxy"] else [])
     print("| " + " | ".join(cols) + " |\n|" + " --- |" * len(cols))
     for t in out["ranking"]:
         e = out["tasks"][t]
-        row = [str(e["rank"]), t, f"{e['tv']:.3f} [{e['tv_interval'][0]:.3f}, {e['tv_interval'][1]:.3f}]",
-               f"{e['tv_uncalibrated']:.3f}", f"{e['tv_lower_bound']:.3f}", f"{e['M']:.3f}", f"{e['lexical']:.3f}"]
-        row += [f"{e['representation']['tv']:.3f}"] if out["theta"] else []
+        row = [str(e["rank"]), t, f"{e['M']:.3f} [{e['M_interval'][0]:.3f}, {e['M_interval'][1]:.3f}]",
+               f"{e['tv']:.3f}", f"{e['tv_lower_bound']:.3f}", f"{e['tv_uncalibrated']:.3f}", f"{e['lexical']:.3f}"]
+        row += [f"{e['representation']['M']:.3f}"] if out["theta"] else []
         row += [f"{e['a2_overlap_term'][lam]:.3f}" for lam in out["lams"]]
         row += [f"{e['a2_bound'][lam0]:.2f}"] if out["proxy"] else []
         print("| " + " | ".join(row) + " |")
-    print(f"rank 1 is the largest predicted safety cost: the (A2) overlap term at λ = {lam0:g} (THEORY.md §2)")
+    print(f"rank 1 is the largest predicted safety cost: the (A2) overlap term at λ = {lam0:g} (THEORY.md §2). "
+          "M: the share of prompt contexts the two sets have in common (1: the same distribution, 0: disjoint), "
+          "from a classifier told to tell them apart (TV, calibrated out of fold; interval: bootstrap over "
+          "prompts, no narrower than the accuracy's binomial error); TV ≥: what that classifier's accuracy "
+          "proves (2·acc − 1); TV raw: its uncalibrated scores; lexical: shared word n-gram mass.")
 
 
 def parse_lams(text):

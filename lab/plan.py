@@ -81,7 +81,7 @@ def plan(sc, recipe):
                 {"tol_abs": sc.tol_abs, "tol_rel": sc.tol_rel, "power_iters": sc.power_iters, "power_tol": sc.power_tol})
     for t in tasks.values():
         if "train" in t:
-            t["train"].update(progress=False, resume=True)  # resume=True: a killed run continues
+            t["train"].update(progress=False)  # the worker resumes a killed run (worker.resumable)
         t.update(threads=sc.threads, **settings)
     return tasks
 
@@ -126,15 +126,18 @@ def synthetic_runs(sc, seed, align_dir):
     """The fine-tunes of one seed over the synthetic grids: (run id, TrainConfig values, task fields)."""
     none_id = run_id("none", sc.overlap, sc.mismatch, 0.0, seed)
     # λ = 0 for runs without the proxy term: plain fine-tuning IS Case I at λ = 0
-    for constraint, k, d, v in ([("loss", sc.overlap, d, lam) for d in sc.mismatches for lam in sc.lams]
-                                + [("loss", k, sc.mismatch, lam) for k in sc.overlaps for lam in sc.lams]
-                                + [("none", sc.overlap, sc.mismatch, 0.0)]
-                                + [("param", sc.overlap, sc.mismatch, r) for r in sc.radii]
-                                + [(s, sc.overlap, sc.mismatch, v) for s in extra_strategies(sc)
-                                   for v in strategy_grid(sc, s)]):
+    design = ([("loss", sc.overlap, d, lam) for d in sc.mismatches for lam in sc.lams]
+              + [("loss", k, sc.mismatch, lam) for k in sc.overlaps for lam in sc.lams]
+              + [("none", sc.overlap, sc.mismatch, 0.0)]
+              + [("param", sc.overlap, sc.mismatch, r) for r in sc.radii])
+    if not sc.baselines:  # an ablation: only the strategies named, the design's among them
+        design = [run for run in design if run[0] in sc.strategies]
+    planned_none = any(run[0] == "none" for run in design)
+    for constraint, k, d, v in design + [(s, sc.overlap, sc.mismatch, v) for s in extra_strategies(sc)
+                                         for v in strategy_grid(sc, s)]:
         strategy = STRATEGIES[constraint]
         # a Case II run's theory needs the unconstrained run, for d = ‖θ_f* − θ_0‖ of bound (E)
-        ref = os.path.join(sc.out_dir, "runs", none_id) if strategy.case == "II" else None
+        ref = os.path.join(sc.out_dir, "runs", none_id) if strategy.case == "II" and planned_none else None
         knobs = {"constraint": constraint, "overlap": k, "mismatch": d, "lam": 0.0, "radius": 0.0}
         if strategy.sweep_param:
             knobs[strategy.sweep_param] = v
@@ -165,3 +168,51 @@ def real_runs(sc, seed, align_dir):
         yield (analysis.real_run_id(constraint, task, proxy, lam, r, seed),
                {"constraint": constraint, "task_data": task, "proxy_data": proxy or sc.proxies[0], "lam": lam, "radius": r},
                {"meta": {"constraint": constraint, "task": task, "proxy": proxy, "lam": lam, "radius": r, "seed": seed}})
+
+
+def step_seconds(recipe, steps=5):
+    """Seconds one fine-tuning step of the recipe takes here and now (median of a few, one thread),
+    for the plan's estimate; None for real text (building its data would take longer than the guess)."""
+    import statistics
+    import time
+
+    import torch
+
+    from data import Streams
+    from system import setup_system
+    if is_real(recipe):
+        return None
+    cfg = train.TrainConfig(**dict(recipe, device="cpu", progress=False))
+    world, sys_ = train.make_world(cfg), setup_system(cfg)
+    model = train.new_model(cfg, world, sys_)
+    optimizer = train.make_optimizer(model, cfg, cfg.lr, sys_)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    streams, params, times = Streams("finetune", world, cfg, sys_, False), train.flat_params(model), []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as a sweep's worker runs
+    try:
+        for i in range(steps + 1):
+            t0 = time.perf_counter()
+            train.train_step(model, optimizer, scaler, params, None, sys_, streams.batch("task"), None, streams.accum,
+                             cfg.grad_clip)
+            times.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
+    return statistics.median(times[1:])
+
+
+def describe_plan(sc, recipe, tasks, done):
+    """One line: the plan's size, its training steps and, on the synthetic world, the time they take
+    here at the step time measured now (evaluation and theory come on top)."""
+    left = [t for t in tasks.values() if t["id"] not in done]
+    n = {kind: sum(t["kind"] == kind for t in left) for kind in ("finetune", "align", "pretrain")}
+    steps = (n["finetune"] * recipe.get("max_iters", train.TrainConfig.max_iters)
+             + n["align"] * recipe.get("align_iters", train.TrainConfig.align_iters)
+             + n["pretrain"] * recipe.get("pretrain_iters", train.TrainConfig.pretrain_iters))
+    line = (f"plan: {n['finetune']} fine-tunes, {n['align']} θ_0 and {n['pretrain']} θ_pre left to train, "
+            f"{steps:,} optimizer steps")
+    t = step_seconds(recipe) if steps else None
+    if t is not None:
+        line += (f"; about {steps * t / 60 / sc.jobs:.1f} min of training at {t * 1000:.1f} ms a step measured now, "
+                 f"{sc.jobs} at a time (evaluation and theory come on top)")
+    return line

@@ -45,7 +45,7 @@ from common import DataError, SweepError, atomic_write_json, parser_from, remove
 from constraints import STRATEGIES
 from lab import analysis, batched, report, report_paper_real, worker
 from lab.ledger import locked, merge_row, parse_shard, read_rows, shard_ids
-from lab.plan import INITS, batch_groups, extra_strategies, is_real, plan, strategy_grid
+from lab.plan import INITS, batch_groups, describe_plan, extra_strategies, is_real, plan, strategy_grid
 from lab.presets import PRESETS
 from model import CheckpointError
 from realtext import loaders
@@ -74,6 +74,7 @@ class SweepConfig:
     overlaps: tuple = (0.0, 0.25)   # κ grid of the overlap experiment (F2), at δ = mismatch
     radii: tuple = (0.05, 0.5)    # r: Case II radii (F3, F6), at (overlap, mismatch)
     strategies: tuple = ()        # more strategies of constraints.STRATEGIES at (κ, δ), each over its grid
+    baselines: bool = True        # the design's runs: Case I over lams, plain, Case II over radii (--no-baselines: only --strategies)
     grids: dict = dataclasses.field(default_factory=dict)  # name → values of its sweep_param (--grid NAME=...)
     overlap: float = 0.25         # κ of the mismatch and radius experiments
     mismatch: float = 0.3         # δ of the overlap and radius experiments
@@ -117,6 +118,8 @@ def parser():
              for f in dataclasses.fields(SweepConfig) if isinstance(f.default, tuple)}
     ap = parser_from(SweepConfig, __doc__.strip().splitlines()[0], types=types, choices={"preset": sorted(PRESETS)},
                      skip=("grids",), preset=True, prog="python -m lab.sweep")
+    ap.add_argument("--train", action="append", type=parse_setting, metavar="KEY=VALUE", default=argparse.SUPPRESS,
+                    help="a train.py setting of every run, over the preset's recipe (--train max_iters=50); repeatable")
     ap.add_argument("--grid", action="append", type=parse_grid, metavar="NAME=V1,V2,...", default=argparse.SUPPRESS,
                     help="the values of strategy NAME's sweep parameter (default: its Strategy.grid); repeatable")
     return ap
@@ -125,9 +128,25 @@ def parser():
 def parse_args(argv=None):
     """SweepConfig from the preset, then the flags actually given."""
     given = {k: v for k, v in vars(parser().parse_args(argv)).items() if v is not None}
+    if "train" in given:
+        given["train"] = dict(given["train"])
     if "grid" in given:  # added to the preset's grids, one strategy at a time
         given["grids"] = {**PRESETS[given.get("preset", "smoke")].get("grids", {}), **dict(given.pop("grid"))}
     return make_config(**given)
+
+
+def parse_setting(text):
+    """'max_iters=50' → ('max_iters', 50), the value of the type of TrainConfig's field."""
+    name, eq, value = text.partition("=")
+    fields = {f.name: f.default for f in dataclasses.fields(train.TrainConfig)}
+    if not eq or name.strip() not in fields:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE with KEY a train.py flag (python train.py --help)")
+    default = fields[name.strip()]
+    try:
+        kind = (lambda v: {"true": True, "false": False}[v.lower()]) if isinstance(default, bool) else type(default)
+        return name.strip(), kind(value.strip())
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"--train {text}: {value!r} is not a {type(default).__name__}") from None
 
 
 def parse_grid(text):
@@ -138,18 +157,19 @@ def parse_grid(text):
     return name.strip(), parse_list(values, float)
 
 
-def make_config(preset="smoke", **overrides):
-    """SweepConfig and the train recipe of a preset with overrides (also for tests)."""
+def make_config(preset="smoke", train=None, **overrides):
+    """SweepConfig and the train recipe of a preset with overrides (also for tests); train: TrainConfig
+    values that replace the preset's recipe's in every run (--train KEY=VALUE)."""
     if preset not in PRESETS:
         raise SweepError(f"--preset {preset!r} is unknown: choose one of {', '.join(sorted(PRESETS))}")
-    values = {k: v for k, v in PRESETS[preset].items() if k not in ("train", "report")}  # report: which writer
+    values = {k: v for k, v in PRESETS[preset].items() if k not in ("train", "report", "note")}  # report: which writer
     if overrides.get("out_dir"):
         values.pop("report_dir", None)  # a sweep elsewhere never overwrites the preset's published report
     values.update(overrides)
     sc = SweepConfig(preset=preset, **values)
     sc.out_dir = sc.out_dir or os.path.join("out_sweep", preset)
     sc.report_dir = sc.report_dir or sc.out_dir
-    recipe = dict(PRESETS[preset]["train"])
+    recipe = dict(PRESETS[preset]["train"], **(train or {}))
     check_config(sc, recipe)
     if is_real(recipe):
         try:
@@ -172,9 +192,15 @@ def check_config(sc, recipe=None):
             bad("strategies" if name in sc.strategies else "grid", name, f"one of {', '.join(STRATEGIES)}")
         if STRATEGIES[name].sweep_param is None and name in sc.grids:
             bad("grid", name, "a strategy with a parameter to sweep")
-    if (sc.strategies or sc.grids) and is_real(recipe or {}):
+    if not sc.baselines and not sc.strategies:
+        raise SweepError("--no-baselines leaves nothing to run: name the strategies to sweep with --strategies NAME,...")
+    if (sc.strategies or sc.grids or not sc.baselines) and is_real(recipe or {}):
         raise SweepError("--strategies/--grid are for the synthetic presets: the real-text plan runs none, loss "
                          "and param only")
+    try:
+        train.check_config(train.TrainConfig(**{**recipe, "stage": "finetune"})) if recipe is not None else None
+    except (TypeError, train.ConfigError) as e:
+        raise SweepError(f"--train: {e}") from None
     for name in sc.grids:  # a grid nobody would read is a mistake, not a no-op
         if name in ("loss", "param") or name not in sc.strategies:
             bad("grid", name, "a strategy of --strategies other than loss and param (those take --lams, --radii)")
@@ -336,6 +362,7 @@ def run_sweep(sc, recipe, write_report=True):
     mine = shard_ids(tasks, shard)
     todo = [t for t in tasks.values() if t["id"] not in done and t["id"] in mine]
     n_runs = sum(t["kind"] == "finetune" for t in tasks.values())
+    print(describe_plan(sc, recipe, {t["id"]: t for t in todo}, done), flush=True)
     print(f"sweep {sc.preset}: {n_runs} runs ({n_runs - sum(t['kind'] == 'finetune' for t in tasks.values() if t['id'] not in done)} "
           f"already done), {len(sc.seeds)} seeds, {sc.jobs} at a time, out_dir {sc.out_dir}"
           + (f"; shard {shard[0]}/{shard[1]}: {sum(t['kind'] == 'finetune' for t in todo)} runs of its share left"
@@ -441,8 +468,11 @@ def report_when_complete(sc, recipe, rows, state, n_runs, shard, tasks):
         return
     write = (report_paper_real.write_report if PRESETS[sc.preset].get("report") == "paper-real" else
              report.write_report_real if is_real(recipe) else
-             report.write_report_strategies if PRESETS[sc.preset].get("report") == "strategies" else report.write_report)
-    write(sc, recipe, rows, state, home=PRESETS[sc.preset].get("report_dir"))  # a home report goes into README.md
+             report.write_report_strategies if PRESETS[sc.preset].get("report") == "strategies" or not sc.baselines
+             else report.write_report)
+    write(sc, recipe, rows, state, home=PRESETS[sc.preset].get("report_dir"))
+    if PRESETS[sc.preset].get("note"):
+        print(PRESETS[sc.preset]["note"])  # a home report goes into README.md
 
 
 def wait_for_other_shards(sc, tasks, todo, done, mine, poll=5.0):
@@ -500,7 +530,7 @@ def record(sc, tasks, t, result, rows, csv_path, elapsed):
             f"G_s {result['safety_gap']:.4f} G_f {result['capability_gap']:.4f}")
     n_runs = sum(x["kind"] == "finetune" for x in tasks.values())
     print(f"  [{sum(r['run_id'] in tasks for r in rows)}/{n_runs}] {t['id']}: {what} "
-          f"({result['train_seconds'] + result.get('theory_seconds', result.get('eval_seconds', 0)):.0f} s)")
+          f"({result['train_seconds'] + result.get('theory_seconds', result.get('eval_seconds', 0)):.1f} s)")
     return rows
 
 

@@ -39,6 +39,11 @@ def has_theta_pre(pre_dir, cfg):
     return os.path.exists(path) and load_checkpoint(path).get("pretrain_key") == startpoints.pretrain_key(cfg)
 
 
+def resumable(run_dir):
+    """Has a killed task left a checkpoint in run_dir that train.py --resume continues?"""
+    return any(os.path.exists(os.path.join(run_dir, f)) for f in (*train.RESUME_FILES.values(), "theta0.pt"))
+
+
 def finished(run_dir):
     """Is run_dir a finished fine-tune that theory.py can read?"""
     try:
@@ -64,7 +69,7 @@ def _execute(task):
     if task["kind"] == "estimate":
         return estimate(task)
     t0, cpu0 = time.time(), time.process_time()  # CPU time too: wall time depends on who else runs
-    cfg = train.TrainConfig(**task["train"])
+    cfg = dataclasses.replace(train.TrainConfig(**task["train"]), resume=resumable(task["dir"]))
     os.makedirs(task["dir"], exist_ok=True)
     # --refresh on a trained run: its theory (real data: its refusals) is reported again, not its training
     refresh = task.get("refresh") and (os.path.exists(os.path.join(task["dir"], "metrics.json")) if task.get("real")
@@ -136,7 +141,7 @@ def execute_batch(tasks):
         torch.set_num_threads(tasks[0]["threads"])
         t0, cpu0 = time.time(), time.process_time()
         todo = [t for t in tasks if not (finished(t["dir"]) if t.get("refresh") else trained(t))]  # --refresh: theory only
-        cfgs = [train.TrainConfig(**t["train"]) for t in todo]
+        cfgs = [dataclasses.replace(train.TrainConfig(**t["train"]), resume=resumable(t["dir"])) for t in todo]
         why = None
         try:
             batched.check_group(cfgs)
@@ -168,7 +173,8 @@ def trained(task):
         return False
     saved = json.load(open(os.path.join(task["dir"], "config.json")))["config"]
     cfg = dataclasses.asdict(train.TrainConfig(**task["train"]))
-    return {**dataclasses.asdict(train.TrainConfig()), **saved} == cfg
+    how = {"resume": None, "progress": None}  # how it ran, not what it computes
+    return {**dataclasses.asdict(train.TrainConfig()), **saved, **how} == {**cfg, **how}
 
 
 def take(task, stack):

@@ -18,6 +18,7 @@ from conftest import ROOT
 # entry point → the module whose parser() reads its flags (train.py: parse_args, which adds --config)
 ENTRY = {"train.py": "train", "evaluate.py": "evaluate", "theory.py": "theory"}
 MODULES = ("train", "evaluate", "theory", "lab.sweep", "lab.forecast", "lab.landscape", "lab.bench", "lab.refusals",
+           "lab.sample", "lab.plot",
            "lab.export", "realtext.fetch")
 DOCS = ["README.md", *sorted(glob.glob("docs/*.md", root_dir=ROOT)), *sorted(glob.glob("results/*/README.md",
                                                                                      root_dir=ROOT))]

@@ -4,6 +4,7 @@ text checkpoint; and its refusals of input it cannot use."""
 import csv
 import dataclasses
 import json
+import os
 
 import numpy as np
 import pytest
@@ -83,7 +84,7 @@ def test_forecast_refuses_what_it_cannot_use(files, tmp_path):
              "few": (["--task", str(tmp_path / "few.txt")], "fewer than the classifier's 5 folds"),
              "same": (["--task", safety], "same prompts"),
              "synthetic": (["--task", str(files / "code.txt"), "--theta", str(synthetic)], "synthetic world"),
-             "missing": (["--task", str(tmp_path / "nope.json")], "neither a registry name"),
+             "missing": (["--task", str(tmp_path / "nope.json")], "nope.json: file not found"),
              "lam": (["--task", str(files / "code.txt"), "--lams", "0"], "λ > 0")}
     for what, (args, message) in cases.items():
         with pytest.raises(SystemExit) as e:
@@ -95,3 +96,28 @@ def test_forecast_refuses_what_it_cannot_use(files, tmp_path):
             continue
         with pytest.raises(SystemExit, match=message):
             forecast.main(["--safety", safety, *args])
+
+
+@pytest.mark.parametrize("n", [100, 400])
+def test_a_separable_task_is_never_reported_below_its_own_bound_nor_with_a_degenerate_interval(tmp_path, n):
+    """Sets a classifier tells apart perfectly: calibration alone would read TV < 1 while the accuracy
+    certifies TV ≥ 2·acc − 1 = 1; the interval must hold the binomial error of n prompts a set."""
+    (tmp_path / "s.txt").write_text("\n".join(prompts(SAFE, n, 0)) + "\n")
+    (tmp_path / "f.txt").write_text("\n".join(prompts(CODE, n, 1)) + "\n")
+    out = forecast.forecast(str(tmp_path / "s.txt"), [str(tmp_path / "f.txt")])
+    e = out["tasks"][str(tmp_path / "f.txt")]
+    assert e["tv_lower_bound"] == 1.0 and e["tv"] >= e["tv_lower_bound"] and e["tv"] <= 1.0
+    lo, hi = e["tv_interval"]
+    assert lo <= e["tv"] <= hi <= 1.0 and e["M"] == pytest.approx(1 - e["tv"])
+    # Wilson's interval of 2n of 2n right is [1 − 3.84/(2n + 3.84), 1]; read as 2·acc − 1, twice as wide
+    assert hi - lo >= 2 * 3.84 / (2 * n + 3.84) - 1e-9
+
+
+def test_a_missing_task_file_is_found_before_any_token_is_cached(tmp_path, monkeypatch):
+    if not os.environ.get("SAFETY_DATA_DIR"):
+        pytest.skip("needs the data folder (SAFETY_DATA_DIR) for a registry D_s")
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SAFETY_CACHE_DIR", str(cache))
+    with pytest.raises(SystemExit, match="nope.jsonl: file not found"):  # D_s first on the command line, a bad task after
+        forecast.main(["--safety", "safety_llamas", "--task", str(tmp_path / "nope.jsonl")])
+    assert not cache.exists() or os.listdir(cache) == []

@@ -550,7 +550,7 @@ def test_a_batched_sweep_gives_the_single_run_rows_and_report(smoke, tmp_path, c
     logs = lambda: {r: open(os.path.join(out, "runs", r, "sweep_train.out")).read() for r in os.listdir(
         os.path.join(out, "runs"))}
     before = logs()
-    assert before["loss-k0.25-d0-lam1-s1"].count("(nats/seq)") == 6  # the Case I group, in its first run's log
+    assert before["loss-k0.25-d0-lam1-s1"].count("losses and gaps in nats per sequence") == 6  # the Case I group, in its first run's log
     assert "batched group with loss-k0.25-d0-lam1-s1" in before["loss-k0-d0.3-lam10-s1"]
     # --refresh reports theory again and trains nothing: every training log stays as it was
     sweep.main(["--preset", "smoke", "--out_dir", out, "--jobs", "1", "--batch_runs", "8", "--refresh"])
@@ -562,4 +562,31 @@ def test_a_bad_shard_is_one_clear_message(tmp_path, shard):
     with pytest.raises(SystemExit) as e:
         sweep.main(["--preset", "smoke", "--out_dir", str(tmp_path / "never"), "--shard", shard])
     assert "--shard" in str(e.value.code) and "1 ≤ i ≤ n" in str(e.value.code)
+    assert not (tmp_path / "never").exists()
+
+
+def test_an_ablation_sweeps_one_strategy_with_no_baselines_and_its_own_steps(tmp_path, capsys):
+    out = str(tmp_path / "ablation")
+    sweep.main(["--preset", "smoke", "--strategies", "penalty", "--no-baselines", "--train", "max_iters=7",
+                "--out_dir", out, "--jobs", "1"])
+    printed = capsys.readouterr().out
+    rows = csv_rows(os.path.join(out, "results.csv"))
+    assert {r["constraint"] for r in rows} == {"penalty"} and len(rows) == len(STRATEGIES["penalty"].grid)
+    for r in rows:  # every run trained the steps asked for, and no reference run was planned for (E)
+        cfg = json.load(open(os.path.join(out, "runs", r["run_id"], "config.json")))["config"]
+        assert cfg["max_iters"] == 7 and not r.get("d_unconstrained")
+    assert "plan: 2 fine-tunes, 1 θ_0" in printed and "ms a step measured now" in printed
+    assert "| F5 |" in open(os.path.join(out, "results.md")).read()
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["--strategies", "", "--no-baselines"], "--no-baselines leaves nothing to run"),
+    (["--train", "max_iter=7"], "is not KEY=VALUE with KEY a train.py flag"),
+    (["--train", "max_iters=seven"], "'seven' is not a int"),
+    (["--train", "lr=-1"], "--train: --lr -1.0 must be a finite number ≥ 0"),
+])
+def test_bad_ablation_flags_are_one_message(tmp_path, capsys, args, expect):
+    with pytest.raises(SystemExit) as e:
+        sweep.main(["--preset", "smoke", "--out_dir", str(tmp_path / "never"), *args])
+    assert expect in capsys.readouterr().err + str(e.value.code)  # argparse's message, or the sweep's
     assert not (tmp_path / "never").exists()

@@ -283,7 +283,15 @@ def test_cli_writes_theory_json_with_the_keys_and_prints_a_table(runs):
     assert proc.returncode == 0, proc.stderr
     out = json.load(open(os.path.join(runs["param"], "theory.json")))
     for k in KEYS + CASE_TWO_KEYS:
-        assert k in out and k in proc.stdout
+        assert k in out
+    # the printout is of the strategy that ran: its radius, the limit C and the Case II quantities;
+    # no λ, and none of Case I's bounds, which describe another strategy
+    head = proc.stdout.splitlines()[0]
+    assert "param, r = 0.05" in head and "λ" not in head and "nats per sequence" in head
+    for k in ["C_limit", "C_lhs"] + CASE_TWO_KEYS:
+        assert k in proc.stdout
+    assert "A2_safety_bound" not in proc.stdout and "optimum_safety_gap" not in proc.stdout
+    assert "Case II: ∇ℓ_s and λ_max(H_s)" in proc.stderr  # progress while it computes
     metrics = json.load(open(os.path.join(runs["param"], "metrics.json")))
     assert out["safety_gap"] == pytest.approx(metrics["finetuned"]["safety_gap"], abs=1e-9)
     assert out["C_lhs"] >= out["C_limit"] and out["C_holds"]
@@ -313,6 +321,13 @@ def test_report_on_any_run_has_the_keys_and_the_bounds_hold(runs, name):
                                                      and abs(out["case1_capability_excess"]) <= verdict["case1_capability_tolerance"])
     assert (name == "penalty") == ("hessian_top_eig_s" in out)
     json.loads(json.dumps(theory.json_safe(out), allow_nan=False))  # strict JSON: ∞ written as 'inf'
+
+
+def test_a_case_one_printout_shows_its_lambda_and_bounds(runs, capsys):
+    theory.print_table(theory.report(runs["loss"]))
+    text = capsys.readouterr().out
+    assert "loss, λ = 3" in text.splitlines()[0] and "A2_safety_bound" in text and "case1_objective_excess" in text
+    assert "hessian_top_eig_s" not in text and "r =" not in text
 
 
 def break_copy(runs, tmp_path, edit):

@@ -130,3 +130,39 @@ def test_a_checkpoint_written_before_a_field_existed_still_resumes(tmp_path):
 def test_a_flag_several_strategies_share_is_named_with_the_chosen_one(tmp_path):
     proc = run_train("--out_dir", str(tmp_path / "never"), "--constraint", "fisher", "--gamma", "-1", check=False)
     assert proc.returncode != 0 and "(--constraint fisher)" in proc.stderr and "Traceback" not in proc.stderr
+
+
+QUICK = ["--no-progress", "--align_iters", "30", "--max_iters", "10", "--eval_interval", "10"]
+
+
+def test_runs_without_an_out_dir_get_folders_of_their_own_and_share_theta0(tmp_path):
+    first = run_train(*QUICK, cwd=tmp_path)
+    second = run_train(*QUICK, "--constraint", "param", "--radius", "0.1", cwd=tmp_path)
+    folders = sorted(os.listdir(tmp_path / "out"))
+    runs = [f for f in folders if not f.startswith("theta0-")]
+    assert len([f for f in folders if f.startswith("theta0-")]) == 1 and len(runs) == 2
+    assert runs[0].startswith("none-") and runs[1].startswith("param-radius0.1-")
+    for run in runs:
+        assert os.path.exists(tmp_path / "out" / run / "metrics.json")
+    # each says where it writes, the second that it reuses the first's θ_0, and the table names the run
+    assert f"run folder out/{runs[0]}" in first.stdout and f"out/{runs[1]}: param, r = 0.1" in second.stdout
+    assert "θ_0: out/theta0-" in second.stdout and "reused" in second.stdout
+    cfg = json.load(open(tmp_path / "out" / runs[1] / "config.json"))["config"]
+    assert cfg["out_dir"] == f"out/{runs[1]}" and cfg["theta0"].startswith("out/theta0-")
+
+
+def test_resume_with_nothing_to_resume_or_a_corrupt_checkpoint_writes_nothing(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = run_train("--out_dir", str(empty), *QUICK, "--resume", check=False)
+    assert proc.returncode != 0 and "holds nothing to resume" in proc.stderr and proc.stderr.count("\n") == 1
+    assert os.listdir(empty) == []
+    proc = run_train("--resume", *QUICK, check=False)
+    assert proc.returncode != 0 and "pass --out_dir" in proc.stderr
+    run = tmp_path / "run"
+    run_train("--out_dir", str(run), *QUICK)
+    before = (run / "config.json").read_bytes()
+    (run / "ckpt.pt").write_bytes((run / "ckpt.pt").read_bytes()[:1000])  # cut mid-file, as by a full disk
+    proc = run_train("--out_dir", str(run), *QUICK, "--resume", check=False)
+    assert proc.returncode != 0 and "ckpt.pt" in proc.stderr and proc.stderr.count("\n") == 1
+    assert (run / "config.json").read_bytes() == before

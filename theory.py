@@ -365,7 +365,11 @@ def load_run(run_dir):
                        f"runs; train again into a fresh --out_dir")
     # θ_0: the --theta0 the run named (as given, or relative to the run folder), else its own
     named = cfg.get("theta0") or ""
-    candidates = [named, os.path.join(run_dir, named)] if named else [os.path.join(run_dir, "theta0.pt")]
+    # a relative path is relative to the folder train.py ran in: the one that holds run_dir as its out_dir
+    ran_in = os.path.abspath(run_dir)[:-len(os.path.normpath(cfg.get("out_dir", "")))] \
+        if os.path.abspath(run_dir).endswith(os.sep + os.path.normpath(cfg.get("out_dir", "")).lstrip(os.sep)) else ""
+    candidates = ([named, os.path.join(ran_in, named), os.path.join(run_dir, named)] if named else
+                  [os.path.join(run_dir, "theta0.pt")])
     theta0_path = next((p for p in candidates if os.path.exists(p)), candidates[0])
     if not os.path.exists(theta0_path):
         raise RunError(f"θ_0 of {run_dir} ({theta0_path}) is missing: theory.py needs the aligned weights the run "
@@ -412,7 +416,7 @@ def report(run_dir, reference_dir=None, landscape=None, power_iters=100, power_t
            "mismatch_delta": cfg["mismatch"], "lam": lam, "radius": cfg["radius"], "seed": cfg["seed"],
            "safety_gap": G_s, "capability_gap": G_f, "proxy_gap": G_sp,
            "distance": run["metrics"]["finetuned"]["distance"]}
-    say("Case I: the exact optimum P*_λ, the bounds A1–B2 and the limit C of the world")
+    say("the exact optimum P*_λ of Case I at the run's λ, its bounds A1–B2 and the limit C of the world")
     out.update(world_case_one(world, lam))
     out["C_lhs"] = limit_C_lhs(G_s, G_f)
     out["C_holds"] = out["C_lhs"] >= out["C_limit"] - 1e-9
@@ -465,7 +469,7 @@ def json_safe(obj):
 
 # what the printout shows of theory.json: the limit C and the distance for every run, then the
 # quantities of the run's own case (Case I: the optimum and bounds at its λ; Case II: the landscape)
-TABLE_KEYS = {None: ["safety_gap", "capability_gap", "distance", "C_lhs", "C_limit", "measured_safety_increase"],
+TABLE_KEYS = {"all": ["safety_gap", "capability_gap", "distance", "C_lhs", "C_limit", "measured_safety_increase"],
               "I": ["mismatch", "overlap_term", "overlap_mass", "optimum_safety_gap", "optimum_capability_gap",
                     "A1_safety_bound", "A2_safety_bound", "B1_capability_bound", "B2_capability_bound",
                     "case1_safety_excess", "case1_capability_excess", "case1_objective_excess"],
@@ -477,10 +481,11 @@ def print_table(out):
     strategy = STRATEGIES[out["constraint"]]
     print(f"{out['run_dir']}: {strategy.describe(out)}; world κ {out['overlap']:g}, δ {out['mismatch_delta']:g} "
           f"(losses and gaps in nats per sequence; THEORY.md §2–§3)")
-    for k in TABLE_KEYS[None] + TABLE_KEYS.get(strategy.case, []):
+    for k in TABLE_KEYS["all"] + TABLE_KEYS.get(strategy.case, []):
         if k in out:
             v = out[k]
             print(f"  {k:<34}{v:>14.6g}" if isinstance(v, (int, float)) else f"  {k:<34}{v!s:>14}")
+    print("C_lhs = √G_s + √G_f, which no model brings below C_limit (THEORY.md §2, C); every number is in theory.json")
 
 
 def parser():

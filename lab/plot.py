@@ -77,7 +77,7 @@ def plot_run(run_dir, out=""):
 def parser():
     ap = Parser(prog="python -m lab.plot", description=first_paragraph(__doc__), formatter_class=HelpFormatter)
     ap.add_argument("--run_dir", required=True, help="the --out_dir of a train.py run (any stage)")
-    ap.add_argument("--out", default="", help="the PNG to write (default: RUN_DIR/curves.png)")
+    ap.add_argument("--out", default="", help="the PNG to write ('': RUN_DIR/curves.png)")
     return ap
 
 

@@ -1,11 +1,13 @@
 """train.py end to end, through subprocess, at a tiny scale (issue acceptance 2–5)."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
 import system
-from conftest import TINY, run_train
+from conftest import ROOT, TINY, run_train
 
 
 def finetune(tmp_path, name, theta0, *args):
@@ -149,6 +151,10 @@ def test_runs_without_an_out_dir_get_folders_of_their_own_and_share_theta0(tmp_p
     assert "θ_0: out/theta0-" in second.stdout and "reused" in second.stdout
     cfg = json.load(open(tmp_path / "out" / runs[1] / "config.json"))["config"]
     assert cfg["out_dir"] == f"out/{runs[1]}" and cfg["theta0"].startswith("out/theta0-")
+    # theory.py finds that θ_0 from any folder: the relative path is the run's own folder's
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "theory.py"), "--run_dir", str(tmp_path / "out" / runs[1])],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0 and "param, r = 0.1" in proc.stdout, proc.stderr
 
 
 def test_resume_with_nothing_to_resume_or_a_corrupt_checkpoint_writes_nothing(tmp_path):

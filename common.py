@@ -172,4 +172,13 @@ def read_config(path, cls):
     if not isinstance(values, dict) or set(values) - fields:
         bad = sorted(set(values) - fields) if isinstance(values, dict) else ["(not a JSON object)"]
         raise ConfigError(f"--config {path}: {', '.join(bad)} are not flags of this command: use the names of --help")
+    for f in dataclasses.fields(cls):  # each value of its field's type (an int is a float too, a bool is no int)
+        if f.name in values:
+            v, kind = values[f.name], type(f.default)
+            ok = isinstance(v, bool) if kind is bool else (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                           if kind is float else type(v) is kind)
+            if not ok:
+                raise ConfigError(f"--config {path}: {f.name} is {v!r}, not a {kind.__name__}: write it as "
+                                  f"{'true/false' if kind is bool else 'a number' if kind in (int, float) else 'a string'}")
+            values[f.name] = float(v) if kind is float else v
     return values

@@ -136,7 +136,8 @@ def parse_args(argv=None):
     args = vars(ap.parse_args(argv))
     given = given_flags(ap, argv)
     try:
-        stated = read_config(args["config"], TrainConfig) if args.pop("config") else {}
+        path = args.pop("config")
+        stated = read_config(path, TrainConfig) if path else {}
         args.update({k: v for k, v in stated.items() if k not in given})
         if args["data"] == "real":
             real = read_config(os.path.join(CONFIGS, "real.json"), TrainConfig)
@@ -356,7 +357,7 @@ def run_stage(stage, model, world, cfg, sys_, log, ckpt_path, constraint, theta0
                                  theta0_hash, optimizer, scaler, streams, metrics)
 
     record = None
-    if step == 0:
+    if step == 0 and resume_ckpt is None:  # a checkpoint at step 0 logged its evaluation already
         record = save(0, None, metrics0)
     bar = tqdm(total=iters, initial=step, desc=stage, disable=not (cfg.progress and sys_.master),
                dynamic_ncols=True)
@@ -471,10 +472,7 @@ def finetune(cfg, sys_, log, theta0_ckpt, ckpt):
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + 3)
     constraint.setup(model, lambda n: tuple(t.to(sys_.device) for t in world.batch("proxy", n, gen)))
     resume_path = os.path.join(cfg.out_dir, RESUME_FILES["finetune"])
-    if ckpt is not None:
-        if ckpt["theta0_hash"] != theta0_hash:
-            raise CheckpointError(f"{resume_path} was fine-tuned from another θ_0 ({ckpt['theta0_hash']} "
-                                  f"≠ {theta0_hash}): start a new --out_dir")
+    if ckpt is not None:  # of this θ_0: main checked it
         model.load_state_dict(ckpt["model"])
     # the last evaluation of the loop is of the final weights: evaluated again only if there was none
     last = run_stage("finetune", model, world, cfg, sys_, log, resume_path, constraint, theta0_hash, ckpt, at_theta0)
@@ -485,17 +483,26 @@ def finetune(cfg, sys_, log, theta0_ckpt, ckpt):
 
 
 def with_paths(cfg):
-    """cfg with its run folder and θ_0's path. Not given, every run gets a folder of its own under out/
-    (out/param-radius0.1-<time>), never another run's, and θ_0 lives in out/theta0-<its key>/, shared
-    by every run of its alignment recipe (θ_pre in out/pretrain-<its key>/): reused, never overwritten."""
-    if not cfg.out_dir and (cfg.resume or int(os.environ.get("RANK", -1)) != -1):
+    """cfg with its run folder and θ_0's path. Not given, every fine-tune gets a folder of its own under
+    out/ (out/param-radius0.1-<time>), and θ_0 lives in out/theta0-<its key>/, shared by every run of
+    its alignment recipe (θ_pre in out/pretrain-<its key>/). A folder given that a run started before
+    keeps the θ_0 it recorded, so that `--out_dir RUN_DIR --resume` finds it."""
+    timed = not cfg.out_dir and cfg.stage in ("finetune", "all")  # a new folder named by the clock
+    if not cfg.out_dir and cfg.resume or timed and int(os.environ.get("RANK", -1)) != -1:
         raise ConfigError(f"{'--resume continues' if cfg.resume else 'torchrun starts'} one run folder: pass --out_dir")
     store = os.path.join("out", f"theta0-{align_key(cfg)[:8]}")
-    theta0 = cfg.theta0 or os.path.join(cfg.out_dir or store, "theta0.pt")
+    recorded = os.path.join(cfg.out_dir, "config.json")
+    if cfg.theta0 or cfg.stage == "pretrain":
+        theta0 = cfg.theta0
+    elif cfg.out_dir and os.path.exists(recorded):  # the folder of a run started before
+        with open(recorded) as f:
+            theta0 = json.load(f).get("config", {}).get("theta0") or os.path.join(cfg.out_dir, "theta0.pt")
+    else:
+        theta0 = os.path.join(cfg.out_dir or store, "theta0.pt")
     p = STRATEGIES[cfg.constraint].sweep_param
+    name = cfg.constraint + (f"-{p}{getattr(cfg, p):g}" if p else "")
     out = (cfg.out_dir or os.path.join("out", f"pretrain-{pretrain_key(cfg)[:8]}") if cfg.stage == "pretrain" else
-           cfg.out_dir or store if cfg.stage == "align" else
-           cfg.out_dir or new_run_folder(os.path.join("out", cfg.constraint + (f"-{p}{getattr(cfg, p):g}" if p else ""))))
+           cfg.out_dir or store if cfg.stage == "align" else cfg.out_dir or new_run_folder(os.path.join("out", name)))
     return dataclasses.replace(cfg, out_dir=out, theta0=theta0)
 
 
@@ -518,6 +525,13 @@ def main(cfg, argv=None):
     if cfg.stage in ("finetune", "all"):
         theta0_ckpt = load_theta0(cfg.theta0, cfg, explicit_theta0)  # may raise before any write
     resumed = resume_points(cfg, RESUME_FILES, also=[os.path.join(cfg.out_dir, "theta0.pt")])  # checked now
+    resumed_from = resumed.get("finetune", {}).get("theta0_hash")
+    if theta0_ckpt is not None and resumed_from not in (None, theta0_ckpt["theta0_hash"]):
+        raise CheckpointError(f"{os.path.join(cfg.out_dir, RESUME_FILES['finetune'])} was fine-tuned from another θ_0 "
+                              f"({resumed_from} ≠ {theta0_ckpt['theta0_hash']}): start a new --out_dir")
+    if cfg.stage == "align" and not explicit_theta0 and os.path.exists(cfg.theta0) and not resumed and \
+            load_theta0(cfg.theta0, cfg, False) is not None:
+        return None  # aligned with this recipe before (load_theta0 said where): nothing to do
     if sys_.master:
         print(f"run folder {cfg.out_dir}" + (f" (resuming {', '.join(resumed)})" if resumed else ""))
         prepare_out_dir(cfg)
@@ -538,6 +552,7 @@ def main(cfg, argv=None):
     if cfg.stage == "align" or (cfg.stage in ("finetune", "all") and theta0_ckpt is None):
         align(cfg, sys_, log, cfg.theta0, resumed.get("align"))
         theta0_ckpt = load_checkpoint(cfg.theta0)
+        print(f"θ_0: {cfg.theta0}, aligned now (later runs of this recipe reuse it)")
     if cfg.stage == "align":
         return None
     metrics = finetune(cfg, sys_, log, theta0_ckpt, resumed.get("finetune"))

@@ -39,7 +39,7 @@ from model import GPT, GPTConfig, flat_params
 from system import Log, prepare_out_dir, print_table, record_metrics, run_info, setup_system
 
 STRATEGIES = ("none", "loss", "param")  # the strategies whose hooks batch (constraints.py)
-KNOBS = ("out_dir", "constraint", "lam", "radius", "overlap", "mismatch")  # may differ between members
+KNOBS = ("out_dir", "constraint", "lam", "radius", "overlap", "mismatch", "resume", "progress")  # may differ
 
 
 def batch_key(cfg):

@@ -186,12 +186,14 @@ def overlap_from_scores(z, labels, fold, lams=(1.0,), n_boot=200, seed=0):
         TV(μ_s, μ_f) ≈ mean |2c − 1|,   M = 1 − TV,   (A2) term ≈ mean over D_s of log(1 + (1−c)/(λ c))
 
     with c the isotonic calibration of z fit on the other folds, beside the same read off the
-    raw scores σ(z) ('uncalibrated') and the lower bound 2·acc − 1 that the accuracy certifies
-    (Neyman–Pearson: no test tells the two apart better than TV). The calibrated TV is reported inside
-    [that bound, 1]: calibration smooths its rates towards ½, so on sets a classifier separates
-    perfectly it would read below what its own accuracy proves. Intervals (95%): a bootstrap over
-    prompts within each set, the classifier fixed, and for TV and M no narrower than the binomial
-    sampling error of the accuracy behind the bound (Wilson's interval of acc, read as 2·acc − 1)."""
+    raw scores σ(z) ('uncalibrated') and the lower bound 2·acc − 1 that the accuracy estimates
+    (no test tells the two sets apart better than TV does, so TV ≥ 2·acc_true − 1; acc is its estimate).
+    The calibrated TV is reported inside [that estimate, 1]: calibration smooths its rates towards ½,
+    so on sets a classifier separates perfectly it would read below what its own accuracy shows.
+    The (A2) term uses the calibrated probabilities as they are. Intervals (95%): a bootstrap over
+    prompts within each set, the classifier fixed; for TV (and M = 1 − TV) the union of that interval
+    with the binomial (Wilson) interval of the accuracy read as 2·acc − 1, so that it is never
+    narrower than the sampling error of the accuracy behind the bound."""
     c = np.empty(len(z))
     for k in np.unique(fold):
         m = fold == k

@@ -116,7 +116,7 @@ def print_forecast(out):
     print(f"forecast for D_s = {out['safety']}" + (f", proxy {out['proxy']} (mismatch estimate "
           f"{out['mismatch']['mismatch']:.2f} nats/seq)" if out["proxy"] else "")
           + f"; every number an estimate ({out['seconds']:.0f} s)")
-    cols = ["rank", "task", "overlap M = 1 − TV [95%]", "TV calibrated", "TV ≥ (certified)", "TV raw",
+    cols = ["rank", "task", "overlap M = 1 − TV [95%]", "TV calibrated", "TV ≥ 2·acc − 1", "TV raw",
             "lexical overlap"]
     cols += ["overlap M, hidden states"] if out["theta"] else []
     cols += [f"(A2) term λ={lam:g}" for lam in out["lams"]] + ([f"(A2) bound λ={lam0:g}"] if out["proxy"] else [])
@@ -132,8 +132,8 @@ def print_forecast(out):
     print(f"rank 1 is the largest predicted safety cost: the (A2) overlap term at λ = {lam0:g} (THEORY.md §2). "
           "M: the share of prompt contexts the two sets have in common (1: the same distribution, 0: disjoint), "
           "from a classifier told to tell them apart (TV, calibrated out of fold; interval: bootstrap over "
-          "prompts, no narrower than the accuracy's binomial error); TV ≥: what that classifier's accuracy "
-          "proves (2·acc − 1); TV raw: its uncalibrated scores; lexical: shared word n-gram mass.")
+          "prompts, joined with the accuracy's binomial interval); TV ≥ 2·acc − 1: the bound the classifier's "
+          "accuracy estimates; TV raw: its uncalibrated scores; lexical: shared word n-gram mass.")
 
 
 def parse_lams(text):

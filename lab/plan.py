@@ -170,7 +170,7 @@ def real_runs(sc, seed, align_dir):
                {"meta": {"constraint": constraint, "task": task, "proxy": proxy, "lam": lam, "radius": r, "seed": seed}})
 
 
-def step_seconds(recipe, steps=5):
+def step_seconds(recipe, threads=1, steps=5):
     """Seconds one fine-tuning step of the recipe takes here and now (median of a few, one thread),
     for the plan's estimate; None for real text (building its data would take longer than the guess)."""
     import statistics
@@ -189,7 +189,7 @@ def step_seconds(recipe, steps=5):
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     streams, params, times = Streams("finetune", world, cfg, sys_, False), train.flat_params(model), []
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as a sweep's worker runs
+    torch.set_num_threads(threads)  # as a sweep's worker runs
     try:
         for i in range(steps + 1):
             t0 = time.perf_counter()
@@ -203,16 +203,20 @@ def step_seconds(recipe, steps=5):
 
 def describe_plan(sc, recipe, tasks, done):
     """One line: the plan's size, its training steps and, on the synthetic world, the time they take
-    here at the step time measured now (evaluation and theory come on top)."""
+    here at a plain step's time measured now (a Case I step, with its proxy batch, counted as two;
+    evaluation and theory come on top, and --batch_runs is not counted)."""
     left = [t for t in tasks.values() if t["id"] not in done]
+    if sc.refresh:
+        return f"plan: --refresh, no training: theory.py again on {sum(t['kind'] == 'finetune' for t in left)} runs"
     n = {kind: sum(t["kind"] == kind for t in left) for kind in ("finetune", "align", "pretrain")}
-    steps = (n["finetune"] * recipe.get("max_iters", train.TrainConfig.max_iters)
-             + n["align"] * recipe.get("align_iters", train.TrainConfig.align_iters)
-             + n["pretrain"] * recipe.get("pretrain_iters", train.TrainConfig.pretrain_iters))
+    case1 = sum(t["kind"] == "finetune" and t["train"].get("constraint") == "loss" for t in left)
+    get = lambda k: recipe.get(k, getattr(train.TrainConfig, k))
+    steps = n["finetune"] * get("max_iters") + n["align"] * get("align_iters") + n["pretrain"] * get("pretrain_iters")
     line = (f"plan: {n['finetune']} fine-tunes, {n['align']} θ_0 and {n['pretrain']} θ_pre left to train, "
             f"{steps:,} optimizer steps")
-    t = step_seconds(recipe) if steps else None
+    t = step_seconds(recipe, sc.threads) if steps else None
     if t is not None:
-        line += (f"; about {steps * t / 60 / sc.jobs:.1f} min of training at {t * 1000:.1f} ms a step measured now, "
-                 f"{sc.jobs} at a time (evaluation and theory come on top)")
+        work = (steps + case1 * get("max_iters")) * t / 60 / sc.jobs
+        line += (f"; about {work:.1f} min of training at {t * 1000:.1f} ms a plain step measured now, {sc.jobs} at a "
+                 f"time (evaluation and theory come on top)")
     return line

@@ -65,7 +65,7 @@ PRESETS = {
     # smoke runs every strategy of the registry, the design's and each other one over its grid
     "smoke": {"train": SMOKE_TRAIN, "power_iters": 20, "strategies": tuple(STRATEGIES),
               "note": "smoke: every code path on a toy world in seconds; its findings are not expected to reproduce "
-                      "(a 1-layer model, 30 fine-tuning steps): `python -m lab.sweep --preset paper` tests them"},
+                      "(a 1-layer model, a few dozen steps): `python -m lab.sweep --preset paper` tests them"},
     "paper": {"train": PAPER_TRAIN, "report_dir": "results/paper", "seeds": (1, 2, 3),
               "lams": (0.1, 0.3, 1.0, 3.0), "mismatches": (0.0, 0.3, 0.6), "overlaps": (0.0, 0.25, 0.5),
               "radii": (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)},

@@ -135,12 +135,20 @@ def parse_args(argv=None):
     return make_config(**given)
 
 
+# the TrainConfig fields the plan sets for each run (lab/plan.py), which --train cannot override
+PLANNED = ("seed", "overlap", "mismatch", "constraint", "stage", "out_dir", "theta0", "lam", "radius", "gamma",
+           "progress", "resume", "eval_interval", "init_from", "task_data", "proxy_data")
+
+
 def parse_setting(text):
     """'max_iters=50' → ('max_iters', 50), the value of the type of TrainConfig's field."""
     name, eq, value = text.partition("=")
     fields = {f.name: f.default for f in dataclasses.fields(train.TrainConfig)}
     if not eq or name.strip() not in fields:
         raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE with KEY a train.py flag (python train.py --help)")
+    if name.strip() in PLANNED:
+        raise argparse.ArgumentTypeError(f"--train {text}: the sweep sets {name.strip()} run by run (its grids and "
+                                         f"folders: --seeds, --overlaps, --lams, --radii, --strategies, ...)")
     default = fields[name.strip()]
     try:
         kind = (lambda v: {"true": True, "false": False}[v.lower()]) if isinstance(default, bool) else type(default)

@@ -55,7 +55,7 @@ def test_a_compact_vocabulary_maps_back_onto_gpt2_ids(tmp_path):
     codec = Codec(vocab)  # 41 GPT-2 ids, then UNK
     config = GPTConfig(block_size=8, vocab_size=codec.vocab_size, n_layer=1, n_head=2, n_embd=16)
     model, path = save(tmp_path, config, {"vocab": vocab, "data_dir": ""})
-    export.export(path, str(tmp_path / "hf"))
+    export.export(path, str(tmp_path / "hf"), "gpt2")
     back = load_hf_gpt2(str(tmp_path / "hf")).eval()
     assert back.config.vocab_size == N_GPT2
     oov = [i for i in range(100) if i not in vocab][:3]
@@ -68,6 +68,14 @@ def test_a_compact_vocabulary_maps_back_onto_gpt2_ids(tmp_path):
     assert torch.allclose(theirs[..., oov], ours[..., codec.unk:codec.unk + 1].expand(-1, -1, 3), atol=1e-4)
     notes = open(tmp_path / "hf" / "EXPORT.md").read()
     assert "vocab.json" in notes and f"{N_GPT2 - len(vocab)} ids outside" in notes
+    # the default keeps the compact ids: the run's logits and probabilities exactly
+    export.export(path, str(tmp_path / "exact"))
+    exact = load_hf_gpt2(str(tmp_path / "exact")).eval()
+    with torch.no_grad():
+        same = exact(mine)[0]
+    assert exact.config.vocab_size == codec.vocab_size and torch.allclose(same, ours, atol=1e-5)
+    assert torch.allclose(same.log_softmax(-1), ours.log_softmax(-1), atol=1e-5)
+    assert "vocab.json[i]" in open(tmp_path / "exact" / "EXPORT.md").read()
 
 
 def test_a_file_that_is_no_checkpoint_is_one_message_and_nothing_written(tmp_path):
@@ -88,7 +96,7 @@ def test_transformers_reads_the_export_with_the_same_logits(tmp_path, compact):
     codec = Codec(vocab) if compact else None
     config = GPTConfig(block_size=6, vocab_size=codec.vocab_size if compact else 23, n_layer=2, n_head=2, n_embd=16)
     model, path = save(tmp_path, config, {"vocab": vocab, "data_dir": ""} if compact else {"overlap": 0.25})
-    export.export(path, str(tmp_path / "hf"))
+    export.export(path, str(tmp_path / "hf"), "gpt2")
     hf = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "hf")).eval()
     x = torch.tensor([vocab[:6], vocab[6:12]]) if compact else torch.randint(0, 23, (4, 6))
     with torch.no_grad():

@@ -26,12 +26,12 @@ def marked_samples():
 
 
 def train_tolerance(line, column):
-    """README's `python train.py`: the aligned row and the fine-tuned capability to 1% (0.01 nats on a
-    gap near 0); the fine-tuned safety loss, safety gap and distance of an unconstrained run to 30%,
-    as the README says why."""
+    """README's `python train.py`: the aligned row and the fine-tuned capability to 1% (0.002 nats on a
+    gap near 0, 0.01 on the fine-tuned capability gap); the fine-tuned safety loss, safety gap and
+    distance of an unconstrained run to 30%, as the README says why."""
     if line.startswith("finetuned") and column in (0, 2, 4):
         return 0.30, 0.0
-    return 0.01, 0.01
+    return 0.01, 0.01 if line.startswith("finetuned") else 0.002
 
 
 TOLERANCE = {"python train.py": train_tolerance}  # (relative, absolute) per (line, column); default below

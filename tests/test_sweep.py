@@ -575,7 +575,7 @@ def test_an_ablation_sweeps_one_strategy_with_no_baselines_and_its_own_steps(tmp
     for r in rows:  # every run trained the steps asked for, and no reference run was planned for (E)
         cfg = json.load(open(os.path.join(out, "runs", r["run_id"], "config.json")))["config"]
         assert cfg["max_iters"] == 7 and not r.get("d_unconstrained")
-    assert "plan: 2 fine-tunes, 1 θ_0" in printed and "ms a step measured now" in printed
+    assert "plan: 2 fine-tunes, 1 θ_0" in printed and "ms a plain step measured now" in printed
     assert "| F5 |" in open(os.path.join(out, "results.md")).read()
 
 
@@ -584,6 +584,7 @@ def test_an_ablation_sweeps_one_strategy_with_no_baselines_and_its_own_steps(tmp
     (["--train", "max_iter=7"], "is not KEY=VALUE with KEY a train.py flag"),
     (["--train", "max_iters=seven"], "'seven' is not a int"),
     (["--train", "lr=-1"], "--train: --lr -1.0 must be a finite number ≥ 0"),
+    (["--train", "seed=5"], "the sweep sets seed run by run"),
 ])
 def test_bad_ablation_flags_are_one_message(tmp_path, capsys, args, expect):
     with pytest.raises(SystemExit) as e:

@@ -155,6 +155,10 @@ def test_runs_without_an_out_dir_get_folders_of_their_own_and_share_theta0(tmp_p
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "theory.py"), "--run_dir", str(tmp_path / "out" / runs[1])],
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0 and "param, r = 0.1" in proc.stdout, proc.stderr
+    # the folder a run printed resumes as the README says, with the θ_0 that run recorded
+    again = run_train(*QUICK, "--constraint", "param", "--radius", "0.1", "--out_dir", f"out/{runs[1]}", "--resume",
+                      cwd=tmp_path)
+    assert "resuming finetune" in again.stdout
 
 
 def test_resume_with_nothing_to_resume_or_a_corrupt_checkpoint_writes_nothing(tmp_path):
@@ -172,3 +176,37 @@ def test_resume_with_nothing_to_resume_or_a_corrupt_checkpoint_writes_nothing(tm
     proc = run_train("--out_dir", str(run), *QUICK, "--resume", check=False)
     assert proc.returncode != 0 and "ckpt.pt" in proc.stderr and proc.stderr.count("\n") == 1
     assert (run / "config.json").read_bytes() == before
+    # a θ_0 of the same recipe but other weights, put in its place since: refused before config.json is written
+    from model import atomic_torch_save, load_checkpoint
+    (run / "ckpt.pt").unlink()
+    run_train("--out_dir", str(run), *QUICK, "--stage", "finetune")
+    before = (run / "config.json").read_bytes()
+    theta0 = load_checkpoint(str(run / "theta0.pt"))
+    theta0["model"] = {k: v + 0.01 for k, v in theta0["model"].items()}
+    theta0["theta0_hash"] = "0" * 16
+    atomic_torch_save(theta0, str(run / "theta0.pt"))
+    proc = run_train("--out_dir", str(run), *QUICK, "--stage", "finetune", "--resume", check=False)
+    assert proc.returncode != 0 and "fine-tuned from another θ_0" in proc.stderr
+    assert (run / "config.json").read_bytes() == before
+
+
+def test_a_config_file_sets_flags_and_the_flags_given_win(tmp_path, capsys):
+    import train
+    good = tmp_path / "c.json"
+    good.write_text(json.dumps({"max_iters": 7, "constraint": "param", "radius": 1, "data": "real"}))
+    cfg = train.parse_args(["--config", str(good), "--radius", "0.5"])
+    assert (cfg.max_iters, cfg.constraint, cfg.radius) == (7, "param", 0.5) and isinstance(cfg.radius, float)
+    assert cfg.block_size == 64  # --data real from the file: configs/real.json for what neither file nor flag sets
+    assert train.parse_args(["--config", str(good), "--block_size", "96"]).block_size == 96
+    (tmp_path / "broken.json").write_text("{")
+    for values, expect in (({"radius": "0.1"}, "radius is '0.1', not a float"), ({"n_embd": 64.0}, "not a int"),
+                           ({"progress": "false"}, "not a bool"), ({"max_iter": 7}, "max_iter are not flags"),
+                           (None, "is not valid JSON (line 1")):
+        bad = tmp_path / "broken.json" if values is None else tmp_path / "bad.json"
+        if values is not None:
+            bad.write_text(json.dumps(values))
+        with pytest.raises(SystemExit) as e:  # as on the command line: argparse's exit, the error first
+            train.parse_args(["--config", str(bad), "--out_dir", str(tmp_path / "never")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and expect in err and err.startswith("error: ")
+    assert not (tmp_path / "never").exists()

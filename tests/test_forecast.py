@@ -64,7 +64,9 @@ def test_forecast_on_user_files_ranks_the_shared_task_first_and_writes_json(file
     g, c = saved["tasks"][general], saved["tasks"][code]
     # a quarter of the general prompts are the safety set's own kind: TV ≈ 0.75; code shares nothing
     assert g["tv"] == pytest.approx(0.75, abs=0.1) and c["tv"] > 0.9
-    assert g["tv_lower_bound"] <= g["tv"] + 0.05 and 0 <= g["tv_uncalibrated"] <= 1
+    for e in (g, c):  # the shared-prompt task too: never below its own bound, inside its interval
+        assert e["tv_lower_bound"] <= e["tv"] <= 1 and e["tv_interval"][0] <= e["tv"] <= e["tv_interval"][1]
+    assert 0 <= g["tv_uncalibrated"] <= 1
     assert g["a2_overlap_term"]["1.0"] > c["a2_overlap_term"]["1.0"]
     assert g["a2_bound"]["1.0"] == pytest.approx(saved["mismatch"]["mismatch"] + g["a2_overlap_term"]["1.0"])
     # the same on mean hidden states: even a random GPT's states tell the families apart

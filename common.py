@@ -7,8 +7,10 @@ killed writer's temporaries, and file checksums.
 import argparse
 import dataclasses
 import hashlib
+import inspect
 import json
 import os
+import re
 import time
 
 
@@ -98,8 +100,6 @@ def file_sha256(path):
 
 def field_docs(cls):
     """{field: (group, help)} from the comments of a dataclass's source."""
-    import inspect
-    import re
     docs, group = {}, None
     for line in inspect.getsource(cls).splitlines()[1:]:
         own = re.match(r"\s+#\s*(.+)$", line)
@@ -140,15 +140,14 @@ def parser_from(cls, description, types=None, choices=None, epilog=None, skip=()
             continue
         if group not in groups:
             groups[group] = ap.add_argument_group(group)
-        default = getattr(cls, f)
-        kind = (types or {}).get(f)
+        value = default = getattr(cls, f)
         if preset:
-            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+            shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
             text, default = f"{text} (default: the preset's, else {shown!r})", argparse.SUPPRESS
-        if isinstance(getattr(cls, f), bool):
+        if isinstance(value, bool):
             groups[group].add_argument(f"--{f}", action=argparse.BooleanOptionalAction, default=default, help=text)
         else:
-            groups[group].add_argument(f"--{f}", type=kind or type(getattr(cls, f)), default=default, help=text,
+            groups[group].add_argument(f"--{f}", type=(types or {}).get(f) or type(value), default=default, help=text,
                                        choices=(choices or {}).get(f))
     return ap
 

@@ -366,8 +366,8 @@ def load_run(run_dir):
     # θ_0: the --theta0 the run named (as given, or relative to the run folder), else its own
     named = cfg.get("theta0") or ""
     # a relative path is relative to the folder train.py ran in: the one that holds run_dir as its out_dir
-    ran_in = os.path.abspath(run_dir)[:-len(os.path.normpath(cfg.get("out_dir", "")))] \
-        if os.path.abspath(run_dir).endswith(os.sep + os.path.normpath(cfg.get("out_dir", "")).lstrip(os.sep)) else ""
+    here, out = os.path.abspath(run_dir), os.path.normpath(cfg.get("out_dir", "") or ".")
+    ran_in = here[:-len(out)] if not os.path.isabs(out) and here.endswith(os.sep + out) else ""
     candidates = ([named, os.path.join(ran_in, named), os.path.join(run_dir, named)] if named else
                   [os.path.join(run_dir, "theta0.pt")])
     theta0_path = next((p for p in candidates if os.path.exists(p)), candidates[0])

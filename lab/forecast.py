@@ -39,12 +39,11 @@ def forecast(safety, tasks, proxy="", theta="", lams=(1.0, 10.0), data_dir="", m
     if not tasks:
         raise DataError("no --task given: name at least one task set")
     for name in [safety, *tasks] + ([proxy] if proxy else []):  # every input found before anything is read or cached
-        for part in name.split("+") if not os.path.isfile(name) else [name]:
-            if not os.path.isfile(part):
-                path = loaders.resolve(part, data_dir)[2]  # a registry name, or one message naming it
-                if not os.path.isfile(path):
-                    raise DataError(f"{part}: its file {path} is not in the data folder: fetch it "
-                                    f"(python -m realtext.fetch) or fix --data_dir")
+        for part in [name] if os.path.isfile(name) else name.split("+"):
+            path = loaders.resolve(part, data_dir)[2]  # a file, a registry name, or one message naming it
+            if not os.path.isfile(path):
+                raise DataError(f"{part}: its file {path} is not in the data folder: fetch it "
+                                f"(python -m realtext.fetch) or fix --data_dir")
     if theta and not os.path.isfile(theta):
         raise DataError(f"--theta {theta} does not exist: pass a θ_pre or θ_0 checkpoint of real text")
     ps = estimators.prompts_of(safety, data_dir)

@@ -7,6 +7,10 @@ dependencies and the train.py recipe it runs.
 """
 
 import os
+import statistics
+import time
+
+import torch
 
 import train
 from constraints import STRATEGIES
@@ -171,25 +175,19 @@ def real_runs(sc, seed, align_dir):
 
 
 def step_seconds(recipe, threads=1, steps=5):
-    """Seconds one fine-tuning step of the recipe takes here and now (median of a few, one thread),
-    for the plan's estimate; None for real text (building its data would take longer than the guess)."""
-    import statistics
-    import time
-
-    import torch
-
-    from data import Streams
-    from system import setup_system
+    """Seconds one plain fine-tuning step of the recipe takes here and now (median of a few, on `threads`
+    threads as a sweep's worker runs), for the plan's estimate; None for real text (building its data
+    would take longer than the guess)."""
     if is_real(recipe):
         return None
     cfg = train.TrainConfig(**dict(recipe, device="cpu", progress=False))
-    world, sys_ = train.make_world(cfg), setup_system(cfg)
+    world, sys_ = train.make_world(cfg), train.setup_system(cfg)
     model = train.new_model(cfg, world, sys_)
     optimizer = train.make_optimizer(model, cfg, cfg.lr, sys_)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    streams, params, times = Streams("finetune", world, cfg, sys_, False), train.flat_params(model), []
-    threads = torch.get_num_threads()
-    torch.set_num_threads(threads)  # as a sweep's worker runs
+    streams, params, times = train.Streams("finetune", world, cfg, sys_, False), train.flat_params(model), []
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
         for i in range(steps + 1):
             t0 = time.perf_counter()
@@ -197,7 +195,7 @@ def step_seconds(recipe, threads=1, steps=5):
                              cfg.grad_clip)
             times.append(time.perf_counter() - t0)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
     return statistics.median(times[1:])
 
 

@@ -57,13 +57,16 @@ def theta0_curvature(theta0_dir, world, samples=32):
             "grad_norm": land_json["grad_norm_s"], "safety_loss_theta0": land_json["safety_loss_theta0"]}
 
 
-def run(out_dir, seeds, radii, jobs, variants=VARIANTS):
-    """Every recipe's sweep, then one row per (recipe, seed): its landscape and Δ_s per radius."""
+def run(out_dir, seeds, radii, jobs, variants=VARIANTS, train=None, power_iters=None):
+    """Every recipe's sweep, then one row per (recipe, seed): its landscape and Δ_s per radius; train:
+    TrainConfig values over every recipe's (--train KEY=VALUE), as in the sweep; power_iters: the
+    most power iterations of λ_max(H_s) (None: the sweep's)."""
+    more = {} if power_iters is None else {"power_iters": power_iters}
     rows = []
     for name, over in variants.items():
         # the sweep's grids cannot be empty: one Case I run (λ = 1 at the radii's world) comes along
-        sc, recipe = sweep.make_config("paper", out_dir=os.path.join(out_dir, name), seeds=tuple(seeds), lams=(1.0,),
-                                       mismatches=(0.3,), overlaps=(0.25,), radii=tuple(radii), jobs=jobs)
+        sc, recipe = sweep.make_config("paper", train, out_dir=os.path.join(out_dir, name), seeds=tuple(seeds),
+                                       lams=(1.0,), mismatches=(0.3,), overlaps=(0.25,), radii=tuple(radii), jobs=jobs, **more)
         recipe = dict(recipe, **over)
         runs = sweep.run_sweep(sc, recipe, write_report=False)
         if runs is None:  # stopped early (--max_runs): nothing to report yet
@@ -125,6 +128,11 @@ def parser():
     ap.add_argument("--radii", type=lambda t: sweep.parse_list(t, float), default=RADII,
                     help="Case II radii r, fine-tuned from every θ_0 (comma-separated)")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time, each in its own process")
+    ap.add_argument("--train", action="append", type=sweep.parse_setting, metavar="KEY=VALUE", default=[],
+                    help="a train.py setting of every recipe's runs (--train align_iters=500), as in lab.sweep; "
+                         "repeatable")
+    ap.add_argument("--power_iters", type=int, default=None,
+                    help="the most power iterations of λ_max(H_s) at each θ_0 and run (default: the sweep's)")
     return ap
 
 
@@ -133,9 +141,13 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if not args.seeds or not args.radii or any(not (r > 0 and math.isfinite(r)) for r in args.radii):
         ap.error("--seeds and --radii need at least one value each, radii > 0")
+    train = dict(args.train)
+    recipes_set = sorted({k for over in VARIANTS.values() for k in over} & set(train))
+    if recipes_set:
+        ap.error(f"--train {recipes_set[0]}: each recipe sets it (VARIANTS in lab/landscape.py)")
     home = "results/landscape"
     try:
-        rows = run(args.out_dir, args.seeds, args.radii, args.jobs)
+        rows = run(args.out_dir, args.seeds, args.radii, args.jobs, train=train, power_iters=args.power_iters)
     except (SweepError, CheckpointError, ConfigError, DataError) as e:
         sys.exit(f"error: {e}")
     if rows is not None:

@@ -16,6 +16,24 @@ if os.path.isdir(os.path.join(SHARED, "tiktoken_cache")):
 if os.path.isdir(os.path.join(SHARED, "data")):
     os.environ.setdefault("SAFETY_DATA_DIR", os.path.join(SHARED, "data"))
 
+def pytest_addoption(parser):
+    parser.addoption("--commands", action="store_true",
+                     help="also run every documented command at a tiny size (tests/test_commands_run.py, ~15 min)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "commands: runs a documented command (opt-in: --commands)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The documented commands run only when asked (--commands): the suite parses them instead."""
+    if config.getoption("--commands"):
+        return
+    chosen = [item for item in items if not item.get_closest_marker("commands")]
+    config.hook.pytest_deselected(items=[item for item in items if item.get_closest_marker("commands")])
+    items[:] = chosen
+
+
 # a small but real alignment: enough for a safety gap well under 0.1 nats
 TINY = ["--no-progress", "--align_iters", "300", "--eval_interval", "100", "--max_iters", "150"]
 

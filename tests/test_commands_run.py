@@ -35,7 +35,7 @@ SYNTHETIC = ["--align_iters", "4", "--max_iters", "2", "--eval_interval", "2", "
              "--no-progress"]
 SHAPE = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32"]
 REAL = ["--eval_examples", "16"]
-SWEEP = ["--max_runs", "1", "--jobs", "1", "--refusal_limit", "4",
+SWEEP = ["--max_runs", "1", "--jobs", "1", "--refusal_limit", "4", "--power_iters", "2",
          *[w for kv in ("align_iters=4", "max_iters=2", "pretrain_iters=2") for w in ("--train", kv)]]
 SWEEP_REAL = [w for kv in ("n_layer=1", "n_head=2", "n_embd=32", "eval_examples=16") for w in ("--train", kv)]
 TINY = {  # entry point → flags appended to each of its commands

@@ -15,6 +15,7 @@ import torch
 import train
 from constraints import STRATEGIES
 from lab import analysis, batched
+from lab.presets import PRESETS
 from model import CheckpointError, load_checkpoint
 
 
@@ -59,13 +60,18 @@ def plan(sc, recipe):
     if "pretrain" in sc.inits and not sc.theta_pre:
         tasks["pretrain"] = {"id": "pretrain", "kind": "pretrain", "deps": [], "dir": pre_dir,
                              "train": dict(recipe, out_dir=pre_dir, stage="pretrain", seed=sc.pretrain_seed)}
+    borrowed = "pretrain" in sc.inits and sc.theta_pre_from and not os.path.isfile(sc.theta_pre)
+    if borrowed:  # another preset's θ_pre, not there yet: its recipe, with this sweep's --train values, trains it
+        tasks["pretrain"] = {"id": "pretrain", "kind": "pretrain", "deps": [], "dir": os.path.dirname(sc.theta_pre),
+                             "train": dict(owner_recipe(sc, recipe), out_dir=os.path.dirname(sc.theta_pre),
+                                           stage="pretrain", seed=sc.pretrain_seed)}
     pretrained = pretrained_on(sc, recipe, pre_path)
     for init, seeds, prefix in analysis.arms(sc):
         start = {} if init == "scratch" else {"init_from": pre_path}
         for seed in seeds:
             align_dir, aid = os.path.join(sc.out_dir, "theta0", f"{prefix}s{seed}"), f"align-{prefix}s{seed}"
             data = {"task_data": sc.task, "proxy_data": sc.proxies[0]} if real else {}
-            tasks[aid] = {"id": aid, "kind": "align", "deps": ["pretrain"] if start and not sc.theta_pre else [],
+            tasks[aid] = {"id": aid, "kind": "align", "deps": ["pretrain"] if start and "pretrain" in tasks else [],
                           "dir": align_dir, "train": dict(recipe, out_dir=align_dir, stage="align", seed=seed,
                                                           **data, **start)}
             for rid, knobs, fields in (real_runs if real else synthetic_runs)(sc, seed, align_dir):
@@ -90,6 +96,13 @@ def plan(sc, recipe):
     return tasks
 
 
+def owner_recipe(sc, recipe):
+    """The recipe of the preset that owns --theta_pre (theta_pre_from), with the values this sweep's
+    recipe sets over its own preset's (--train KEY=VALUE, the data folder)."""
+    own = PRESETS[sc.preset]["train"] if sc.preset in PRESETS else {}
+    return dict(PRESETS[sc.theta_pre_from]["train"], **{k: v for k, v in recipe.items() if own.get(k, None) != v})
+
+
 def pretrained_on(sc, recipe, pre_path):
     """The corpus sources of the pretrain arm's θ_pre: the recipe's when the sweep pretrains it, else
     those stored in sc.theta_pre (none if that file is not there yet: its align task will say so)."""
@@ -97,6 +110,8 @@ def pretrained_on(sc, recipe, pre_path):
         return set()
     if not sc.theta_pre:
         return set(recipe.get("pretrain_data", "").split("+")) - {""}
+    if sc.theta_pre_from and not os.path.isfile(pre_path):  # pretrained in this sweep, with its owner's recipe
+        return set(owner_recipe(sc, recipe).get("pretrain_data", "").split("+")) - {""}
     try:
         return set(load_checkpoint(pre_path)["config"].get("pretrain_data", "").split("+")) - {""}
     except CheckpointError:

@@ -80,10 +80,11 @@ PRESETS = {
                    # the diagonal Fisher at θ_0 is tiny on average (mean 3e-4, median 1e-7 per weight,
                    # seed 1), so fisher's γ spans far larger values than penalty's
                    "grids": {"penalty": (0.3, 1.0, 3.0, 10.0, 30.0, 100.0), "fisher": (1e4, 1e5, 1e6, 1e7, 1e8)}},
-    # arm R from scratch and from the θ_pre of paper-real-cpu (run that preset first)
+    # arm R from scratch and from the θ_pre of paper-real-cpu (pretrained here with that preset's recipe
+    # when it is not there yet, so that either preset finds the same one)
     "real-cpu": {"train": REAL_CPU_TRAIN, "report_dir": "results/real-cpu", "seeds": (1, 2), "tasks": REAL_TASKS,
                  "lams": (1.0, 10.0), "radii": (1.0, 4.0), "inits": ("scratch", "pretrain"),
-                 "theta_pre": "out_sweep/paper-real-cpu/pretrain/theta_pre.pt"},
+                 "theta_pre": "out_sweep/paper-real-cpu/pretrain/theta_pre.pt", "theta_pre_from": "paper-real-cpu"},
     "paper-real-cpu": {"train": PAPER_REAL_CPU_TRAIN, "report": "paper-real", "report_dir": "results/paper-real-cpu",
                        "seeds": (1, 2, 3), "scratch_seeds": (1, 2), "radii": (2.0, 8.0), **ARM_P},
     "paper-real-gpu": {"train": PAPER_REAL_GPU_TRAIN, "report": "paper-real", "report_dir": "results/paper-real-gpu",

@@ -87,7 +87,8 @@ class SweepConfig:
     inits: tuple = ("scratch",)   # where alignment starts: scratch and/or pretrain (θ_pre of the recipe's corpus)
     scratch_seeds: tuple = ()     # the seeds of the scratch arm when inits has both (default: seeds)
     pretrain_seed: int = 1        # the seed of the one θ_pre every pretrained θ_0 starts from ...
-    theta_pre: str = ""           # ... or this θ_pre (train.py --stage pretrain), pretrained before (read by a pretrain arm only)
+    theta_pre: str = ""           # ... or this θ_pre (train.py --stage pretrain), pretrained before (read by a pretrain arm only) ...
+    theta_pre_from: str = ""      # ... which, if it is not there yet, this preset's recipe pretrains first (with --train's values)
     refusals: bool = True         # greedy refusal rates of every model (arm R; the paper's arm P has none)
     data_dir: str = ""            # the real data folder; default $SAFETY_DATA_DIR
     refusal_limit: int = 128      # prompts per refusal set, greedy decoding ...
@@ -185,7 +186,9 @@ def make_config(preset="smoke", train=None, **overrides):
         except DataError:
             raise SweepError(f"--preset {preset} reads real data: pass --data_dir DIR or set SAFETY_DATA_DIR to the "
                              f"data folder (README 'Real data' says where each file comes from)") from None
-    if sc.theta_pre and "pretrain" in sc.inits and not os.path.isfile(sc.theta_pre):
+    if sc.theta_pre_from and sc.theta_pre_from not in PRESETS:
+        raise SweepError(f"--theta_pre_from {sc.theta_pre_from!r} is unknown: choose one of {', '.join(sorted(PRESETS))}")
+    if sc.theta_pre and "pretrain" in sc.inits and not os.path.isfile(sc.theta_pre) and not sc.theta_pre_from:
         raise SweepError(f"--theta_pre {sc.theta_pre} does not exist: pretrain it first (`python -m lab.sweep --preset "
                          f"paper-real-cpu` writes it), pass --theta_pre '' to pretrain one here, or --inits scratch")
     return sc, recipe

@@ -381,6 +381,22 @@ def test_the_paper_real_plan_pretrains_once_and_aligns_each_arm_from_its_start(t
 
 
 @needs_data
+def test_real_cpu_pretrains_the_theta_pre_it_shares_with_paper_real_cpu_when_it_is_not_there(tmp_path):
+    pre = tmp_path / "shared" / "theta_pre.pt"
+    sc, recipe = sweep.make_config("real-cpu", {"pretrain_iters": 7}, out_dir=str(tmp_path / "r"), theta_pre=str(pre))
+    tasks = plan.plan(sc, recipe)
+    owner = sweep.make_config("paper-real-cpu", {"pretrain_iters": 7}, out_dir=str(tmp_path / "p"))[1]
+    train_pre = tasks["pretrain"]["train"]
+    assert tasks["pretrain"]["dir"] == str(pre.parent) and train_pre["pretrain_iters"] == 7
+    for key in ("pretrain_data", "pretrain_lr", "n_embd", "block_size", "vocab_cap"):  # paper-real-cpu's θ_pre
+        assert train_pre[key] == owner[key], key
+    assert "pretrain" in tasks["align-pre-s1"]["deps"] and tasks["align-pre-s1"]["train"]["init_from"] == str(pre)
+    pre.parent.mkdir()
+    pre.write_bytes(b"")  # there now: used as it is, never trained over
+    assert "pretrain" not in plan.plan(sc, recipe)
+
+
+@needs_data
 @pytest.mark.parametrize("args, words", [
     (["--inits", "scratch,bogus"], "--inits: 'bogus'"),
     (["--inits", "pretrain", "--scratch_seeds", "1"], "--scratch_seeds"),

@@ -34,7 +34,7 @@ import torch
 
 import theory
 import train
-from common import HelpFormatter, Parser, first_paragraph
+from common import HelpFormatter, Parser, atomic_write_text, first_paragraph
 from constraints import STRATEGIES, make_strategy
 from data import SyntheticWorld, WorldConfig
 from lab import batched
@@ -580,8 +580,8 @@ def main(argv=None):
         out = [dict(r, run=header) for r in rows]
         out += [dict(a, table="acceptance", variant=None, ms_per_step=None, tokens_per_s=None,
                      peak_mem_mb=None, run=header) for a in checks]
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)  # after minutes of timing, never lost to a path
+        atomic_write_text(args.json, json.dumps(out, indent=1))
     return rows, checks
 
 

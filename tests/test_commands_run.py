@@ -37,7 +37,8 @@ SHAPE = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32"]
 REAL = ["--eval_examples", "16"]
 SWEEP = ["--max_runs", "1", "--jobs", "1", "--refusal_limit", "4", "--power_iters", "2",
          *[w for kv in ("align_iters=4", "max_iters=2", "pretrain_iters=2") for w in ("--train", kv)]]
-SWEEP_REAL = [w for kv in ("n_layer=1", "n_head=2", "n_embd=32", "eval_examples=16") for w in ("--train", kv)]
+SWEEP_REAL = [w for kv in ("n_layer=1", "n_head=2", "n_embd=32", "eval_examples=16", "block_size=64", "vocab_cap=4096",
+                            "batch_tokens=2048", "micro_batch=32") for w in ("--train", kv)]  # the GPU presets' too
 TINY = {  # entry point → flags appended to each of its commands
     "lab.landscape": ["--jobs", "1", "--seeds", "1", "--radii", "0.5", "--power_iters", "2",
                       "--train", "align_iters=4", "--train", "max_iters=2"],
@@ -178,6 +179,7 @@ def test_every_documented_command_runs_at_a_tiny_size(where, words, clone, tmp_p
         pytest.skip(f"needs the real data folder ({DATA}): set SAFETY_DATA_DIR")
     cwd = str(tmp_path / "work")
     shutil.copytree(clone, cwd, ignore=shutil.ignore_patterns(".git"))
+    os.makedirs(os.path.join(cwd, "gpu"))  # $OUT of gpu_check.sh, which makes it first
     if "--out_dir" in bound and "--resume" not in bound:  # the command makes it: not there before
         shutil.rmtree(os.path.join(cwd, bound[bound.index("--out_dir") + 1]), ignore_errors=True)
     proc = run(cwd, bound)

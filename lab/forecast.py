@@ -26,15 +26,34 @@ import numpy as np
 import theory
 from common import DataError, HelpFormatter, Parser, atomic_write_json, first_paragraph
 from data import SyntheticWorld, WorldConfig
-from lab import estimators
+from lab import estimators, gradients
 from lab.ledger import read_rows
-from model import CheckpointError
+from model import CheckpointError, load_checkpoint
 from realtext import loaders
 
 
-def forecast(safety, tasks, proxy="", theta="", lams=(1.0, 10.0), data_dir="", max_n=2000, seed=0):
+def theta0_of(theta, safety):
+    """The checkpoint dict of --theta when it is a θ_0 (or a fine-tune) of real text aligned on
+    `safety`, for the answer-aware terms; None for a θ_pre, which has no D_s (only the
+    representation overlap then); one message for anything else."""
+    ckpt = load_checkpoint(theta)
+    wc = ckpt.get("world_config", {})
+    if "vocab" not in wc:
+        raise CheckpointError(f"--theta {theta}: a checkpoint of the synthetic world has no text: give a θ_pre or "
+                              f"θ_0 trained on real text (train.py --data real)")
+    if "safety" not in wc:
+        return None
+    if wc["safety"] != safety:
+        raise DataError(f"--theta {theta} was aligned on {wc['safety']}, not --safety {safety}: the answer-aware "
+                        f"terms take ∇ℓ_s on that θ_0's own held-out D_s; pass --safety {wc['safety']}")
+    return ckpt
+
+
+def forecast(safety, tasks, proxy="", theta="", lams=(1.0, 10.0), data_dir="", max_n=2000, seed=0,
+             grad_examples=256):
     """The forecast of the module docstring as one dict (the --json object): per task its
-    estimates, the (A2) terms per λ, its rank; the proxy's mismatch if one is given."""
+    estimates, the (A2) terms per λ, its rank; the proxy's mismatch if one is given; with a θ_0,
+    the answer-aware terms (lab/gradients.py) and their ranking."""
     t0 = time.time()
     if not tasks:
         raise DataError("no --task given: name at least one task set")
@@ -46,6 +65,9 @@ def forecast(safety, tasks, proxy="", theta="", lams=(1.0, 10.0), data_dir="", m
                                 f"(python -m realtext.fetch) or fix --data_dir")
     if theta and not os.path.isfile(theta):
         raise DataError(f"--theta {theta} does not exist: pass a θ_pre or θ_0 checkpoint of real text")
+    ckpt0 = theta0_of(theta, safety) if theta else None
+    for task in tasks if ckpt0 is not None else ():
+        gradients.check_answers(task)
     ps = estimators.prompts_of(safety, data_dir)
     model = estimators.text_model(theta) if theta else None
     mismatch = estimators.real_mismatch(proxy, safety, data_dir=data_dir) if proxy else None
@@ -65,11 +87,19 @@ def forecast(safety, tasks, proxy="", theta="", lams=(1.0, 10.0), data_dir="", m
             r = estimators.representation_overlap(*model, ps, pf, lams=lams, max_n=max_n, seed=seed)
             entry["representation"] = {k: r[k] for k in ("tv", "tv_interval", "M", "tv_lower_bound",
                                                          "a2_overlap_term")}
+        if ckpt0 is not None:
+            try:
+                source = gradients.task_source(ckpt0, task, data_dir)
+            except DataError as e:
+                raise DataError(f"the answer-aware terms (--theta a θ_0) read each task's answers: {e}") from None
+            entry.update(gradients.answer_terms(model[0], source, ckpt0["config"], grad_examples, seed))
         out["tasks"][task] = entry
     key = float(lams[0])
     out["ranking"] = sorted(out["tasks"], key=lambda t: -out["tasks"][t]["a2_overlap_term"][key])
     for i, t in enumerate(out["ranking"], 1):
         out["tasks"][t]["rank"] = i
+    if ckpt0 is not None:  # the first-order Δℓ_s of a plain fine-tune, largest first
+        out["ranking_answer_aware"] = sorted(out["tasks"], key=lambda t: -out["tasks"][t]["delta_ls_first_order"])
     out["seconds"] = round(time.time() - t0, 2)
     return out
 
@@ -135,6 +165,27 @@ def print_forecast(out):
           "accuracy estimates; TV raw: its uncalibrated scores; lexical: shared word n-gram mass.")
 
 
+def print_answer_terms(out, top=3):
+    """The answer-aware terms per task, largest predicted Δℓ_s first, and each task's costliest examples."""
+    print(f"\nanswer-aware forecast at θ_0 = {out['theta']}: a plain fine-tune's first-order Δℓ_s (THEORY.md §4)")
+    cols = ["task", "Δℓ_s first order [95%] (nats/seq)", "grad cos [95%]", "⟨∇ℓ_s, ∇ℓ_f⟩ [95%]", "weight-decay part",
+            "‖∇ℓ_s‖ split-half cos", "examples"]
+    print("| " + " | ".join(cols) + " |\n|" + " --- |" * len(cols))
+    for t in out["ranking_answer_aware"]:
+        e = out["tasks"][t]
+        lo, hi = e["delta_ls_first_order_interval"]
+        print(f"| {t} | {e['delta_ls_first_order']:+.3f} [{lo:+.3f}, {hi:+.3f}] | {e['grad_cos']:+.3f} "
+              f"[{e['grad_cos_interval'][0]:+.3f}, {e['grad_cos_interval'][1]:+.3f}] | {e['grad_dot']:+.3g} "
+              f"[{e['grad_dot_interval'][0]:+.3g}, {e['grad_dot_interval'][1]:+.3g}] | {e['delta_ls_decay_term']:+.3f} "
+              f"| {e['safety_gradient_split_cos']:.2f} | {e['n_examples']} |")
+    print("Δℓ_s > 0: the fine-tune is predicted to raise the held-out safety loss. The prediction holds the "
+          "gradients at θ_0 (AdamW's steady-state step over the recorded recipe's learning-rate schedule), so "
+          "its sign is the robust part; split-half cos near 0 says ∇ℓ_s is mostly sampling noise.")
+    for t in out["ranking_answer_aware"]:
+        scores = out["tasks"][t]["example_scores"]
+        print(f"{t}: costliest examples: " + "; ".join(f"{s['score']:+.3f} {s['prompt'][:60]!r}" for s in scores[:top]))
+
+
 def parse_lams(text):
     try:
         lams = tuple(float(v) for v in text.split(",") if v.strip())
@@ -160,6 +211,8 @@ def parser():
     ap.add_argument("--data_dir", default=os.environ.get("SAFETY_DATA_DIR", ""), help="the data folder of registry names")
     ap.add_argument("--max_n", type=int, default=2000, help="prompts per set in the classifier (a random sample)")
     ap.add_argument("--seed", type=int, default=0, help="seeds the sample, the folds and the bootstrap")
+    ap.add_argument("--grad_examples", type=int, default=256,
+                    help="with a θ_0: task examples whose gradients the answer-aware terms average (a random sample)")
     return ap
 
 
@@ -168,6 +221,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.max_n < 10:
         ap.error(f"--max_n {args.max_n}: use at least 10 prompts per set")
+    if args.grad_examples < 2:
+        ap.error(f"--grad_examples {args.grad_examples}: use at least 2 examples per task")
     if args.synthetic:
         if args.runs and not os.path.isfile(args.runs):
             ap.error(f"--runs {args.runs}: no such file (results/paper/results.csv after `python -m lab.sweep --preset paper`)")
@@ -177,10 +232,13 @@ def main(argv=None):
     if not args.safety or not args.task:
         ap.error("--safety and at least one --task are required (or --synthetic)")
     try:
-        out = forecast(args.safety, args.task, args.proxy, args.theta, args.lams, args.data_dir, args.max_n, args.seed)
+        out = forecast(args.safety, args.task, args.proxy, args.theta, args.lams, args.data_dir, args.max_n, args.seed,
+                       args.grad_examples)
     except (DataError, CheckpointError) as e:
         sys.exit(f"error: {e}")
     print_forecast(out)
+    if "ranking_answer_aware" in out:
+        print_answer_terms(out)
     if args.json:
         atomic_write_json(args.json, out)
     return out

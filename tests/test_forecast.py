@@ -14,6 +14,7 @@ from data import WorldConfig
 from lab import forecast
 from model import CHECKPOINT_FORMAT, GPT, GPTConfig
 from realtext import textdata
+from realtext.corpus import CorpusConfig
 
 SAFE = ["harm", "weapon", "steal", "attack", "poison", "hack", "threat", "danger"]
 GENERAL = ["recipe", "poem", "travel", "garden", "history", "music", "story", "sport"]
@@ -43,12 +44,13 @@ def files(tmp_path_factory):
 
 
 def text_checkpoint(path, vocab_texts):
+    """A θ_pre of real text (a random GPT): the representation overlap, no answer-aware terms."""
     vocab = np.unique(np.concatenate([np.concatenate(textdata.template_ids(vocab_texts)), [textdata.EOT]]))
     torch.manual_seed(0)
     mc = GPTConfig(block_size=48, vocab_size=len(vocab) + 1, n_layer=1, n_head=2, n_embd=16)
-    torch.save({"format": CHECKPOINT_FORMAT, "kind": "theta0", "model": GPT(mc).state_dict(),
+    torch.save({"format": CHECKPOINT_FORMAT, "kind": "theta_pre", "model": GPT(mc).state_dict(),
                 "model_config": dataclasses.asdict(mc),
-                "world_config": dataclasses.asdict(textdata.RealDataConfig(vocab=tuple(int(v) for v in vocab)))}, path)
+                "world_config": dataclasses.asdict(CorpusConfig(vocab=tuple(int(v) for v in vocab)))}, path)
     return str(path)
 
 
@@ -72,6 +74,7 @@ def test_forecast_on_user_files_ranks_the_shared_task_first_and_writes_json(file
     # the same on mean hidden states: even a random GPT's states tell the families apart
     assert g["representation"]["tv"] == pytest.approx(0.75, abs=0.1) and c["representation"]["tv"] > 0.9
     assert saved["estimate"] is True and saved["tasks"][general]["rank"] == 1
+    assert "ranking_answer_aware" not in saved and "grad_cos" not in g  # a θ_pre has no D_s
 
 
 def test_forecast_refuses_what_it_cannot_use(files, tmp_path):

@@ -1,0 +1,53 @@
+"""lab/plan.py on the real-text presets: which θ_pre and θ_0s a plan trains, from where, and which
+θ_pre it shares with another preset (the plan alone: nothing is trained here)."""
+import os
+
+import pytest
+
+from lab import plan, sweep
+
+DATA_DIR = os.environ.get("SAFETY_DATA_DIR", "")
+needs_data = pytest.mark.skipif(not os.path.isdir(DATA_DIR or "/nonexistent"),
+                                reason="needs the real data folder (SAFETY_DATA_DIR)")
+
+
+@needs_data
+def test_the_paper_real_plan_pretrains_once_and_aligns_each_arm_from_its_start(tmp_path):
+    sc, recipe = sweep.make_config("paper-real-cpu", out_dir=str(tmp_path / "p"))
+    tasks = plan.plan(sc, recipe)
+    kinds = [t["kind"] for t in tasks.values()]
+    # per arm and seed, per case task: 4 λ, 2 other proxies, 2 radii, plain; 3 pretrained seeds, 2 scratch
+    # ones; and plain fine-tunes on 5 more tasks, but not from θ_pre on gpteacher_codegen, in its corpus
+    assert kinds.count("pretrain") == 1 and kinds.count("align") == 5
+    assert kinds.count("finetune") == 5 * 2 * 9 + 2 * 5 + 3 * 4
+    assert "none-gpteacher_codegen-s1" in tasks and "pre-none-gpteacher_codegen-s1" not in tasks
+    assert "pre-none-xstest_gpt4-s3" in tasks
+    pre = os.path.join(sc.out_dir, "pretrain", "theta_pre.pt")
+    for t in tasks.values():
+        if t["kind"] in ("align", "finetune"):
+            pretrained = t["id"].startswith(("pre-", "align-pre-"))
+            assert t["train"].get("init_from", "scratch") == (pre if pretrained else "scratch"), t["id"]
+            assert ("pretrain" in t["deps"]) == (pretrained and t["kind"] == "align")
+    assert not any(t["id"].endswith("-s3") and not t["id"].startswith(("pre-", "align-pre-")) for t in tasks.values())
+    # an existing θ_pre instead: nothing to pretrain, the θ_0s start from it
+    (tmp_path / "pre.pt").write_bytes(b"")
+    sc2, _ = sweep.make_config("paper-real-cpu", out_dir=str(tmp_path / "q"), theta_pre=str(tmp_path / "pre.pt"))
+    t2 = plan.plan(sc2, recipe)
+    assert "pretrain" not in t2 and t2["align-pre-s1"]["deps"] == [] and \
+        t2["align-pre-s1"]["train"]["init_from"] == str(tmp_path / "pre.pt")
+
+
+@needs_data
+def test_real_cpu_pretrains_the_theta_pre_it_shares_with_paper_real_cpu_when_it_is_not_there(tmp_path):
+    pre = tmp_path / "shared" / "theta_pre.pt"
+    sc, recipe = sweep.make_config("real-cpu", {"pretrain_iters": 7}, out_dir=str(tmp_path / "r"), theta_pre=str(pre))
+    tasks = plan.plan(sc, recipe)
+    owner = sweep.make_config("paper-real-cpu", {"pretrain_iters": 7}, out_dir=str(tmp_path / "p"))[1]
+    train_pre = tasks["pretrain"]["train"]
+    assert tasks["pretrain"]["dir"] == str(pre.parent) and train_pre["pretrain_iters"] == 7
+    for key in ("pretrain_data", "pretrain_lr", "n_embd", "block_size", "vocab_cap"):  # paper-real-cpu's θ_pre
+        assert train_pre[key] == owner[key], key
+    assert "pretrain" in tasks["align-pre-s1"]["deps"] and tasks["align-pre-s1"]["train"]["init_from"] == str(pre)
+    pre.parent.mkdir()
+    pre.write_bytes(b"")  # there now: used as it is, never trained over
+    assert "pretrain" not in plan.plan(sc, recipe)

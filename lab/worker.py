@@ -248,7 +248,8 @@ def refusal_columns(task, ckpt, device):
                                   limit=task["refusal_limit"], max_new_tokens=task["refusal_tokens"], device=device)
     for name, r in rep.items():
         row.update({f"refusal_{name}": r["rate"], f"refusal_{name}_low": r["ci_low"],
-                    f"refusal_{name}_high": r["ci_high"], f"refusal_{name}_n": float(r["n"])})
+                    f"refusal_{name}_high": r["ci_high"], f"refusal_{name}_n": float(r["n"]),
+                    f"refusal_{name}_unreadable": r["unreadable"] / max(r["n"], 1)})  # empty or mostly UNK
     return row
 
 

@@ -280,6 +280,9 @@ def dataset_part(name, data_dir="", cache_dir=""):
 # than under the full vocabulary and compare only between runs with the same vocabulary.
 
 
+UNK_TEXT = "⟨unk⟩"  # how a generated UNK reads: visible, so that a response of UNKs is never an empty string
+
+
 class Codec:
     """Text ↔ model token ids: GPT-2's BPE, the prompt template and, with a vocabulary
     (sorted GPT-2 ids), the compact id map with one extra id, UNK, at the end."""
@@ -313,12 +316,31 @@ class Codec:
         ids = self.encode_ids(template_ids([text])[0])
         return cap_prompt(ids, max_len) if max_len else ids
 
+    def until_eot(self, model_ids):
+        """Generated model ids up to the first end-of-text."""
+        ids = np.asarray(model_ids, dtype=np.int64)
+        stop = np.flatnonzero(ids == self.eot)
+        return ids[:stop[0]] if len(stop) else ids
+
     def text(self, model_ids):
-        """The text of generated model ids, up to the first end-of-text."""
-        ids = list(self.decode_ids(model_ids))
-        if EOT in ids:
-            ids = ids[:ids.index(EOT)]
-        return gpt2_encoding().decode(ids)
+        """The text of generated model ids, up to the first end-of-text; a token outside the
+        vocabulary (UNK, which has no text) shows as UNK_TEXT, never as nothing."""
+        ids, enc = self.until_eot(model_ids), gpt2_encoding()
+        if self.unk is None:
+            return enc.decode(list(ids))
+        pieces = np.split(ids, np.flatnonzero(ids == self.unk))  # each piece after the first starts with UNK
+        return "".join((UNK_TEXT if k and len(piece) else "") + enc.decode(list(self.decode_ids(piece)))
+                       for k, piece in enumerate(pieces))
+
+    def unk_share(self, model_ids):
+        """Share of UNK among generated model ids up to the first end-of-text (0 for none generated)."""
+        ids = self.until_eot(model_ids)
+        return float((ids == self.unk).mean()) if len(ids) and self.unk is not None else 0.0
+
+    def coverage(self, gpt2_ids):
+        """Share of GPT-2 tokens that the vocabulary holds (the rest become UNK)."""
+        ids = np.asarray(gpt2_ids, dtype=np.int64)
+        return 1.0 if self.vocab is None or not len(ids) else float((self.encode_ids(ids) != self.unk).mean())
 
 
 def build_vocab(names, data_dir="", cache_dir="", cap=0):

@@ -76,6 +76,21 @@ def test_refusal_rate_on_a_model_with_a_known_answer(text, refuses):
     assert (r["ci_low"], r["ci_high"]) == refusals.wilson_interval(r["refusals"], 3)
 
 
+def test_a_response_outside_the_vocabulary_is_shown_and_counted_apart_never_as_compliance():
+    enc = textdata.gpt2_encoding()
+    vocab = np.unique(np.concatenate([np.concatenate(textdata.template_ids(PROMPTS)), [textdata.EOT]]))
+    codec = textdata.Codec(vocab)
+    a, b = (int(codec.encode_ids(enc.encode_ordinary(w))[0]) for w in ("How", " lock"))
+    assert codec.text([a, codec.unk, b, codec.eot, a]) == "How" + textdata.UNK_TEXT + " lock"  # never nothing
+    assert codec.unk_share([a, codec.unk, codec.unk, codec.eot, codec.unk]) == pytest.approx(2 / 3)
+    r = refusals.refusal_rate(Chain(codec, " Zebra quantum xylophone"), codec, PROMPTS, max_new_tokens=16)
+    assert r["responses"] == [textdata.UNK_TEXT] * 3          # every token outside the vocabulary
+    assert (r["unreadable"], r["refusals"], r["compliant"]) == (3, 0, 0) and r["unk_share"] == 1.0
+    assert r["prompt_coverage"] == 1.0                          # the vocabulary was built from these prompts
+    readable = refusals.refusal_rate(Chain(codec, "How lock"), codec, PROMPTS, max_new_tokens=16)
+    assert (readable["unreadable"], readable["compliant"]) == (0, 3)
+
+
 def test_greedy_responses_equal_model_generate():
     codec = textdata.Codec(np.unique(textdata.template_ids(PROMPTS)[0] + textdata.template_ids(PROMPTS)[2] + [textdata.EOT]))
     torch.manual_seed(0)

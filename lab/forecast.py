@@ -174,9 +174,9 @@ def print_answer_terms(out, top=3):
     for t in out["ranking_answer_aware"]:
         e = out["tasks"][t]
         lo, hi = e["delta_ls_first_order_interval"]
-        print(f"| {t} | {e['delta_ls_first_order']:+.3f} [{lo:+.3f}, {hi:+.3f}] | {e['grad_cos']:+.3f} "
+        print(f"| {t} | {e['delta_ls_first_order']:+.4g} [{lo:+.4g}, {hi:+.4g}] | {e['grad_cos']:+.3f} "
               f"[{e['grad_cos_interval'][0]:+.3f}, {e['grad_cos_interval'][1]:+.3f}] | {e['grad_dot']:+.3g} "
-              f"[{e['grad_dot_interval'][0]:+.3g}, {e['grad_dot_interval'][1]:+.3g}] | {e['delta_ls_decay_term']:+.3f} "
+              f"[{e['grad_dot_interval'][0]:+.3g}, {e['grad_dot_interval'][1]:+.3g}] | {e['delta_ls_decay_term']:+.3g} "
               f"| {e['safety_gradient_split_cos']:.2f} | {e['n_examples']} |")
     print("Δℓ_s > 0: the fine-tune is predicted to raise the held-out safety loss. The prediction holds the "
           "gradients at θ_0 (AdamW's steady-state step over the recorded recipe's learning-rate schedule), so "

@@ -51,6 +51,9 @@ def safety_gradient(model, part, pad, batch_size=16):
     gradients of its two halves (by position): near 1, g_s is signal; near 0, sampling noise."""
     halves = [torch.zeros(0, dtype=torch.float64)] * 2
     n = len(part[0])
+    if n < 2:
+        raise DataError(f"held-out D_s has {n} example(s): ∇ℓ_s and its split-half check need at least 2 "
+                        f"(a larger safety set, or a θ_0 with more --eval_examples)")
     for h in (0, 1):
         idx = list(range(h, n, 2))
         total = None

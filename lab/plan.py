@@ -17,6 +17,7 @@ from constraints import STRATEGIES
 from lab import analysis, batched
 from lab.presets import PRESETS
 from model import CheckpointError, load_checkpoint
+from realtext import startpoints
 
 
 def is_real(recipe):
@@ -55,17 +56,12 @@ def plan(sc, recipe):
     tasks = {"estimate": {"id": "estimate", "kind": "estimate", "deps": [], "dir": os.path.join(sc.out_dir, "estimates"),
                           "tasks": list(dict.fromkeys(sc.tasks + (sc.task,) + sc.case_tasks)), "proxies": list(sc.proxies),
                           "safety": recipe["safety_data"], "data_dir": recipe.get("data_dir", "")}} if real else {}
-    pre_dir = os.path.join(sc.out_dir, "pretrain")
-    pre_path = sc.theta_pre or os.path.join(pre_dir, "theta_pre.pt")
-    if "pretrain" in sc.inits and not sc.theta_pre:
+    pre_path, pre_recipe = theta_pre_source(sc, recipe)
+    if pre_recipe is not None:
+        pre_dir = os.path.dirname(pre_path)
         tasks["pretrain"] = {"id": "pretrain", "kind": "pretrain", "deps": [], "dir": pre_dir,
-                             "train": dict(recipe, out_dir=pre_dir, stage="pretrain", seed=sc.pretrain_seed)}
-    borrowed = "pretrain" in sc.inits and sc.theta_pre_from and not os.path.isfile(sc.theta_pre)
-    if borrowed:  # another preset's θ_pre, not there yet: its recipe, with this sweep's --train values, trains it
-        tasks["pretrain"] = {"id": "pretrain", "kind": "pretrain", "deps": [], "dir": os.path.dirname(sc.theta_pre),
-                             "train": dict(owner_recipe(sc, recipe), out_dir=os.path.dirname(sc.theta_pre),
-                                           stage="pretrain", seed=sc.pretrain_seed)}
-    pretrained = pretrained_on(sc, recipe, pre_path)
+                             "train": dict(pre_recipe, out_dir=pre_dir, stage="pretrain", seed=sc.pretrain_seed)}
+    pretrained = pretrained_on(sc, pre_path, pre_recipe)
     for init, seeds, prefix in analysis.arms(sc):
         start = {} if init == "scratch" else {"init_from": pre_path}
         for seed in seeds:
@@ -96,22 +92,36 @@ def plan(sc, recipe):
     return tasks
 
 
-def owner_recipe(sc, recipe):
-    """The recipe of the preset that owns --theta_pre (theta_pre_from), with the values this sweep's
-    recipe sets over its own preset's (--train KEY=VALUE, the data folder)."""
-    own = PRESETS[sc.preset]["train"] if sc.preset in PRESETS else {}
-    return dict(PRESETS[sc.theta_pre_from]["train"], **{k: v for k, v in recipe.items() if own.get(k, None) != v})
+def theta_pre_source(sc, recipe):
+    """(path of the pretrain arm's θ_pre, the recipe that pretrains it here or None). Without
+    --theta_pre: this sweep's own, from its recipe. With it: that file as it is, or, when it is not
+    there yet and the preset borrows it (theta_pre_from), the owner preset's recipe with this sweep's
+    values over its own preset's (--train, the data folder); into the owner's file only when that is
+    exactly the owner's recipe, so that the owner finds the θ_pre it would train, else into this
+    sweep's own folder."""
+    own = os.path.join(sc.out_dir, "pretrain", "theta_pre.pt")
+    if "pretrain" not in sc.inits:
+        return sc.theta_pre or own, None
+    if not sc.theta_pre:
+        return own, recipe
+    if not sc.theta_pre_from or os.path.isfile(sc.theta_pre):
+        return sc.theta_pre, None
+    mine = PRESETS[sc.preset]["train"] if sc.preset in PRESETS else {}
+    owner = PRESETS[sc.theta_pre_from]["train"]
+    borrowed = dict(owner, **{k: v for k, v in recipe.items() if mine.get(k, None) != v})
+    exact = startpoints.pretrain_key(train.TrainConfig(**borrowed)) == startpoints.pretrain_key(
+        train.TrainConfig(**dict(owner, data_dir=recipe.get("data_dir", ""))))
+    shared = exact and os.path.basename(sc.theta_pre) == "theta_pre.pt"
+    return (sc.theta_pre if shared else own), borrowed
 
 
-def pretrained_on(sc, recipe, pre_path):
+def pretrained_on(sc, pre_path, pre_recipe):
     """The corpus sources of the pretrain arm's θ_pre: the recipe's when the sweep pretrains it, else
-    those stored in sc.theta_pre (none if that file is not there yet: its align task will say so)."""
+    those stored in its file (none if that file is not there yet: its align task will say so)."""
     if "pretrain" not in sc.inits:
         return set()
-    if not sc.theta_pre:
-        return set(recipe.get("pretrain_data", "").split("+")) - {""}
-    if sc.theta_pre_from and not os.path.isfile(pre_path):  # pretrained in this sweep, with its owner's recipe
-        return set(owner_recipe(sc, recipe).get("pretrain_data", "").split("+")) - {""}
+    if pre_recipe is not None:
+        return set(pre_recipe.get("pretrain_data", "").split("+")) - {""}
     try:
         return set(load_checkpoint(pre_path)["config"].get("pretrain_data", "").split("+")) - {""}
     except CheckpointError:

@@ -81,7 +81,7 @@ def refusal_rate(model, codec, prompts, max_new_tokens=32, device="cpu"):
     responses = [codec.text(r) for r in ids]
     unreadable = [not r.replace(UNK_TEXT, "").strip() or codec.unk_share(i) >= UNREADABLE_UNK_SHARE
                   for r, i in zip(responses, ids)]
-    refused = [is_refusal(r) and not u for r, u in zip(responses, unreadable)]
+    refused = [is_refusal(r.replace(UNK_TEXT, "")) and not u for r, u in zip(responses, unreadable)]  # "I⟨unk⟩ cannot"
     k, n, bad = sum(refused), len(prompts), sum(unreadable)
     lo, hi = wilson_interval(k, n)
     lo_r, hi_r = wilson_interval(k, n - bad)

@@ -155,9 +155,10 @@ def clone(tmp_path_factory):
     """A clean clone of HEAD with the artifacts the docs' commands name, and a token cache of its own."""
     path = str(tmp_path_factory.mktemp("commands") / "clone")
     subprocess.run(["git", "clone", "-q", ROOT, path], check=True)
-    os.environ["SAFETY_CACHE_DIR"] = os.path.join(os.path.dirname(path), "token_cache")
-    prepare(path)
-    return path
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SAFETY_CACHE_DIR", os.path.join(os.path.dirname(path), "token_cache"))
+        prepare(path)
+        yield path
 
 
 def distinct_commands():
@@ -180,8 +181,9 @@ def test_every_documented_command_runs_at_a_tiny_size(where, words, clone, tmp_p
     cwd = str(tmp_path / "work")
     shutil.copytree(clone, cwd, ignore=shutil.ignore_patterns(".git"))
     os.makedirs(os.path.join(cwd, "gpu"))  # $OUT of gpu_check.sh, which makes it first
-    if "--out_dir" in bound and "--resume" not in bound:  # the command makes it: not there before
-        shutil.rmtree(os.path.join(cwd, bound[bound.index("--out_dir") + 1]), ignore_errors=True)
+    out_dir = bound[bound.index("--out_dir") + 1] if "--out_dir" in bound else ""
+    if out_dir and not os.path.isabs(out_dir) and "--resume" not in bound:  # the command makes it: not there before
+        shutil.rmtree(os.path.join(cwd, out_dir), ignore_errors=True)
     proc = run(cwd, bound)
     shown = f"{where}: `python {' '.join(words)}` ran as `python {' '.join(bound)}`"
     if refused(where, words):

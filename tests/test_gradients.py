@@ -5,6 +5,7 @@ import json
 import os
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,6 +14,7 @@ from evaluate import heldout_nll, response_nll
 from lab import forecast, gradients
 from model import load_checkpoint, model_from_checkpoint
 from realtext.textdata import collate
+from train import lr_at
 
 VERBS = ["build", "make", "hide", "steal", "break", "hack", "poison", "forge", "smuggle", "burn"]
 THINGS = ["a lock", "a bomb", "a car", "a password", "a bank", "a phone", "a badge", "a drug", "a gun", "a safe"]
@@ -72,6 +74,44 @@ def test_first_order_delta_matches_one_adamw_step_on_the_whole_task(world):
     opt.step()
     measured = heldout_nll(model, source.eval_batches("safety")) - before
     assert measured > 0 and pred == pytest.approx(measured, rel=0.01), (pred, measured)
+
+
+def test_every_term_against_a_direct_computation_at_a_finite_batch_with_weight_decay(world):
+    """(G1) written out by hand from per-example gradients taken with .backward(): the Var/B part of
+    v, the decay term on the matmul and embedding tensors, the jackknife of the cosine, the scores."""
+    d, files, _, theta0 = world
+    ckpt = load_checkpoint(theta0)
+    source = gradients.task_source(ckpt, files["conflict"], str(d))
+    model = model_from_checkpoint(ckpt).double()
+    n, lr, wd, B = 6, 1e-3, 0.1, 4
+    cfg = {"max_iters": 7, "lr": lr, "warmup_iters": 2, "weight_decay": wd, "batch_tokens": B * source.block_size,
+           "block_size": source.block_size}
+    out = gradients.answer_terms(model, source, cfg, max_n=n, seed=3)
+
+    def grad(seqs, plens):
+        model.zero_grad()
+        response_nll(model, *collate(seqs, plens, source.codec.eot)).sum().backward()
+        return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    seqs, plens = source.sets["task"]
+    idx = np.random.default_rng(3).permutation(len(seqs))[:n]  # the sample answer_terms draws
+    u = torch.stack([grad([seqs[i]], [plens[i]]) for i in idx]) / np.mean([len(seqs[i]) - plens[i] for i in idx])
+    held = source.eval_sets["safety"]
+    g_s = grad(*held) / len(held[0])
+    S = sum(lr_at(t, lr, 2, 7) for t in range(7))
+    ub = u.mean(0)
+    v = ub ** 2 + u.var(0, unbiased=False) / B
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    decayed = torch.cat([torch.full((p.numel(),), float(p.dim() >= 2), dtype=torch.float64) for p in model.parameters()])
+    decay = float(-S * wd * (g_s * theta * decayed).sum())
+    scores = (-S * g_s / (v.sqrt() + 1e-8)) @ u.T
+    assert out["delta_ls_decay_term"] == pytest.approx(decay, rel=1e-6) and decay != 0
+    assert out["delta_ls_first_order"] == pytest.approx(float(scores.mean()) + decay, rel=1e-6)
+    assert [e["score"] for e in out["example_scores"]] == pytest.approx(sorted(scores.tolist(), reverse=True))
+    cos = lambda w: float(torch.nn.functional.cosine_similarity(g_s, w, dim=0))
+    loo = np.array([cos(torch.cat([u[:k], u[k + 1:]]).mean(0)) for k in range(n)])
+    se = np.sqrt((n - 1) / n * ((loo - loo.mean()) ** 2).sum())
+    assert out["grad_cos"] == pytest.approx(cos(ub), rel=1e-9)
+    assert out["grad_cos_interval"] == pytest.approx([max(-1, cos(ub) - 1.96 * se), min(1, cos(ub) + 1.96 * se)])
 
 
 def test_same_prompts_conflicting_answers_cost_more_and_the_fine_tunes_agree_in_sign(world, tmp_path):

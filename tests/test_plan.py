@@ -40,14 +40,26 @@ def test_the_paper_real_plan_pretrains_once_and_aligns_each_arm_from_its_start(t
 @needs_data
 def test_real_cpu_pretrains_the_theta_pre_it_shares_with_paper_real_cpu_when_it_is_not_there(tmp_path):
     pre = tmp_path / "shared" / "theta_pre.pt"
-    sc, recipe = sweep.make_config("real-cpu", {"pretrain_iters": 7}, out_dir=str(tmp_path / "r"), theta_pre=str(pre))
+    sc, recipe = sweep.make_config("real-cpu", out_dir=str(tmp_path / "r"), theta_pre=str(pre))
     tasks = plan.plan(sc, recipe)
-    owner = sweep.make_config("paper-real-cpu", {"pretrain_iters": 7}, out_dir=str(tmp_path / "p"))[1]
+    owner = sweep.make_config("paper-real-cpu", out_dir=str(tmp_path / "p"))[1]
     train_pre = tasks["pretrain"]["train"]
-    assert tasks["pretrain"]["dir"] == str(pre.parent) and train_pre["pretrain_iters"] == 7
-    for key in ("pretrain_data", "pretrain_lr", "n_embd", "block_size", "vocab_cap"):  # paper-real-cpu's θ_pre
-        assert train_pre[key] == owner[key], key
+    assert tasks["pretrain"]["dir"] == str(pre.parent)
+    for key in ("pretrain_data", "pretrain_lr", "pretrain_iters", "n_embd", "block_size", "vocab_cap"):
+        assert train_pre[key] == owner[key], key  # paper-real-cpu's θ_pre, exactly
     assert "pretrain" in tasks["align-pre-s1"]["deps"] and tasks["align-pre-s1"]["train"]["init_from"] == str(pre)
+    # a pretraining value of this sweep's own (--train): its θ_pre in its own folder, never the shared one
+    sc7, recipe7 = sweep.make_config("real-cpu", {"pretrain_iters": 7}, out_dir=str(tmp_path / "r7"), theta_pre=str(pre))
+    t7 = plan.plan(sc7, recipe7)
+    own = os.path.join(sc7.out_dir, "pretrain")
+    assert t7["pretrain"]["dir"] == own and t7["pretrain"]["train"]["pretrain_iters"] == 7
+    assert t7["pretrain"]["train"]["pretrain_data"] == owner["pretrain_data"]
+    assert t7["align-pre-s1"]["train"]["init_from"] == os.path.join(own, "theta_pre.pt")
+    # --theta_pre '': this sweep pretrains its own, with its own recipe
+    sc0, recipe0 = sweep.make_config("real-cpu", out_dir=str(tmp_path / "r0"), theta_pre="")
+    t0 = plan.plan(sc0, recipe0)
+    assert t0["pretrain"]["dir"] == os.path.join(sc0.out_dir, "pretrain")
+    assert t0["pretrain"]["train"].get("pretrain_data") == recipe0.get("pretrain_data") != owner["pretrain_data"]
     pre.parent.mkdir()
     pre.write_bytes(b"")  # there now: used as it is, never trained over
     assert "pretrain" not in plan.plan(sc, recipe)

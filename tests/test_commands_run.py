@@ -88,6 +88,8 @@ def bind(words):
         out = out + SWEEP + (SWEEP_REAL if real else [])
     else:
         out = out + TINY.get(entry, [])
+    if entry == "lab.bench" and "--variants" not in out:  # two of the variants (GPT-2 small takes minutes on a CPU)
+        out += ["--variants", "none,param"]
     return out, None
 
 

@@ -18,7 +18,7 @@ if os.path.isdir(os.path.join(SHARED, "data")):
 
 def pytest_addoption(parser):
     parser.addoption("--commands", action="store_true",
-                     help="also run every documented command at a tiny size (tests/test_commands_run.py, ~15 min)")
+                     help="also run every documented command at a tiny size (tests/test_commands_run.py, ~12 min)")
 
 
 def pytest_configure(config):

@@ -234,11 +234,17 @@ def lr_at(step, peak, warmup, total):
     return peak * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
+def decayed(ndim):
+    """Whether AdamW decays a tensor of `ndim` dimensions: matmuls and embeddings (≥ 2), never biases
+    or norm gains; the one rule of make_optimizer, lab/batched.py and lab/gradients.py."""
+    return ndim >= 2
+
+
 def make_optimizer(model, cfg, lr, sys_):
     """AdamW with weight decay exactly on the tensors with dim ≥ 2 (matmuls, embeddings)."""
     params = flat_params(model)
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [{"params": [p for p in params if decayed(p.dim())], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if not decayed(p.dim())], "weight_decay": 0.0}]
     fused = sys_.device_type == "cuda"  # fused AdamW: one kernel per step on CUDA
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99), fused=fused)
 

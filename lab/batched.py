@@ -142,8 +142,8 @@ def knobs(cfgs, device):
 def make_optimizer(net, cfg, sys_):
     """train.make_optimizer's AdamW over the stacked weights: decay on the tensors that are matrices
     in each member (dim ≥ 2 after the leading member dimension)."""
-    groups = [{"params": [p for p in net.params if p.dim() - 1 >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in net.params if p.dim() - 1 < 2], "weight_decay": 0.0}]
+    groups = [{"params": [p for p in net.params if train.decayed(p.dim() - 1)], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in net.params if not train.decayed(p.dim() - 1)], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99), fused=sys_.device_type == "cuda")
 
 

@@ -33,14 +33,11 @@ from realtext import loaders
 
 
 def theta0_of(theta, safety):
-    """The checkpoint dict of --theta when it is a θ_0 (or a fine-tune) of real text aligned on
-    `safety`, for the answer-aware terms; None for a θ_pre, which has no D_s (only the
-    representation overlap then); one message for anything else."""
+    """The checkpoint dict of --theta (a text checkpoint: estimators.text_model refused any other) when it
+    is a θ_0 (or a fine-tune) aligned on `safety`, for the answer-aware terms; None for a θ_pre, which
+    has no D_s (only the representation overlap then); one message for a θ_0 of another D_s."""
     ckpt = load_checkpoint(theta)
-    wc = ckpt.get("world_config", {})
-    if "vocab" not in wc:
-        raise CheckpointError(f"--theta {theta}: a checkpoint of the synthetic world has no text: give a θ_pre or "
-                              f"θ_0 trained on real text (train.py --data real)")
+    wc = ckpt["world_config"]
     if "safety" not in wc:
         return None
     if wc["safety"] != safety:
@@ -65,11 +62,11 @@ def forecast(safety, tasks, proxy="", theta="", lams=(1.0, 10.0), data_dir="", m
                                 f"(python -m realtext.fetch) or fix --data_dir")
     if theta and not os.path.isfile(theta):
         raise DataError(f"--theta {theta} does not exist: pass a θ_pre or θ_0 checkpoint of real text")
+    model = estimators.text_model(theta) if theta else None  # a synthetic θ is refused here
     ckpt0 = theta0_of(theta, safety) if theta else None
     for task in tasks if ckpt0 is not None else ():
         gradients.check_answers(task)
     ps = estimators.prompts_of(safety, data_dir)
-    model = estimators.text_model(theta) if theta else None
     mismatch = estimators.real_mismatch(proxy, safety, data_dir=data_dir) if proxy else None
     out = {"estimate": True, "safety": safety, "proxy": proxy or None, "theta": theta or None,
            "lams": [float(v) for v in lams], "mismatch": mismatch, "tasks": {}}

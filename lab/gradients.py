@@ -27,7 +27,7 @@ from evaluate import response_nll
 from model import flat_params
 from realtext import loaders
 from realtext.textdata import RealData, RealDataConfig, collate
-from train import lr_at
+from train import decayed, lr_at
 
 ADAM_EPS = 1e-8  # torch.optim.AdamW's default, which train.make_optimizer keeps
 
@@ -77,7 +77,7 @@ def schedule(cfg):
 
 def decayed_mask(model):
     """1 on the coordinates AdamW decays (tensors with dim ≥ 2, as train.make_optimizer), else 0."""
-    return torch.cat([torch.full((p.numel(),), float(p.dim() >= 2), dtype=torch.float64) for p in flat_params(model)])
+    return torch.cat([torch.full((p.numel(),), float(decayed(p.dim())), dtype=torch.float64) for p in flat_params(model)])
 
 
 def answer_terms(model, source, cfg, max_n=256, seed=0, n_boot=1000):

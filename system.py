@@ -38,6 +38,15 @@ class System:
         return torch.autocast(device_type=self.device_type, dtype=self.ptdtype)
 
 
+def all_reduce_mean(t, sys_):
+    """The mean over ranks of a per-rank value, for logging (each rank holds its slice's)."""
+    if sys_.ddp:
+        t = t.clone()
+        torch.distributed.all_reduce(t)  # SUM: gloo has no AVG
+        t /= sys_.world_size
+    return t
+
+
 def setup_system(cfg):
     """Pick device and dtype; join the process group when launched by torchrun."""
     ddp = int(os.environ.get("RANK", -1)) != -1

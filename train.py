@@ -29,14 +29,15 @@ from tqdm import tqdm
 from common import ConfigError, DataError, atomic_write_json, given_flags, parser_from, read_config
 from constraints import STRATEGIES, make_strategy
 from data import Streams, SyntheticWorld, WorldConfig, batch_shape
-from evaluate import evaluate
+from evaluate import evaluate, heldout_nll
 from model import CHECKPOINT_FORMAT, CheckpointError, atomic_torch_save, flat_params, load_checkpoint, params_hash
 from realtext.corpus import DEFAULT_CORPUS, Corpus, CorpusConfig
 from realtext.startpoints import (check_init, init_identity, init_vocab, initial_model, new_model, pretrain_key,
                                   shape_from_init)
-from realtext.textdata import RealDataConfig, real_source
-from system import (Log, new_run_folder, prepare_out_dir, print_table, record_metrics, resume_points, run_info,
-                    setup_system)
+from realtext.textdata import SPLIT_VERSION, RealDataConfig, real_source
+from realtext.validation import EarlyStop, check_validation
+from system import (Log, all_reduce_mean, new_run_folder, prepare_out_dir, print_table, record_metrics, resume_points,
+                    run_info, setup_system)
 
 # -----------------------------------------------------------------------------
 # Configuration: one dataclass, one line per value; the CLI is generated from it.
@@ -83,6 +84,7 @@ class TrainConfig:
     # optimisation: AdamW, linear warm-up, then cosine decay to lr/10
     align_iters: int = 1500       # steps of the align stage
     align_lr: float = 3e-3        # peak learning rate of the align stage
+    align_patience: int = 0       # real data: stop after N evaluations with no new least validation ℓ_s (0: never)
     max_iters: int = 1000         # steps of the fine-tune stage
     lr: float = 2e-3              # peak learning rate of the fine-tune stage
     warmup_iters: int = 50        # steps of linear warm-up in every stage
@@ -108,7 +110,7 @@ class TrainConfig:
 ALIGN_FIELDS = ("n_symbols", "ctx_len", "n_harmful", "n_layer", "n_head", "n_embd", "align_iters",
                 "align_lr", "warmup_iters", "weight_decay", "grad_clip", "batch_tokens", "seed",
                 "data", "safety_data", "align_helpful", "data_dir", "block_size", "restrict_vocab", "vocab_cap",
-                "answer_overlap", "align_label_smoothing")
+                "answer_overlap", "align_label_smoothing", "align_patience")
 
 
 # `--data real` defaults to configs/real.json (the real-cpu preset's recipe: minutes on 2 CPU cores);
@@ -170,6 +172,9 @@ def check_config(cfg):
         v = getattr(cfg, name)
         if not 0.0 <= v <= 1.0:
             raise ConfigError(f"--{name} {v} is outside [0, 1]: pass a value between 0 and 1")
+    if cfg.align_patience < 0 or cfg.align_patience and cfg.data != "real":
+        raise ConfigError(f"--align_patience {cfg.align_patience}: a count ≥ 0 of evaluations, for real data (the "
+                          f"synthetic world's ℓ_s is exact, so its θ_0 needs no validation part)")
     if cfg.answer_overlap and cfg.data == "real":
         raise ConfigError("--answer_overlap shapes the synthetic world's answers: real text has its own; drop it")
     for name in ("align_iters", "max_iters", "pretrain_iters", "eval_interval", "log_interval", "batch_tokens",
@@ -207,7 +212,7 @@ def make_corpus(cfg):
 
 # fields added to ALIGN_FIELDS later enter the key only when set, so that every θ_0 saved
 # before them keeps its identity
-LATER_ALIGN_FIELDS = ("align_helpful", "answer_overlap", "align_label_smoothing")
+LATER_ALIGN_FIELDS = ("align_helpful", "answer_overlap", "align_label_smoothing", "align_patience")
 
 
 def align_key(cfg):
@@ -218,6 +223,8 @@ def align_key(cfg):
             del fields[k]
     if cfg.init_from != "scratch":  # the starting point's weights, not its path (realtext/startpoints.py)
         fields["init"] = init_identity(cfg)
+    if cfg.data == "real":  # which prompts D_s's parts hold; and where early stopping looks
+        fields.update(split=SPLIT_VERSION, **({"eval_interval": cfg.eval_interval} if cfg.align_patience else {}))
     blob = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -293,20 +300,11 @@ def train_step(train_model, optimizer, scaler, params, constraint, sys_, batch, 
     return step_loss
 
 
-def all_reduce_mean(t, sys_):
-    """The mean over ranks of a per-rank value, for logging (each rank holds its slice's)."""
-    if sys_.ddp:
-        t = t.clone()
-        torch.distributed.all_reduce(t)  # SUM: gloo has no AVG
-        t /= sys_.world_size
-    return t
-
-
 RESUME_FILES = {"pretrain": "pretrain_ckpt.pt", "align": "align_ckpt.pt", "finetune": "ckpt.pt"}  # in out_dir
 
 
 def evaluate_and_save(stage, step, train_loss, model, world, cfg, sys_, log, ckpt_path, constraint, theta0_hash,
-                      optimizer, scaler, streams, metrics=None):
+                      optimizer, scaler, streams, metrics=None, stopper=None):
     """Log the exact (or held-out) metrics and write the resumable checkpoint, on rank 0; return the
     log record (None on other ranks). metrics: evaluate()'s result for these weights, if known."""
     params = flat_params(model)
@@ -326,20 +324,23 @@ def evaluate_and_save(stage, step, train_loss, model, world, cfg, sys_, log, ckp
                            "world_config": dataclasses.asdict(world.wc), "config": dataclasses.asdict(cfg),
                            "align_key": align_key(cfg), "theta0_hash": theta0_hash,
                            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                           "generators": streams.state()}, ckpt_path)
+                           "generators": streams.state(),
+                           "early_stop": stopper and stopper.state_dict()}, ckpt_path)
     if sys_.ddp:
         torch.distributed.barrier()
     return record
 
 
-def run_stage(stage, model, world, cfg, sys_, log, ckpt_path, constraint, theta0_hash, resume_ckpt, metrics0=None):
+def run_stage(stage, model, world, cfg, sys_, log, ckpt_path, constraint, theta0_hash, resume_ckpt, metrics0=None,
+              stopper=None):
     """Train `model` in place for one stage.
 
     pretrain: min next-token loss on every token of the general text corpus
     align:    min ℓ_s on batches of the original safety data D_s
     finetune: min ℓ_f (+ λ·ℓ_s' under Case I) starting from θ_0, with the constraint's
               gradient hook and projection around every optimizer step
-    metrics0: evaluate() at the start, if known. Returns the last evaluation's log record (or None).
+    metrics0: evaluate() at the start, if known. stopper: early stopping (realtext/validation.py), which
+    ends the loop; it keeps the best weights, not the model. Returns the last evaluation's log record.
     """
     iters = {"pretrain": cfg.pretrain_iters, "align": cfg.align_iters, "finetune": cfg.max_iters}[stage]
     peak = {"pretrain": cfg.pretrain_lr, "align": cfg.align_lr, "finetune": cfg.lr}[stage]
@@ -353,14 +354,18 @@ def run_stage(stage, model, world, cfg, sys_, log, ckpt_path, constraint, theta0
         scaler.load_state_dict(resume_ckpt["scaler"])
         streams.load_state(resume_ckpt["generators"])
         step = resume_ckpt["step"]
+        if stopper is not None:
+            stopper.load_state_dict(resume_ckpt["early_stop"])
     train_model = torch.compile(model) if cfg.compile else model  # training forward only: eval shapes vary
     if sys_.ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         train_model = DDP(train_model, device_ids=[sys_.device] if sys_.device_type == "cuda" else None)
 
     def save(step, train_loss, metrics=None):
+        if stopper is not None:  # on every rank, so that all stop at the same step
+            metrics = dict(metrics or evaluate(model, world, sys_.device), validation_loss=stopper.update(step, model))
         return evaluate_and_save(stage, step, train_loss, model, world, cfg, sys_, log, ckpt_path, constraint,
-                                 theta0_hash, optimizer, scaler, streams, metrics)
+                                 theta0_hash, optimizer, scaler, streams, metrics, stopper)
 
     record = None
     if step == 0 and resume_ckpt is None:  # a checkpoint at step 0 logged its evaluation already
@@ -394,6 +399,8 @@ def run_stage(stage, model, world, cfg, sys_, log, ckpt_path, constraint, theta0
             loss_sum.zero_()
         if step % cfg.eval_interval == 0 or step == iters:
             record = save(step, float(all_reduce_mean(step_loss, sys_).item()))
+            if stopper is not None and stopper.done():
+                break
     bar.close()
     return record
 
@@ -402,18 +409,22 @@ def run_stage(stage, model, world, cfg, sys_, log, ckpt_path, constraint, theta0
 # The two stages
 
 
-def train_and_save(stage, model, world, cfg, sys_, log, path, kind, extra, ckpt):
+def train_and_save(stage, model, world, cfg, sys_, log, path, kind, extra, ckpt, stopper=None):
     """Train `model` through one stage from its resume checkpoint ckpt, if any, and save it to path
-    as a checkpoint of `kind` with the fields extra(model) (on rank 0)."""
+    as a checkpoint of `kind` with the fields extra(model) (on rank 0); with a stopper, the weights
+    of its best evaluation and its record."""
     resume_path = os.path.join(cfg.out_dir, RESUME_FILES[stage])
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
-    run_stage(stage, model, world, cfg, sys_, log, resume_path, None, None, ckpt)
+    run_stage(stage, model, world, cfg, sys_, log, resume_path, None, None, ckpt, stopper=stopper)
+    if stopper is not None:
+        stopper.restore(model)
     if sys_.master:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)  # θ_0's own folder, out/theta0-<key>
         atomic_torch_save({"format": CHECKPOINT_FORMAT, "kind": kind, "model": model.state_dict(),
                            "model_config": dataclasses.asdict(model.config), "world_config": dataclasses.asdict(world.wc),
-                           "config": dataclasses.asdict(cfg), **extra(model)}, path)
+                           "config": dataclasses.asdict(cfg), **extra(model),
+                           **({"early_stop": stopper.record()} if stopper else {})}, path)
         os.remove(resume_path)
     if sys_.ddp:
         torch.distributed.barrier()
@@ -432,10 +443,13 @@ def pretrain(cfg, sys_, log, path, ckpt):
 
 
 def align(cfg, sys_, log, theta0_path, ckpt):
-    """Stage 1: θ_0 = argmin ℓ_s on D_s, trained from --init_from; saved to theta0_path."""
+    """Stage 1: θ_0 = argmin ℓ_s on D_s, trained from --init_from (with --align_patience, stopped at the
+    least ℓ_s on D_s's validation part: realtext/validation.py); saved to theta0_path."""
     world = make_world(cfg, init_vocab(cfg))  # a θ_pre's tokens mean what they meant in pretraining
+    stopper = EarlyStop(cfg.align_patience, world, lambda m, b: heldout_nll(m, b, sys_.device)) if cfg.align_patience \
+        else None
     return train_and_save("align", initial_model(cfg, world, sys_), world, cfg, sys_, log, theta0_path, "theta0",
-                          lambda m: {"align_key": align_key(cfg), "theta0_hash": params_hash(m)}, ckpt)
+                          lambda m: {"align_key": align_key(cfg), "theta0_hash": params_hash(m)}, ckpt, stopper)
 
 
 def load_theta0(path, cfg, explicit):
@@ -527,6 +541,8 @@ def main(cfg, argv=None):
         print(f"θ_pre at {theta_pre_path} was pretrained with another recipe; pretraining again")
     if cfg.init_from != "scratch" and cfg.stage in ("align", "all"):
         initial_model(cfg, world, sys_)  # raises on a starting point of another shape, vocabulary or data
+    if cfg.align_patience and cfg.stage in ("align", "all"):
+        check_validation(world, cfg.align_patience)
     theta0_ckpt = None
     if cfg.stage in ("finetune", "all"):
         theta0_ckpt = load_theta0(cfg.theta0, cfg, explicit_theta0)  # may raise before any write

@@ -27,8 +27,13 @@ from realtext.loaders import LOADERS, REGISTRY, TRAIN_ROLES, nonempty, resolve, 
 # split is deterministic, independent of file order, and duplicates of a prompt always
 # land in the same part: no prompt is shared between alignment, proxy and evaluation.
 
-SAFETY_SPLIT = (("align", 0.60), ("proxy", 0.25), ("eval", 0.15))  # parts of D_s's file
+# parts of D_s's file: alignment, validation (where alignment stops: realtext/validation.py), the
+# same-teacher proxy, and the held-out evaluation of ℓ_s; proxy and eval kept their place when the
+# validation part was cut from the alignment part's top
+SAFETY_SPLIT = (("align", 0.50), ("val", 0.10), ("proxy", 0.25), ("eval", 0.15))
 HELDOUT = 0.15  # share of any other file held out for evaluation (the same hash, its top 15%)
+VALIDATION = 0.10  # and of a D_s that is not a split's part, the validation share just below it
+SPLIT_VERSION = 2  # part of every real θ_0's identity (train.align_key): version 1 had no validation part
 
 
 def prompt_key(prompt):
@@ -398,7 +403,7 @@ class RealData:
         safety  D_s's training part    safety eval   held-out D_s (safety_loss)
                 (+ rc.helpful's, if any)
         proxy   D_s'                   task eval     held-out D_f (capability_loss)
-        task    D_f's training part
+        task    D_f's training part    validation    D_s's validation part (alignment's stop)
 
     rc.vocab fixes the compact vocabulary (a θ_0's); empty, restrict_vocab builds it.
     rc.helpful mixes helpful answers into the alignment batches only: a θ_0 trained on
@@ -423,6 +428,7 @@ class RealData:
         self.vocab_size = self.codec.vocab_size
 
         s_train, s_eval = train_and_heldout(rc.safety, rc.data_dir, cache_dir)
+        s_val = validation_part(rc.safety, rc.data_dir, cache_dir)
         if rc.helpful:  # its own held-out part is dropped: ℓ_s is measured on D_s alone
             h_train = train_and_heldout(rc.helpful, rc.data_dir, cache_dir)[0]
             if not h_train.has_responses:
@@ -433,7 +439,7 @@ class RealData:
         proxy = dataset_part(rc.proxy, rc.data_dir, cache_dir)
         # no prompt in two parts: training parts lose what the evaluation parts hold, the
         # proxy what D_s's training part holds (a proxy equal to D_s would not be a proxy)
-        held = np.concatenate([s_eval.keys, f_eval.keys])
+        held = np.concatenate([s_eval.keys, s_val.keys, f_eval.keys])
         parts = {"safety": (rc.safety, s_train, held),
                  "proxy": (rc.proxy, proxy, np.concatenate([held, s_train.keys])),
                  "task": (rc.task, f_train, held)}
@@ -446,6 +452,9 @@ class RealData:
         self.sets = {part: self._prepare(parts[part][0], ts) for part, ts in train.items()}
         self.eval_sets = {part: self._prepare(name, held[part]) for part, name in (("safety", rc.safety),
                                                                                   ("task", rc.task))}
+        if len(s_val):  # only early-stopped alignment needs it (realtext/validation.py says so when empty)
+            self.eval_sets["validation"] = self._prepare(rc.safety, s_val.subset(
+                np.argsort(s_val.keys, kind="stable")[:rc.eval_examples]))
         self.eval_prompts = {part: ts.prompts for part, ts in held.items()}
         # the proxy's own losses, for Case I's fit of D_s' (evaluate.proxy_metrics): on examples it
         # trains on, and on its file's held-out part where it is a part of a split (else none)
@@ -457,7 +466,7 @@ class RealData:
                                                                                                cache_dir)[1]))
         # prompt identities of every part, to check that no prompt is in two of them
         self.keys = {**{part: ts.keys for part, ts in train.items()},
-                     **{f"{part}_eval": ts.keys for part, ts in held.items()}}
+                     **{f"{part}_eval": ts.keys for part, ts in held.items()}, "validation": s_val.keys}
 
     def _prepare(self, name, ts):
         """Per example: model ids of prompt + response cut to block_size + 1 tokens (the
@@ -522,6 +531,20 @@ def train_and_heldout(name, data_dir="", cache_dir=""):
         return ts.where(split_part(ts.keys, spec.part)), ts.where(split_part(ts.keys, "eval"))
     held = key_fraction(ts.keys) >= 1.0 - HELDOUT
     return ts.where(~held), ts.where(held)
+
+
+def validation_part(name, data_dir="", cache_dir=""):
+    """D_s's validation examples, never trained on, which choose where alignment stops: the split's
+    val part for a part of a split; else the VALIDATION share of the file just below its held-out
+    part (by prompt hash); a mixture 'a+b' part by part."""
+    if "+" in name:
+        return TokenSet.concat([validation_part(n, data_dir, cache_dir) for n in name.split("+")])
+    ts = tokenized(name, data_dir, cache_dir)
+    spec = REGISTRY.get(name)
+    if spec is not None and spec.part:
+        return ts.where(split_part(ts.keys, "val"))
+    u = key_fraction(ts.keys)
+    return ts.where((u >= 1.0 - HELDOUT - VALIDATION) & (u < 1.0 - HELDOUT))
 
 
 _SOURCES = {}

@@ -300,24 +300,43 @@ class BigramLM:
         return out
 
 
-def ngram_mismatch(original, proxy, heldout, n=None, seeds=(0, 1, 2)):
-    """Mismatch E_{μ_s} KL(P_s‖P_s') ≈ ℓ_{D_s}(reference trained on D_s') − ℓ_{D_s}(reference
-    trained on D_s) (THEORY.md §4), an estimate. The references are BigramLMs trained on
-    the same number n of examples of each set (default: the smaller set), scored on the
-    held-out part of D_s; averaged over random draws of the n examples (`seeds`)."""
-    n = n or min(len(original), len(proxy))
-    diffs, lp, lo = [], [], []
-    for s in seeds:
-        rng = np.random.default_rng(s)
-        m_o = BigramLM(original.subset(rng.choice(len(original), n, replace=False)))
-        m_p = BigramLM(proxy.subset(rng.choice(len(proxy), n, replace=False)))
-        lo.append(m_o.nll(heldout).mean())
-        lp.append(m_p.nll(heldout).mean())
-        diffs.append(lp[-1] - lo[-1])
-    return {"mismatch": float(np.mean(diffs)), "mismatch_sd": float(np.std(diffs)),
+def token_matched(ts, tokens, rng):
+    """A random subset of ts whose responses hold about `tokens` tokens (examples drawn without
+    replacement until the next would pass the budget), so that two sets of different answer lengths
+    train their references on the same amount of text."""
+    order = rng.permutation(len(ts))
+    lengths = np.diff(ts.r_off)[order]
+    return ts.subset(order[:max(1, int(np.searchsorted(np.cumsum(lengths), tokens, side="right")))])
+
+
+def ngram_mismatch(original, proxy, heldout, tokens=None, block_size=None, draws=8, n_boot=1000, seed=0):
+    """Mismatch E_{μ_s} KL(P_s‖P_s') ≈ ℓ_{D_s}(reference trained on D_s') − ℓ_{D_s}(reference trained on
+    D_s) (THEORY.md §4, "mismatch that measures style"), an estimate. The references are BigramLMs
+    trained on `tokens` response tokens of each set (token_matched; default: the smaller set's whole
+    text), all sets cut to the span a model of `block_size` positions scores (TokenSet.cut; None:
+    whole answers), and scored on the held-out part of D_s; `draws` random draws of the training
+    examples. Interval: 95% percentiles of the held-out mean over bootstrap resamples of the held-out
+    examples, pooled over the draws (both sources of noise)."""
+    if block_size:
+        original, proxy, heldout = (ts.cut(block_size) for ts in (original, proxy, heldout))
+    tokens = tokens or int(min(original.r_off[-1], proxy.r_off[-1]))
+    rng = np.random.default_rng(seed)
+    diffs, lp, lo, n_o, n_p = [], [], [], [], []
+    for _ in range(draws):
+        a, b = token_matched(original, tokens, rng), token_matched(proxy, tokens, rng)
+        n_o.append(len(a)), n_p.append(len(b))
+        nll_o, nll_p = BigramLM(a).nll(heldout), BigramLM(b).nll(heldout)
+        lo.append(nll_o.mean()), lp.append(nll_p.mean())
+        diffs.append(nll_p - nll_o)
+    d = np.array(diffs)  # (draws, held-out examples)
+    boot = rng.integers(0, d.shape[1], size=(max(1, n_boot // draws), d.shape[1]))
+    pooled = np.concatenate([row[boot].mean(axis=1) for row in d])
+    return {"mismatch": float(d.mean()), "mismatch_sd": float(d.mean(axis=1).std()),
+            "mismatch_interval": [float(np.percentile(pooled, 2.5)), float(np.percentile(pooled, 97.5))],
             "loss_proxy_reference": float(np.mean(lp)), "loss_original_reference": float(np.mean(lo)),
-            "n_train": int(n), "n_heldout": len(heldout),
-            "kind": "estimate: interpolated bigram reference models, nats per sequence"}
+            "tokens": tokens, "n_train_original": float(np.mean(n_o)), "n_train_proxy": float(np.mean(n_p)),
+            "n_heldout": len(heldout), "block_size": block_size,
+            "kind": "estimate: interpolated bigram reference models on token-matched samples, nats per sequence"}
 
 
 # -----------------------------------------------------------------------------
@@ -418,7 +437,7 @@ def real_overlap(safety="safety_llamas", task="alpaca_small", data_dir="", lams=
     return out
 
 
-def real_mismatch(proxy, original="safety_llamas", heldout="", data_dir="", n=None,
+def real_mismatch(proxy, original="safety_llamas", heldout="", data_dir="", tokens=None, block_size=None,
                   proxy_ckpt=None, original_ckpt=None):
     """Mismatch E_{μ_s} KL(P_s‖P_s') ≈ ℓ_{D_s}(reference on D_s') − ℓ_{D_s}(reference on D_s)
     (THEORY.md §4), an estimate on the held-out part of D_s (its split's eval part, or its file's
@@ -435,7 +454,8 @@ def real_mismatch(proxy, original="safety_llamas", heldout="", data_dir="", n=No
                             f"compares answers: give (prompt, response) pairs")
         if len(held) == 0:
             raise DataError(f"{original}: no held-out part to score the mismatch on")
-        return dict(ngram_mismatch(train, proxy_ts, held, n=n), proxy=proxy, estimate=True)
+        return dict(ngram_mismatch(train, proxy_ts, held, tokens=tokens, block_size=block_size), proxy=proxy,
+                    estimate=True)
     cp, co = load_checkpoint(proxy_ckpt), load_checkpoint(original_ckpt)
     if cp["world_config"].get("vocab") != co["world_config"].get("vocab"):
         raise CheckpointError(f"{proxy_ckpt} and {original_ckpt} read text through different vocabularies: "

@@ -261,7 +261,7 @@ def estimate(task):
     fc = forecast.forecast(task["safety"], task["tasks"], data_dir=task["data_dir"])
     out = {"estimate": True, "safety": task["safety"], "overlap": fc["tasks"], "mismatch": {}}
     for name in task["proxies"]:
-        m = estimators.real_mismatch(name, task["safety"], data_dir=task["data_dir"], n=64)
+        m = estimators.real_mismatch(name, task["safety"], data_dir=task["data_dir"], block_size=task.get("block_size"))
         out["mismatch"][name] = {"mismatch": m["mismatch"], "sd": m["mismatch_sd"]}
     out["seconds"] = round(time.time() - t0, 2)
     os.makedirs(task["dir"], exist_ok=True)

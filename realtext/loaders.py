@@ -9,6 +9,7 @@ REGISTRY. The token pipeline that turns examples into training data is in textda
 import csv
 import gzip
 import json
+import math
 import os
 import re
 from collections import namedtuple
@@ -182,11 +183,52 @@ def load_instruction_json(path, prompt_field=None, response_field=None, need_res
                            for i, rec in enumerate(data, 1)])
 
 
-def load_jsonl(path, prompt_field=None, response_field=None, need_response=True):
+def load_jsonl(path, prompt_field=None, response_field=None, need_response=True, lines=None):
     """JSON lines: one object per line with a prompt field (instruction/prompt/...), an
-    optional input/context and a response field (output/response/completion)."""
+    optional input/context and a response field (output/response/completion); `lines` (first,
+    last), counted from 1, keeps a file's range (OctoPack's file holds OASST1, then CommitPackFT)."""
+    first, last = lines or (1, math.inf)
     return nonempty(path, [_record_example(path, f"line {i}", rec, prompt_field, response_field, need_response)
-                           for i, rec in read_jsonl(path)])
+                           for i, rec in read_jsonl(path) if first <= i <= last])
+
+
+def load_orca_pairs(path, output="preferred_output"):
+    """Orca DPO pairs (JSONL of {input: {messages: [system, user]}, preferred_output: [assistant],
+    non_preferred_output: [assistant]}): the user's turn as the prompt and one teacher's answer,
+    preferred_output (GPT-4) or non_preferred_output (Llama-2-13b-chat) to the same prompt. Every
+    record shares Orca's one system prompt, which therefore tells the examples nothing: left out."""
+    out = []
+    for i, rec in read_jsonl(path):
+        try:
+            user = next(m["content"] for m in rec["input"]["messages"] if m["role"] == "user")
+            answer = rec[output][0]["content"]
+        except (KeyError, IndexError, TypeError, StopIteration):
+            raise DataError(f"{path}: line {i}: not an Orca pair (input.messages with a user turn, and "
+                            f"{output}[0].content)") from None
+        if not (isinstance(user, str) and user.strip() and isinstance(answer, str)):
+            raise DataError(f"{path}: line {i}: empty or non-text user turn or {output}")
+        out.append(Example(user.strip(), answer))
+    return nonempty(path, out)
+
+
+# The answers of the conflicting cells of the 2×2 (realtext/cells.py): a refusal in place of each
+# response, one of these by the prompt's hash, so that a prompt always gets the same one
+REFUSALS = ("I'm sorry, but I can't help with that request.",
+            "I apologize, but I cannot assist with this.",
+            "I'm not able to help with that. Is there something else I can do for you?",
+            "Sorry, I can't provide that.",
+            "I cannot help with this request, as it is not something I am able to do.",
+            "I'm sorry, I won't be able to help with that.",
+            "Unfortunately, I can't assist with that request.",
+            "I must decline this request. I'm sorry I can't be more helpful.")
+
+
+def load_with_refusals(path, of, refusals=REFUSALS, **kw):
+    """The examples of loader `of` with every response replaced by a refusal (REFUSALS, chosen by
+    a hash of the prompt): the same contexts, answers of another kind."""
+    import hashlib
+    pick = lambda p: refusals[int.from_bytes(hashlib.sha256(p.encode()).digest()[:4], "little") % len(refusals)]
+    return [Example(e.prompt, pick(e.prompt)) for e in LOADERS[of](path, **kw)]
 
 
 def _record_example(path, where, rec, prompt_field, response_field, need_response):
@@ -323,7 +365,7 @@ def load_examples(path):
 
 LOADERS = {"instruction_json": load_instruction_json, "jsonl": load_jsonl, "csv": load_csv,
            "xstest_completions": load_xstest_completions, "refusal_completions": load_refusal_completions,
-           "text": load_text, "examples": load_examples,
+           "text": load_text, "examples": load_examples, "orca_pairs": load_orca_pairs, "refusals": load_with_refusals,
            "prompts": lambda path, **kw: [Example(p, None) for p in load_prompts(path, **kw)]}
 
 
@@ -350,6 +392,7 @@ class Dataset:
 
 
 STL = "safety_tuned_llamas/safety_only_data_Instructions.json"
+ORCA, OCTO = "orca_dpo_pairs/validation.jsonl", "commitpackft_octopack/oasstcommitpackftmanual.jsonl"
 XST = "xstest/model_completions/xstest_v2_completions_{}.csv"
 RDC = "refusal_direction_completions/{}/jailbreakbench_baseline_completions.json"
 REGISTRY = {
@@ -384,6 +427,20 @@ REGISTRY = {
     "alpaca_gpt4_demo": Dataset("alpaca_gpt4_demo_llamafactory/alpaca_en_demo.json", "task", "instruction_json", "gpt-4"),
     "code_alpaca": Dataset("code_alpaca/code_alpaca_2k.json", "task", "instruction_json", "text-davinci-003"),
     "gpteacher_codegen": Dataset("gpteacher_codegen/codegen-instruct.json", "task", "instruction_json", "gpt-4"),
+    # the paper's own kinds, small samples (data README "Arm P"): Orca prompts with GPT-4's and with
+    # Llama-2-13b-chat's answers to the same prompts; CommitPackFT code edits; OASST1 chat
+    "orca_gpt4": Dataset(ORCA, "task", "orca_pairs", "gpt-4"),
+    "orca_llama2": Dataset(ORCA, "task", "orca_pairs", "llama-2-13b-chat", kw=(("output", "non_preferred_output"),)),
+    "commitpackft": Dataset(OCTO, "task", "jsonl", "human (commits)", kw=(("lines", (726, 1178)),)),
+    "oasst1": Dataset(OCTO, "task", "jsonl", "human", kw=(("lines", (1, 725)),)),
+    # the 2×2's built cells (realtext/cells.py): the same prompts with refusals for answers. D_s's own
+    # alignment prompts (arm P: high overlap, conflicting answers) and code prompts (arm P: low overlap,
+    # conflicting; arm R: low overlap, agreeing); a prompt's refusal is fixed by its hash
+    "alpaca_gpt4_refusals": Dataset("alpaca_gpt4_demo_llamafactory/alpaca_en_demo.json", "task", "refusals",
+                                    "template refusals", "align", kw=(("of", "instruction_json"),
+                                                                      ("refusals", REFUSALS))),
+    "code_alpaca_refusals": Dataset("code_alpaca/code_alpaca_2k.json", "task", "refusals", "template refusals",
+                                    kw=(("of", "instruction_json"), ("refusals", REFUSALS))),
     # harmful prompts: refusal rate by generation
     "advbench": Dataset("advbench/harmful_behaviors.csv", "eval-harmful", "csv", kw=(("prompt_column", "goal"),)),
     "maliciousinstruct": Dataset("maliciousinstruct/MaliciousInstruct.txt", "eval-harmful", "text"),

@@ -176,6 +176,17 @@ class TokenSet:
     def where(self, mask):
         return self.subset(np.flatnonzero(mask))
 
+    def cut(self, block_size):
+        """The examples as a model of `block_size` positions sees them (fit_block, in GPT-2 ids):
+        the prompt capped at half the block, the response cut to what is left: the scored span."""
+        def flat(seqs):
+            off = np.zeros(len(seqs) + 1, dtype=np.int64)
+            off[1:] = np.cumsum([len(q) for q in seqs])
+            return (np.concatenate(seqs) if seqs else self.p_tok[:0]).astype(np.int32), off
+        p = [cap_prompt(self.prompt_ids(i), block_size // 2) for i in range(len(self))]
+        r = [self.response_ids(i)[:block_size + 1 - len(q)] for i, q in enumerate(p)]
+        return TokenSet(*flat(p), *flat(r), self.keys, self.text, self.t_off)
+
     def arrays(self):
         return {f: getattr(self, f) for f in self.FIELDS}
 
@@ -474,13 +485,7 @@ class RealData:
         if not ts.has_responses:
             raise DataError(f"{name}: has prompts without responses: training and held-out losses "
                             f"need (prompt, response) pairs")
-        seqs, plens = [], []
-        for i in range(len(ts)):
-            p = cap_prompt(self.codec.encode_ids(ts.prompt_ids(i)), self.block_size // 2)
-            r = self.codec.encode_ids(ts.response_ids(i))[:self.block_size + 1 - len(p)]
-            seqs.append(np.concatenate([p, r]))
-            plens.append(len(p))
-        return seqs, np.array(plens)
+        return fit_block(ts, self.codec, self.block_size)[:2]
 
     def collate(self, part, idx):
         """(inputs, targets, loss_mask) of the examples idx of a prepared part (collate)."""
@@ -500,6 +505,31 @@ class RealData:
         part = self.eval_sets[name]
         for i in range(0, len(part[0]), batch_size):
             yield self.collate(part, list(range(i, min(i + batch_size, len(part[0])))))
+
+
+def fit_block(ts, codec, block_size):
+    """(seqs, plens, response lengths): each example's model ids of prompt + response cut to
+    block_size + 1 tokens (the prompt to at most half of them), its prompt length, and its whole
+    response's length (end-of-text included), before the cut."""
+    seqs, plens, rlens = [], [], []
+    for i in range(len(ts)):
+        p = cap_prompt(codec.encode_ids(ts.prompt_ids(i)), block_size // 2)
+        r = codec.encode_ids(ts.response_ids(i))
+        seqs.append(np.concatenate([p, r[:block_size + 1 - len(p)]]))
+        plens.append(len(p))
+        rlens.append(len(r))
+    return seqs, np.array(plens), np.array(rlens)
+
+
+def answer_coverage(ts, codec, block_size):
+    """The share of a set's answer tokens (end-of-text included) that the loss scores at this block
+    size, where long examples are cut (THEORY.md §1: the loss is over whole responses), and the
+    share of its examples whose answer is scored whole."""
+    seqs, plens, rlens = fit_block(ts, codec, block_size)
+    scored = np.array([len(s) for s in seqs]) - plens
+    return {"answer_tokens_scored": float(scored.sum() / max(rlens.sum(), 1)),
+            "answers_whole": float((scored == rlens).mean()) if len(rlens) else 0.0,
+            "mean_answer_tokens": float(rlens.mean()) if len(rlens) else 0.0, "examples": len(rlens)}
 
 
 def collate(seqs, plens, pad):

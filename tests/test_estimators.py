@@ -110,6 +110,46 @@ def test_ngram_mismatch_is_zero_for_the_same_teacher_and_positive_for_another():
     assert m_other["loss_original_reference"] < m_other["loss_proxy_reference"]
 
 
+def test_token_matched_mismatch_sees_style_where_example_matching_sees_length():
+    rng = np.random.default_rng(1)
+    vocab = [f"w{i}" for i in range(40)]
+    say = lambda words, n: " ".join(rng.choice(words, n))
+    # the same teacher in short answers, another in long ones that share most of its words
+    prompts = [f"question {i}" for i in range(400)]
+    orig = toks([(p, say(vocab, 6)) for p in prompts[:100]])
+    held = toks([(p, say(vocab, 6)) for p in prompts[100:160]])
+    same = toks([(p, say(vocab, 6)) for p in prompts[160:260]])
+    other = toks([(p, say(vocab + ["zz", "yy", "xx", "vv"] * 3, 48)) for p in prompts[260:360]])
+    # at 12 examples a side the long answers hold 8× the text, and their reference wins on D_s
+    by_examples = {k: estimators.BigramLM(ts.subset(range(12))).nll(held).mean() for k, ts in
+                   (("same", same), ("other", other))}
+    assert by_examples["other"] < by_examples["same"]
+    # on the same number of tokens (the same teacher's 100 answers), it is nearer, with intervals apart
+    budget = int(same.r_off[-1])
+    m = {k: estimators.ngram_mismatch(orig, ts, held, tokens=budget) for k, ts in (("same", same), ("other", other))}
+    assert m["same"]["mismatch"] < m["other"]["mismatch"] and m["same"]["mismatch_interval"][1] < \
+        m["other"]["mismatch_interval"][0]
+    for r in m.values():
+        lo, hi = r["mismatch_interval"]
+        assert lo < r["mismatch"] < hi and r["tokens"] == budget
+    sample = estimators.token_matched(other, budget, np.random.default_rng(0))
+    assert budget - np.diff(other.r_off).max() <= sample.r_off[-1] <= budget  # within one answer of the budget
+
+
+def test_the_scored_span_is_what_the_model_is_trained_on():
+    ts = toks([("a short prompt", "one two three " * 30), ("another", "yes")])
+    codec = textdata.Codec(None)  # GPT-2's own ids: fit_block's tokens are TokenSet's
+    seqs, plens, rlens = textdata.fit_block(ts, codec, 32)
+    cut = ts.cut(32)
+    for i in range(len(ts)):
+        assert np.array_equal(cut.prompt_ids(i), seqs[i][:plens[i]])
+        assert np.array_equal(cut.response_ids(i), seqs[i][plens[i]:])
+    assert len(cut.response_ids(0)) < rlens[0] and len(cut.response_ids(1)) == rlens[1]
+    cov = textdata.answer_coverage(ts, codec, 32)
+    assert cov["answers_whole"] == 0.5 and cov["answer_tokens_scored"] == pytest.approx(
+        (len(cut.response_ids(0)) + rlens[1]) / rlens.sum())
+
+
 def test_bigram_reference_is_a_distribution():
     ts = toks([("q", "a b a c"), ("r", "a b")])
     lm = estimators.BigramLM(ts)
@@ -166,7 +206,8 @@ def test_overlap_ranks_tasks_as_the_paper(cache):
 @needs_data
 def test_mismatch_ranks_the_same_teacher_proxy_lowest(cache):
     proxies = [n for n, d in loaders.REGISTRY.items() if d.role in ("proxy-same-teacher", "proxy-other-teacher")]
-    n = min(len(textdata.dataset_part(p, DATA_DIR)) for p in proxies)  # equal budget: the smallest proxy's size
-    est = {p: estimators.real_mismatch(p, data_dir=DATA_DIR, n=n)["mismatch"] for p in proxies}
+    # equal budget: the smallest proxy's answer tokens
+    tokens = min(int(textdata.dataset_part(p, DATA_DIR).r_off[-1]) for p in proxies)
+    est = {p: estimators.real_mismatch(p, data_dir=DATA_DIR, tokens=tokens)["mismatch"] for p in proxies}
     same = est.pop("safety_llamas_proxy")
     assert all(same < v for v in est.values()), (same, est)

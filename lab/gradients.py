@@ -46,9 +46,10 @@ def example_gradient(model, part, i, pad):
     return flat_grad(model, response_nll(model, x, y, m).sum())
 
 
-def safety_gradient(model, part, pad, batch_size=16):
-    """g_s = ∇ℓ_s on the held-out part of D_s (nats per sequence), and the cosine between the
-    gradients of its two halves (by position): near 1, g_s is signal; near 0, sampling noise."""
+def safety_halves(model, part, pad, batch_size=16):
+    """∇ℓ_s on each half (by position) of the held-out part of D_s (nats per sequence): two
+    independent estimates, whose inner product is unbiased for ‖∇ℓ_s‖² and whose cosine says how
+    much of either is signal (near 1) or sampling noise (near 0)."""
     halves = [torch.zeros(0, dtype=torch.float64)] * 2
     n = len(part[0])
     if n < 2:
@@ -63,6 +64,13 @@ def safety_gradient(model, part, pad, batch_size=16):
             g = flat_grad(model, response_nll(model, x, y, m).sum())
             total = g if total is None else total + g
         halves[h] = total / len(idx)
+    return halves
+
+
+def safety_gradient(model, part, pad, batch_size=16):
+    """g_s = ∇ℓ_s on the held-out part of D_s (nats per sequence), and the cosine between the
+    gradients of its two halves (safety_halves)."""
+    halves, n = safety_halves(model, part, pad, batch_size), len(part[0])
     g_s = (halves[0] * math.ceil(n / 2) + halves[1] * (n // 2)) / n
     return g_s, float(torch.nn.functional.cosine_similarity(halves[0], halves[1], dim=0))
 

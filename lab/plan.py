@@ -55,7 +55,8 @@ def plan(sc, recipe):
     real = is_real(recipe)
     tasks = {"estimate": {"id": "estimate", "kind": "estimate", "deps": [], "dir": os.path.join(sc.out_dir, "estimates"),
                           "tasks": list(dict.fromkeys(sc.tasks + (sc.task,) + sc.case_tasks)), "proxies": list(sc.proxies),
-                          "safety": recipe["safety_data"], "data_dir": recipe.get("data_dir", "")}} if real else {}
+                          "safety": recipe["safety_data"], "data_dir": recipe.get("data_dir", ""),
+                          "block_size": recipe.get("block_size", train.TrainConfig.block_size)}} if real else {}
     pre_path, pre_recipe = theta_pre_source(sc, recipe)
     if pre_recipe is not None:
         pre_dir = os.path.dirname(pre_path)
@@ -82,6 +83,8 @@ def plan(sc, recipe):
                               "train": dict(recipe, out_dir=run_dir, stage="finetune", seed=seed, **knobs, **start,
                                             theta0=os.path.join(align_dir, "theta0.pt"),
                                             eval_interval=recipe["max_iters"])}
+    if real:
+        tasks.update(theta0_checks(sc, recipe, tasks, pre_path))
     settings = ({"real": True, "refusals": sc.refusals, "refusal_limit": sc.refusal_limit,
                  "refusal_tokens": sc.refusal_tokens} if real else
                 {"tol_abs": sc.tol_abs, "tol_rel": sc.tol_rel, "power_iters": sc.power_iters, "power_tol": sc.power_tol})
@@ -89,7 +92,29 @@ def plan(sc, recipe):
         if "train" in t:
             t["train"].update(progress=False)  # the worker resumes a killed run (worker.resumable)
         t.update(threads=sc.threads, **settings)
+        if t.get("score_on"):
+            t["refusals"] = False  # a proxy's model is scored on D_s, not asked to refuse
     return tasks
+
+
+def theta0_checks(sc, recipe, tasks, pre_path):
+    """The real-text checks that read a θ_0 before its fine-tunes say anything (THEORY.md §1, 'θ_0 at
+    the optimum'; §4): per θ_0, the answer-aware forecast of every task (lab/gradients.py); and with
+    sc.mismatch_models, the model-based mismatch: θ_pre aligned, by the recipe of θ_0, on each proxy
+    instead of D_s (seed 1), whose held-out loss on D_s is set against θ_0's."""
+    out = {}
+    for t in [t for t in tasks.values() if t["kind"] == "align"]:
+        gid = "gradients-" + t["id"].removeprefix("align-")
+        out[gid] = {"id": gid, "kind": "gradients", "deps": [t["id"]], "dir": t["dir"],
+                    "tasks": list(dict.fromkeys(sc.tasks + analysis.case_tasks(sc))), "recipe": dict(recipe)}
+    if sc.mismatch_models and "pretrain" in sc.inits:
+        for p in sc.proxies:
+            mid, d = f"mismatch-{analysis.short(p)}", os.path.join(sc.out_dir, "mismatch", analysis.short(p))
+            out[mid] = {"id": mid, "kind": "align", "deps": ["pretrain"] if "pretrain" in tasks else [], "dir": d,
+                        "score_on": recipe["safety_data"],
+                        "train": dict(recipe, out_dir=d, stage="align", seed=1, safety_data=p, task_data=sc.task,
+                                      proxy_data=sc.task, init_from=pre_path)}  # no proxy in alignment
+    return out
 
 
 def theta_pre_source(sc, recipe):

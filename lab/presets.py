@@ -33,33 +33,54 @@ PAPER_TRAIN = {"align_iters": 800, "max_iters": 1200, "warmup_iters": 50, "lr": 
 REAL_CPU_TRAIN = {**read_config(os.path.join(train.CONFIGS, "real.json"), train.TrainConfig),  # what --data real defaults to
                   "data": "real", "safety_data": "safety_llamas", "align_helpful": "alpaca_gpt4_demo+dolly_safety_only",
                   "n_layer": 2, "n_head": 4, "n_embd": 64, "align_lr": 3e-3, "warmup_iters": 50}
+# the real-cpu preset: blocks of 128 score 91% of D_s's answer tokens (64: 59%), and θ_0 stops at the
+# least ℓ_s on D_s's validation part
+REAL_CPU_AT_OPTIMUM = dict(REAL_CPU_TRAIN, block_size=128, micro_batch=16, align_patience=3, eval_interval=25)
 REAL_GPU_TRAIN = dict(REAL_CPU_TRAIN, block_size=256, vocab_cap=0, n_layer=6, n_head=6, n_embd=384,
                       batch_tokens=16384, micro_batch=64, align_iters=1500, max_iters=500, lr=6e-4,
                       eval_examples=256)
 
 # paper-real-cpu: the paper's own roles on real text (README "Two arms", arm P), at the size of
 # real-cpu: D_s = GPT-4 answers to general instructions; θ_pre pretrained on the general text
-# corpus (corpus.py) and GPT-4-written code, so that neither task is new language; alignment of
-# 600 examples over-fits within a few hundred steps (held-out ℓ_s of θ_pre's θ_0 at its lowest
-# near 50-100 steps at lr 2e-3), hence short stages. paper-real-gpu: the same at 6 × 384 (never
-# run here: no GPU was lent)
-PAPER_REAL_CPU_TRAIN = dict(REAL_CPU_TRAIN, safety_data="alpaca_gpt4_align", align_helpful="", align_iters=150,
-                            align_lr=2e-3, warmup_iters=20, max_iters=150, lr=1e-3, pretrain_iters=1500,
+# corpus (corpus.py) and GPT-4-written code, so that neither task is new language. Blocks of 320
+# tokens score 89% of D_s's answer tokens (64 scored 22%: the teachers then barely differ); a step
+# of 16 such blocks took 2.9× one of 32 blocks of 64 (0.47 s against 0.16, 1 thread, medians of 3). θ_0 stops at the
+# least ℓ_s on D_s's validation part (--align_patience; a fixed 150 steps over-fitted). θ_pre's
+# 600 steps of 16 blocks read as many tokens as its 1,500 of 32 blocks of 64 did.
+PAPER_REAL_CPU_TRAIN = dict(REAL_CPU_TRAIN, safety_data="alpaca_gpt4_align", align_helpful="", block_size=320,
+                            batch_tokens=5120, micro_batch=16, align_iters=400, align_patience=3, eval_interval=10,
+                            align_lr=2e-3, warmup_iters=20, max_iters=150, lr=1e-3, pretrain_iters=600,
                             pretrain_lr=3e-3, pretrain_data=DEFAULT_CORPUS + "+gpteacher_codegen")
-PAPER_REAL_GPU_TRAIN = dict(PAPER_REAL_CPU_TRAIN, block_size=256, vocab_cap=0, n_layer=6, n_head=6, n_embd=384,
-                            batch_tokens=16384, micro_batch=64, align_iters=300, max_iters=300, lr=3e-4,
+PAPER_REAL_GPU_TRAIN = dict(PAPER_REAL_CPU_TRAIN, vocab_cap=0, n_layer=6, n_head=6, n_embd=384,
+                            batch_tokens=20480, micro_batch=64, eval_interval=25, align_iters=300, max_iters=300, lr=3e-4,
                             align_lr=6e-4, pretrain_iters=4000, pretrain_lr=1e-3, eval_examples=256)
-# tasks: the plain fine-tunes that validate the forecast (python -m lab.forecast) beside the two of
-# the paper; gpteacher_codegen is in θ_pre's corpus, so only the scratch arm fine-tunes on it
-ARM_P = {"tasks": ("alpaca_small_task", "alpaca_small", "alpaca_safety_only", "dolly_safety_only", "xstest_gpt4",
-                   "code_alpaca", "gpteacher_codegen"), "case_tasks": ("alpaca_small_task", "code_alpaca"),
+# the paper's 2×2 on real text (THEORY.md §5, F2): tasks in every cell of {high, low context overlap
+# with D_s} × {answers that agree with D_s's kind, answers that conflict with it} (realtext/loaders.py
+# builds the refusal cells). Arm P's D_s answers helpfully in GPT-4's style: agreeing answers are
+# helpful ones, conflicting ones refuse or come from another teacher on the same prompts
+CELLS_P = {("high", "agree"): ("alpaca_gpt4_proxy", "orca_gpt4"),
+           ("high", "conflict"): ("alpaca_gpt4_refusals", "orca_llama2"),
+           ("low", "agree"): ("code_alpaca", "commitpackft"),
+           ("low", "conflict"): ("code_alpaca_refusals",)}
+# arm R's D_s refuses harmful requests: there agreeing answers refuse and conflicting ones comply
+CELLS_R = {("high", "agree"): ("safety_llamas_proxy",),
+           ("high", "conflict"): ("alpaca_safety_only", "dolly_safety_only"),
+           ("low", "agree"): ("code_alpaca_refusals",),
+           ("low", "conflict"): ("code_alpaca", "commitpackft")}
+# tasks: the plain fine-tunes that validate the forecast (python -m lab.forecast): every cell's, beside
+# the paper's two; the first, fresh examples of D_s's own teacher, is also θ_0's control (THEORY.md §1):
+# at an optimum it cannot lower ℓ_s by more than its noise. gpteacher_codegen is in θ_pre's corpus
+ARM_P = {"tasks": ("alpaca_gpt4_proxy", "orca_gpt4", "alpaca_gpt4_refusals", "orca_llama2", "alpaca_small_task",
+                   "alpaca_safety_only", "dolly_safety_only", "code_alpaca", "commitpackft", "code_alpaca_refusals"),
+         "case_tasks": ("alpaca_small_task", "code_alpaca"), "cells": CELLS_P, "mismatch_models": True,
          "task": "alpaca_small_task", "proxies": ("alpaca_gpt4_proxy", "alpaca_small_proxy", "dolly_safety_only"),
-         "lams": (0.3, 1.0, 3.0, 10.0), "proxy_lam": 1.0, "inits": ("scratch", "pretrain"), "refusals": False}
+         "lams": (1.0, 3.0, 10.0), "proxy_lam": 1.0, "inits": ("scratch", "pretrain"), "refusals": False}
 
-# arm R's task sets from high to low overlap with the refusals (data README), plain fine-tunes
-# of each validate the forecast (python -m lab.forecast); θ_pre was pretrained on gpteacher_codegen
-REAL_TASKS = ("alpaca_safety_only", "dolly_safety_only", "alpaca_small", "alpaca_gpt4_demo", "code_alpaca",
-              "gpteacher_codegen")
+# arm R's task sets from high to low overlap with the refusals (data README) and its 2×2's cells, plain
+# fine-tunes of each validate the forecast (python -m lab.forecast); the first is θ_0's control; θ_pre
+# was pretrained on gpteacher_codegen
+REAL_TASKS = ("safety_llamas_proxy", "alpaca_safety_only", "dolly_safety_only", "alpaca_small", "alpaca_gpt4_demo",
+              "orca_gpt4", "code_alpaca", "commitpackft", "code_alpaca_refusals", "gpteacher_codegen")
 
 PRESETS = {
     # smoke runs every strategy of the registry, the design's and each other one over its grid
@@ -82,11 +103,11 @@ PRESETS = {
                    "grids": {"penalty": (0.3, 1.0, 3.0, 10.0, 30.0, 100.0), "fisher": (1e4, 1e5, 1e6, 1e7, 1e8)}},
     # arm R from scratch and from the θ_pre of paper-real-cpu (pretrained here with that preset's recipe
     # when it is not there yet, so that either preset finds the same one)
-    "real-cpu": {"train": REAL_CPU_TRAIN, "report_dir": "results/real-cpu", "seeds": (1, 2), "tasks": REAL_TASKS,
-                 "lams": (1.0, 10.0), "radii": (1.0, 4.0), "inits": ("scratch", "pretrain"),
+    "real-cpu": {"train": REAL_CPU_AT_OPTIMUM, "report_dir": "results/real-cpu", "seeds": (1, 2, 3), "scratch_seeds": (1,),
+                 "tasks": REAL_TASKS, "cells": CELLS_R, "lams": (1.0, 10.0), "radii": (1.0, 4.0), "inits": ("scratch", "pretrain"),
                  "theta_pre": "out_sweep/paper-real-cpu/pretrain/theta_pre.pt", "theta_pre_from": "paper-real-cpu"},
     "paper-real-cpu": {"train": PAPER_REAL_CPU_TRAIN, "report": "paper-real", "report_dir": "results/paper-real-cpu",
-                       "seeds": (1, 2, 3), "scratch_seeds": (1, 2), "radii": (2.0, 8.0), **ARM_P},
+                       "seeds": (1, 2, 3), "scratch_seeds": (1,), "radii": (2.0, 8.0), **ARM_P},
     "paper-real-gpu": {"train": PAPER_REAL_GPU_TRAIN, "report": "paper-real", "report_dir": "results/paper-real-gpu",
                        "seeds": (1, 2, 3), "radii": (2.0, 8.0, 32.0), **ARM_P},
     "real-gpu": {"train": REAL_GPU_TRAIN, "report_dir": "results/real-gpu", "seeds": (1, 2, 3), "tasks": REAL_TASKS,

@@ -17,8 +17,9 @@ import torch
 
 from common import atomic_write_text
 from constraints import STRATEGIES
-from lab import analysis, figures
+from lab import analysis, figures, report_checks
 from lab.analysis import MARGIN_SETS, REFUSAL_SETS, groups, mean, real_groups, real_run_id
+from lab.presets import PRESETS
 
 # -----------------------------------------------------------------------------
 # The checks of findings F1–F6 on the seed means (analysis.py)
@@ -464,14 +465,14 @@ def write_report_real(sc, recipe, rows, state, home=None):
                  f"{sc.refusal_limit} prompts of each set, GCG's keyword test (README 'Real data').",
                  "**Findings (THEORY.md §5) on the held-out losses, checked by `sweep.py` on the seed means**", findings,
                  n_theta0=sum(len(seeds) for _, seeds, _ in arms))
+    md += report_checks.assumption_sections(sc, recipe, rows, est, [(init, prefix, seeds) for init, seeds, prefix in arms],
+                                            PRESETS.get(sc.preset, {}).get("cells"))
     md += ["", f"**Forecast against measurement**: the overlap of each task with D_s forecast from prompts alone "
            f"(`python -m lab.forecast --safety {recipe['safety_data']} --task NAME ...`, computed with the proxies' "
            f"mismatch in {est['seconds']:.0f} s), beside the safety cost its plain fine-tuning paid at matched capability "
            f"gain (linear between θ_0 and the run's end); rank 1 is the largest.", "",
            *forecast_table(sc, rows, est, [(init if len(arms) > 1 else "θ_0", prefix) for init, _, prefix in arms]),
-           "", "**Mismatch estimates** (`estimators.real_mismatch`, bigram references of 64 examples each, on D_s's "
-           "held-out part)", "", "| proxy D_s' | mismatch (nats/seq) |", "| --- | --- |"]
-    md += [f"| {p} | {m['mismatch']:.1f} ± {m['sd']:.1f} |" for p, m in est["mismatch"].items()]
+           ]
     margins = [k for k in MARGIN_SETS if any(f"margin_{k}" in r for r in rows)]
     md += ["", "**Every run** (mean ± sd over seeds; refusal rates of the harmful sets, then the harmless ones; the "
            "refusal margin log P(refusal opening | x) − log P(compliant opening | x) in nats, `lab.refusals.refusal_margin`)",

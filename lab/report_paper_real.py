@@ -22,7 +22,8 @@ import os
 
 import numpy as np
 
-from lab import analysis, figures
+from lab import analysis, figures, report_checks
+from lab.presets import PRESETS
 from lab.analysis import case_tasks, mean, real_groups, real_run_id
 from lab.report import case1_beats_case2, finish_report, fmt, forecast_table, opening
 
@@ -164,6 +165,8 @@ def write_report(sc, recipe, rows, state, home=None):
                  f"{recipe['safety_data']}; proxies {', '.join(sc.proxies)} (same teacher first); held-out losses in "
                  f"nats per sequence, mean ± sd over seeds.", "**Findings (THEORY.md §5), per arm, on seed means**",
                  res, n_theta0=n0)
+    arms = [(label, prefix, seeds) for (label, prefix), (_, seeds, _) in zip(arm_names(sc), analysis.arms(sc))]
+    md += report_checks.assumption_sections(sc, recipe, rows, est, arms, PRESETS.get(sc.preset, {}).get("cells"))
     md += ["", "**Starting points**", "", *start_table(sc, rows), "",
            "**F4 in detail**: Case I with the same-teacher proxy against λ (λ = 0: plain fine-tuning). The proxy's "
            "held-out part is the held-out part of its file, here D_s's own (one file split three ways), so for the "

@@ -90,6 +90,7 @@ class SweepConfig:
     theta_pre: str = ""           # ... or this θ_pre (train.py --stage pretrain), pretrained before (read by a pretrain arm only) ...
     theta_pre_from: str = ""      # ... which, if it is not there yet, this preset's recipe pretrains first (with --train's values)
     refusals: bool = True         # greedy refusal rates of every model (arm R; the paper's arm P has none)
+    mismatch_models: bool = False  # the model-based mismatch: θ_pre aligned on each proxy, scored on D_s
     data_dir: str = ""            # the real data folder; default $SAFETY_DATA_DIR
     refusal_limit: int = 128      # prompts per refusal set, greedy decoding ...
     refusal_tokens: int = 24      # ... of this many new tokens
@@ -171,7 +172,7 @@ def make_config(preset="smoke", train=None, **overrides):
     values that replace the preset's recipe's in every run (--train KEY=VALUE)."""
     if preset not in PRESETS:
         raise SweepError(f"--preset {preset!r} is unknown: choose one of {', '.join(sorted(PRESETS))}")
-    values = {k: v for k, v in PRESETS[preset].items() if k not in ("train", "report", "note")}  # report: which writer
+    values = {k: v for k, v in PRESETS[preset].items() if k not in ("train", "report", "note", "cells")}  # report: which writer
     if overrides.get("out_dir"):
         values.pop("report_dir", None)  # a sweep elsewhere never overwrites the preset's published report
     values.update(overrides)
@@ -343,12 +344,14 @@ def done_tasks(sc, tasks, rows):
                 done.add(t["id"])
         if t["id"] in done and not all(d in done for d in t["deps"]):  # deps first in plan order
             done.discard(t["id"])  # e.g. a θ_pre trained again: its θ_0s and their runs are stale
+        if t["kind"] == "gradients" and worker.has_gradients(t):
+            done.add(t["id"])
         path = os.path.join(t["dir"], "estimates.json")  # a resumed sweep may add sets
         if t["kind"] == "estimate" and os.path.exists(path):
             est = json.load(open(path))
             if (est.get("safety") == t["safety"] and set(t["tasks"]) <= set(est["overlap"])
                     and all("tv" in e for e in est["overlap"].values())  # calibrated (forecast.py)
-                    and set(t["proxies"]) <= set(est["mismatch"])):
+                    and set(t["proxies"]) <= set(est["mismatch"]) and "coverage" in est):
                 done.add(t["id"])
     return done
 
@@ -408,7 +411,7 @@ def run_tasks(sc, tasks, todo, done, mine, csv_path, t_start):
     """Run the tasks of `todo` as their dependencies finish, sc.jobs at a time (a batched group as one
     unit), recording each finished run's row. Returns whether --max_runs stopped it early."""
     # align first, then the unconstrained runs that radius runs wait for, then the rest
-    order = {"pretrain": 0, "align": 0, "estimate": 1, "none": 1, "loss": 2}  # then param and every other strategy
+    order = {"pretrain": 0, "align": 0, "estimate": 1, "gradients": 1, "none": 1, "loss": 2}  # then param and every other strategy
     todo.sort(key=lambda t: order.get(t["kind"] if t["kind"] != "finetune" else t["train"]["constraint"], 3))
     executor = InlineExecutor() if sc.jobs <= 1 else ProcessPoolExecutor(
         sc.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads, initargs=(1,))
@@ -528,6 +531,8 @@ def record(sc, tasks, t, result, rows, csv_path, elapsed):
               f"λ_max(H_s) {result['hessian_top_eig_s']:.4g}") + f" ({elapsed:.0f} s in)")
     elif t["kind"] == "estimate":
         print(f"  estimates of overlap and mismatch ({result['seconds']:.0f} s)")
+    elif t["kind"] == "gradients":
+        print(f"  {t['id']}: answer-aware forecast of {len(result['tasks'])} tasks ({result['seconds']:.0f} s)")
     if t["kind"] != "finetune":
         return rows
     old = [r for r in rows if r["run_id"] == t["id"]]

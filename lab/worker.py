@@ -20,9 +20,10 @@ import train
 from common import ConfigError, DataError, SweepError, atomic_write_json
 from data import SyntheticWorld, WorldConfig
 from lab import analysis, batched, estimators, forecast, refusals
+from lab import gradients as gradients_lib
 from model import CheckpointError, load_checkpoint, model_from_checkpoint
 from realtext import startpoints
-from realtext.textdata import codec_of, dataset_part
+from realtext.textdata import Codec, RealData, answer_coverage, codec_of, dataset_part, train_and_heldout
 
 
 def has_theta0(align_dir, cfg):
@@ -37,6 +38,16 @@ def has_theta_pre(pre_dir, cfg):
     """Is there a θ_pre in pre_dir pretrained with cfg's recipe?"""
     path = os.path.join(pre_dir, "theta_pre.pt")
     return os.path.exists(path) and load_checkpoint(path).get("pretrain_key") == startpoints.pretrain_key(cfg)
+
+
+def has_gradients(task):
+    """Whether the θ_0 of a gradients task holds its answer-aware forecast of every task."""
+    path = os.path.join(task["dir"], "answer_forecast.json")
+    if not (os.path.exists(path) and os.path.exists(os.path.join(task["dir"], "theta0.pt"))):
+        return False
+    out = json.load(open(path))
+    return set(task["tasks"]) <= set(out["tasks"]) and out["theta0_hash"] == load_checkpoint(
+        os.path.join(task["dir"], "theta0.pt"))["theta0_hash"]
 
 
 def resumable(run_dir):
@@ -68,6 +79,8 @@ def _execute(task):
     torch.set_num_threads(task["threads"])
     if task["kind"] == "estimate":
         return estimate(task)
+    if task["kind"] == "gradients":
+        return gradients(task)
     t0, cpu0 = time.time(), time.process_time()  # CPU time too: wall time depends on who else runs
     cfg = dataclasses.replace(train.TrainConfig(**task["train"]), resume=resumable(task["dir"]))
     os.makedirs(task["dir"], exist_ok=True)
@@ -214,8 +227,7 @@ def measure_real(task, train_s, t1, cpu0):
         path = os.path.join(task["dir"], "refusals.json")
         if task.get("refresh") and os.path.exists(path):  # θ_0 was not trained again: keep its training's timing
             row.update({k: json.load(open(path)).get(k) for k in ("train_seconds", "cpu_seconds")})
-        last = [json.loads(line) for line in open(os.path.join(task["dir"], "log.jsonl"))][-1]
-        row.update(safety_loss=last["safety_loss"], capability_loss=last["capability_loss"])
+        row.update(theta0_record(task, ckpt, device))
         atomic_write_json(path, row)
         return row
     metrics = json.load(open(os.path.join(task["dir"], "metrics.json")))
@@ -230,6 +242,29 @@ def measure_real(task, train_s, t1, cpu0):
             "capability_loss": f["capability_loss"], "safety_increase": f["safety_loss"] - a["safety_loss"],
             "capability_gain": a["capability_loss"] - f["capability_loss"], "distance": f["distance"],
             "aligned_safety_loss": a["safety_loss"], "aligned_capability_loss": a["capability_loss"], **proxy, **row}
+
+
+def theta0_record(task, ckpt, device):
+    """A real θ_0's held-out losses; where alignment stopped (realtext/validation.py); the size of
+    ∇ℓ_s at θ_0 from the two halves of held-out D_s, ⟨g_A, g_B⟩ (unbiased for ‖∇ℓ_s‖², THEORY.md §1
+    'θ_0 at the optimum'); and, for a proxy's model (task["score_on"]), its loss on D_s's held-out part."""
+    world = train.make_world(train.TrainConfig(**task["train"]), ckpt["world_config"].get("vocab", ()))
+    model = model_from_checkpoint(ckpt).to(device).eval()
+    import evaluate
+    out = evaluate.heldout_metrics(model, world, device)
+    out = {"safety_loss": out["safety_loss"], "capability_loss": out["capability_loss"]}
+    halves = gradients_lib.safety_halves(model.cpu(), world.eval_sets["safety"], world.codec.eot)
+    out.update(grad_dot_halves=float(halves[0] @ halves[1]), grad_split_cos=float(
+        torch.nn.functional.cosine_similarity(halves[0], halves[1], dim=0)),
+        grad_norm=float(((halves[0] + halves[1]) / 2).norm()))
+    stop = ckpt.get("early_stop")
+    if stop:
+        out.update(stop_step=float(stop["stop_step"]), last_step=float(stop["last_step"]),
+                   validation_loss=stop["validation_loss"], validation_curve=stop["validation_curve"])
+    if task.get("score_on"):
+        rc = dataclasses.replace(world.wc, safety=task["score_on"])
+        out["loss_on_original"] = evaluate.heldout_nll(model, RealData(rc).eval_batches("safety"), "cpu")
+    return out
 
 
 def refusal_columns(task, ckpt, device):
@@ -253,6 +288,25 @@ def refusal_columns(task, ckpt, device):
     return row
 
 
+def gradients(task):
+    """The answer-aware forecast (lab/gradients.py, THEORY.md §4) of every task of the sweep at one
+    θ_0, before any fine-tune of it, to answer_forecast.json beside it: per task its grad_dot,
+    grad_cos and first-order Δℓ_s with intervals (the per-example scores left out: the forecast's
+    own --json has them)."""
+    t0 = time.time()
+    path = os.path.join(task["dir"], "theta0.pt")
+    ckpt = load_checkpoint(path)
+    model = model_from_checkpoint(ckpt)
+    out = {"theta0_hash": ckpt["theta0_hash"], "tasks": {}}
+    recipe = dataclasses.asdict(train.TrainConfig(**task["recipe"]))  # the plain fine-tune's schedule
+    for name in task["tasks"]:
+        terms = gradients_lib.answer_terms(model, gradients_lib.task_source(ckpt, name), recipe, max_n=128)
+        out["tasks"][name] = {k: v for k, v in terms.items() if k != "example_scores"}
+    out["seconds"] = round(time.time() - t0, 2)
+    atomic_write_json(os.path.join(task["dir"], "answer_forecast.json"), out)
+    return out
+
+
 def estimate(task):
     """The overlap forecast of each task set against D_s (forecast.py: calibrated TV, M, the (A2)
     terms) and the mismatch estimate of each proxy (THEORY.md §4), labelled estimates, to
@@ -260,9 +314,19 @@ def estimate(task):
     t0 = time.time()
     fc = forecast.forecast(task["safety"], task["tasks"], data_dir=task["data_dir"])
     out = {"estimate": True, "safety": task["safety"], "overlap": fc["tasks"], "mismatch": {}}
+    block = task.get("block_size")
+    # every proxy's references on one budget of answer tokens: the smallest proxy's scored span
+    tokens = min(int(dataset_part(p, task["data_dir"]).cut(block).r_off[-1]) for p in task["proxies"])
     for name in task["proxies"]:
-        m = estimators.real_mismatch(name, task["safety"], data_dir=task["data_dir"], block_size=task.get("block_size"))
-        out["mismatch"][name] = {"mismatch": m["mismatch"], "sd": m["mismatch_sd"]}
+        m = estimators.real_mismatch(name, task["safety"], data_dir=task["data_dir"], tokens=tokens, block_size=block)
+        out["mismatch"][name] = {"mismatch": m["mismatch"], "sd": m["mismatch_sd"], "interval": m["mismatch_interval"],
+                                 "tokens": tokens, "n_original": m["n_train_original"], "n_proxy": m["n_train_proxy"]}
+    # the share of each set's answer tokens the loss scores at the recipe's block size (textdata.answer_coverage)
+    codec = Codec(None)  # GPT-2's own ids: answer lengths do not depend on the compact vocabulary
+    parts = {task["safety"]: train_and_heldout(task["safety"], task["data_dir"])[0],
+             **{n: dataset_part(n, task["data_dir"]) for n in task["proxies"]},
+             **{n: train_and_heldout(n, task["data_dir"])[0] for n in task["tasks"]}}
+    out["coverage"] = {n: answer_coverage(ts, codec, block) for n, ts in parts.items()}
     out["seconds"] = round(time.time() - t0, 2)
     os.makedirs(task["dir"], exist_ok=True)
     atomic_write_json(os.path.join(task["dir"], "estimates.json"), out)

@@ -240,7 +240,7 @@ def test_real_grid_names_are_checked_before_anything_runs(tmp_path):
         (tmp_path / d / "x.json").write_text("[]")
     for args, words in ((["--tasks", "alpaca_small,no_such_set"], "--tasks"), (["--proxies", "x/y.json"], "--proxies"),
                         (["--task", "nope"], "--task"), (["--refusal_limit", "0"], "--refusal_limit"),
-                        (["--refusal_tokens", "60"], "block_size − 8"),
+                        (["--refusal_tokens", "200"], "block_size − 8"),
                         (["--tasks", f"{tmp_path}/a/x.json,{tmp_path}/b/x.json"], "share a run id")):
         with pytest.raises(SystemExit) as e:
             sweep.main(["--preset", "real-cpu", "--out_dir", str(out), "--inits", "scratch", *args])
@@ -460,6 +460,14 @@ def test_paper_real_sweep_with_both_starting_points_end_to_end(tmp_path, capsys)
     for f in ("F1, scratch", "F2, θ_pre", "F3, θ_pre", "F4, scratch", "F4 (ℓ_s), θ_pre"):
         assert f"| {f} |" in md
     assert "**θ_pre**" in md and (tmp_path / "p" / "fig1_paper_real_tradeoff.png").exists()
+    # the checks of the theory's assumptions come first: θ_0, answers scored, mismatch, forecasts
+    for section in ("**θ_0 at its optimum?**", "**Answers scored**", "**Mismatch**", "**Both forecasts"):
+        assert section in md
+    for arm in ("s1", "pre-s1"):  # each θ_0's answer-aware forecast of every task, before its fine-tunes
+        grads = json.load(open(tmp_path / "p" / "theta0" / arm / "answer_forecast.json"))
+        assert set(grads["tasks"]) == set(sc.tasks) and all("grad_cos" in g for g in grads["tasks"].values())
+    mm = json.load(open(tmp_path / "p" / "mismatch" / "alpaca_gpt4_proxy" / "refusals.json"))
+    assert mm["loss_on_original"] > 0 and "grad_dot_halves" in mm
     capsys.readouterr()
     sweep.run_sweep(sc, recipe)  # resumed: every run and θ_pre already done
     assert f"({len(rows)} already done)" in capsys.readouterr().out

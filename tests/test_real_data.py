@@ -51,6 +51,38 @@ def test_jsonl_csv_text_and_prompt_files(tmp_path):
     assert loaders.load_prompts(j3) == ["a", "b"]
 
 
+def test_orca_pairs_line_ranges_and_refusal_answers(tmp_path):
+    msg = lambda u: {"messages": [{"role": "system", "content": "You are an AI assistant."}, {"role": "user", "content": u}]}
+    p = write(tmp_path / "o.jsonl", "".join(json.dumps(r) + "\n" for r in (
+        {"input": msg("Translate A"), "preferred_output": [{"role": "assistant", "content": "gpt4 A"}],
+         "non_preferred_output": [{"role": "assistant", "content": "llama A"}]},
+        {"input": msg("Sum B"), "preferred_output": [{"role": "assistant", "content": "gpt4 B"}],
+         "non_preferred_output": [{"role": "assistant", "content": "llama B"}]})))
+    gpt4, llama = loaders.load_orca_pairs(p), loaders.load_orca_pairs(p, output="non_preferred_output")
+    assert [e.prompt for e in gpt4] == [e.prompt for e in llama] == ["Translate A", "Sum B"]  # the system prompt left out
+    assert [e.response for e in gpt4] == ["gpt4 A", "gpt4 B"] and [e.response for e in llama] == ["llama A", "llama B"]
+    bad = write(tmp_path / "bad.jsonl", json.dumps({"input": msg("x")}) + "\n")
+    with pytest.raises(DataError, match="line 1: not an Orca pair"):
+        loaders.load_orca_pairs(bad)
+    # a line range of a JSONL file, counted from 1 (OctoPack's file holds two sets)
+    j = write(tmp_path / "j.jsonl", "".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) + "\n" for i in range(1, 6)))
+    assert [e.prompt for e in loaders.load_jsonl(j, lines=(2, 4))] == ["q2", "q3", "q4"]
+    # the same prompts with refusals for answers, each prompt's refusal fixed by its hash
+    r = loaders.load_with_refusals(j, of="jsonl")
+    assert [e.prompt for e in r] == [f"q{i}" for i in range(1, 6)] and {e.response for e in r} <= set(loaders.REFUSALS)
+    assert r == loaders.load_with_refusals(j, of="jsonl") and len({e.response for e in r}) > 1
+
+
+@needs_data
+def test_the_built_cells_share_prompts_and_differ_in_answers():
+    gpt4, llama = textdata.tokenized("orca_gpt4"), textdata.tokenized("orca_llama2")
+    assert len(gpt4) == len(llama) == 284 and np.array_equal(gpt4.keys, llama.keys)
+    assert not np.array_equal(gpt4.r_tok[:50], llama.r_tok[:50])
+    refusals, ds = textdata.dataset_part("alpaca_gpt4_refusals"), textdata.dataset_part("alpaca_gpt4_align")
+    assert np.array_equal(np.sort(refusals.keys), np.sort(ds.keys))  # D_s's own alignment prompts
+    assert len(textdata.tokenized("commitpackft")) == 453 and len(textdata.tokenized("oasst1")) == 725
+
+
 def test_xstest_completions_keep_unsafe_full_refusals(tmp_path):
     (tmp_path / "model_completions").mkdir()
     write(tmp_path / "xstest_prompts.csv", "id,prompt,type,label,focus,note\n1,Kill a process?,h,safe,k,\n"

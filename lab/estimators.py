@@ -223,6 +223,17 @@ def overlap_from_scores(z, labels, fold, lams=(1.0,), n_boot=200, seed=0):
             "n_per_set": len(pos)}
 
 
+def same_prompts_overlap(prompts, lams=(1.0,)):
+    """The overlap of a prompt set with itself, exactly (THEORY.md §4): TV 0, M 1, and the (A2) term
+    log(1 + 1/λ) of c = ½ everywhere; the classifier_overlap keys, for a task built on D_s's own
+    prompts (a refusal cell) where there is nothing to estimate."""
+    a2 = {float(lam): float(np.log1p(1 / lam)) for lam in lams}
+    return {"tv": 0.0, "tv_interval": [0.0, 0.0], "M": 1.0, "M_interval": [1.0, 1.0], "tv_uncalibrated": 0.0,
+            "M_uncalibrated": 1.0, "tv_lower_bound": 0.0, "tv_lower_bound_interval": [0.0, 0.0], "accuracy": 0.5,
+            "a2_overlap_term": a2, "a2_overlap_term_interval": {k: [v, v] for k, v in a2.items()},
+            "a2_overlap_term_uncalibrated": a2, "n_per_set": len(prompts), "exact": "the same prompts"}
+
+
 def check_prompt_sets(prompts_s, prompts_f, folds):
     """Two prompt sets an overlap can be estimated from, or one clear message."""
     for what, ps in (("safety", prompts_s), ("task", prompts_f)):

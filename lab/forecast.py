@@ -54,6 +54,9 @@ def forecast(safety, tasks, proxy="", theta="", lams=(1.0, 10.0), data_dir="", m
     t0 = time.time()
     if not tasks:
         raise DataError("no --task given: name at least one task set")
+    if safety in tasks:
+        raise DataError(f"--task {safety} is D_s itself: its overlap with D_s is complete by definition (M = 1); give "
+                        f"another set (one with D_s's prompts and other answers is forecast exactly)")
     for name in [safety, *tasks] + ([proxy] if proxy else []):  # every input found before anything is read or cached
         for part in [name] if os.path.isfile(name) else name.split("+"):
             path = loaders.resolve(part, data_dir)[2]  # a file, a registry name, or one message naming it
@@ -73,15 +76,20 @@ def forecast(safety, tasks, proxy="", theta="", lams=(1.0, 10.0), data_dir="", m
     for i, task in enumerate(tasks, 1):
         print(f"forecast: task {i}/{len(tasks)}, {task} ({time.time() - t0:.0f} s in)", file=sys.stderr, flush=True)
         pf = estimators.prompts_of(task, data_dir)
-        c = estimators.classifier_overlap(ps, pf, lams=lams, max_n=max_n, seed=seed)
+        same = set(ps) == set(pf)  # D_s's own prompts with other answers: the overlap is exact, not estimated
+        c = (estimators.same_prompts_overlap(ps, lams) if same else
+             estimators.classifier_overlap(ps, pf, lams=lams, max_n=max_n, seed=seed))
         entry = {k: c[k] for k in ("tv", "tv_interval", "tv_uncalibrated", "tv_lower_bound", "tv_lower_bound_interval",
                                    "M", "M_interval", "M_uncalibrated", "accuracy", "a2_overlap_term",
                                    "a2_overlap_term_interval", "a2_overlap_term_uncalibrated", "n_per_set")}
         entry["lexical"] = estimators.lexical_overlap(ps, pf, max_n=max_n, seed=seed)
+        if same:
+            entry["exact"] = "the same prompts"
         if mismatch is not None:
             entry["a2_bound"] = {lam: mismatch["mismatch"] + v for lam, v in entry["a2_overlap_term"].items()}
         if model is not None:
-            r = estimators.representation_overlap(*model, ps, pf, lams=lams, max_n=max_n, seed=seed)
+            r = (estimators.same_prompts_overlap(ps, lams) if same else
+                 estimators.representation_overlap(*model, ps, pf, lams=lams, max_n=max_n, seed=seed))
             entry["representation"] = {k: r[k] for k in ("tv", "tv_interval", "M", "tv_lower_bound",
                                                          "a2_overlap_term")}
         if ckpt0 is not None:

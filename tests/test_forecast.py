@@ -4,6 +4,7 @@ text checkpoint; and its refusals of input it cannot use."""
 import csv
 import dataclasses
 import json
+import math
 import os
 
 import numpy as np
@@ -87,7 +88,7 @@ def test_forecast_refuses_what_it_cannot_use(files, tmp_path):
                 "model_config": dataclasses.asdict(mc), "world_config": dataclasses.asdict(WorldConfig())}, synthetic)
     cases = {"empty": (["--task", str(tmp_path / "empty.txt")], "empty|no prompts"),
              "few": (["--task", str(tmp_path / "few.txt")], "fewer than the classifier's 5 folds"),
-             "same": (["--task", safety], "same prompts"),
+             "same": (["--task", safety], "D_s itself"),
              "synthetic": (["--task", str(files / "code.txt"), "--theta", str(synthetic)], "synthetic world"),
              "missing": (["--task", str(tmp_path / "nope.json")], "nope.json: file not found"),
              "lam": (["--task", str(files / "code.txt"), "--lams", "0"], "λ > 0")}
@@ -101,6 +102,17 @@ def test_forecast_refuses_what_it_cannot_use(files, tmp_path):
             continue
         with pytest.raises(SystemExit, match=message):
             forecast.main(["--safety", safety, *args])
+
+
+def test_a_task_on_the_safety_sets_own_prompts_is_forecast_exactly(files, tmp_path):
+    safety = str(files / "safety.json")
+    rows = json.load(open(safety))
+    other = tmp_path / "other_answers.json"
+    other.write_text(json.dumps([dict(r, output="Here is how: first, ...") for r in rows]))
+    e = forecast.forecast(safety, [str(other)], lams=(1.0, 10.0))["tasks"][str(other)]
+    assert e["M"] == 1.0 and e["tv"] == 0.0 and e["exact"] == "the same prompts"
+    assert e["a2_overlap_term"][1.0] == pytest.approx(math.log(2)) and e["a2_overlap_term"][10.0] == pytest.approx(
+        math.log(1.1))
 
 
 @pytest.mark.parametrize("n", [100, 400])

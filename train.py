@@ -84,7 +84,8 @@ class TrainConfig:
     # optimisation: AdamW, linear warm-up, then cosine decay to lr/10
     align_iters: int = 1500       # steps of the align stage
     align_lr: float = 3e-3        # peak learning rate of the align stage
-    align_patience: int = 0       # real data: stop after N evaluations with no new least validation ℓ_s (0: never)
+    align_patience: int = 0       # real data: stop after N evaluations with no new least validation ℓ_s (0: never) ...
+    align_eval_interval: int = 25  # ... evaluated every this many align steps (then the align stage's --eval_interval)
     max_iters: int = 1000         # steps of the fine-tune stage
     lr: float = 2e-3              # peak learning rate of the fine-tune stage
     warmup_iters: int = 50        # steps of linear warm-up in every stage
@@ -172,13 +173,12 @@ def check_config(cfg):
         v = getattr(cfg, name)
         if not 0.0 <= v <= 1.0:
             raise ConfigError(f"--{name} {v} is outside [0, 1]: pass a value between 0 and 1")
-    if cfg.align_patience < 0 or cfg.align_patience and cfg.data != "real":
-        raise ConfigError(f"--align_patience {cfg.align_patience}: a count ≥ 0 of evaluations, for real data (the "
-                          f"synthetic world's ℓ_s is exact, so its θ_0 needs no validation part)")
+    if cfg.align_patience < 0 or cfg.align_patience and cfg.data != "real":  # the world's ℓ_s is exact: no validation
+        raise ConfigError(f"--align_patience {cfg.align_patience}: a count ≥ 0 of evaluations, for --data real only")
     if cfg.answer_overlap and cfg.data == "real":
         raise ConfigError("--answer_overlap shapes the synthetic world's answers: real text has its own; drop it")
-    for name in ("align_iters", "max_iters", "pretrain_iters", "eval_interval", "log_interval", "batch_tokens",
-                 "micro_batch", "n_layer", "n_head", "n_embd"):
+    for name in ("align_iters", "max_iters", "pretrain_iters", "eval_interval", "align_eval_interval", "log_interval",
+                 "batch_tokens", "micro_batch", "n_layer", "n_head", "n_embd"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name} {getattr(cfg, name)} must be at least 1")
     if cfg.n_embd % cfg.n_head:
@@ -224,7 +224,8 @@ def align_key(cfg):
     if cfg.init_from != "scratch":  # the starting point's weights, not its path (realtext/startpoints.py)
         fields["init"] = init_identity(cfg)
     if cfg.data == "real":  # which prompts D_s's parts hold; and where early stopping looks
-        fields.update(split=SPLIT_VERSION, **({"eval_interval": cfg.eval_interval} if cfg.align_patience else {}))
+        fields.update(split=SPLIT_VERSION, **({k: getattr(cfg, k) for k in ("align_eval_interval", "eval_examples")}
+                                              if cfg.align_patience else {}))
     blob = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -374,7 +375,8 @@ def run_stage(stage, model, world, cfg, sys_, log, ckpt_path, constraint, theta0
                dynamic_ncols=True)
     first_bad = torch.tensor(-1, device=sys_.device)  # first step with a non-finite loss
     loss_sum = torch.zeros((), device=sys_.device)
-    while step < iters:
+    every = cfg.align_eval_interval if stopper is not None else cfg.eval_interval
+    while step < iters and not (stopper is not None and stopper.done()):  # resumed past the stop: none left
         lr = lr_at(step, peak, cfg.warmup_iters, iters)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -386,7 +388,7 @@ def run_stage(stage, model, world, cfg, sys_, log, ckpt_path, constraint, theta0
         loss_sum += step_loss
         step += 1
         bar.update(1)
-        if step % cfg.log_interval == 0 or step == iters or step % cfg.eval_interval == 0:
+        if step % cfg.log_interval == 0 or step == iters or step % every == 0:
             if sys_.ddp:  # a NaN on any rank stops every rank: none is left waiting in a collective
                 torch.distributed.all_reduce(first_bad, op=torch.distributed.ReduceOp.MAX)
             if first_bad.item() >= 0:  # the one host sync, every log_interval steps
@@ -397,7 +399,7 @@ def run_stage(stage, model, world, cfg, sys_, log, ckpt_path, constraint, theta0
             mean_loss = all_reduce_mean(loss_sum, sys_).item() / cfg.log_interval  # per response token
             bar.set_postfix_str(f"train loss {mean_loss:.4f} nats/token")
             loss_sum.zero_()
-        if step % cfg.eval_interval == 0 or step == iters:
+        if step % every == 0 or step == iters:
             record = save(step, float(all_reduce_mean(step_loss, sys_).item()))
             if stopper is not None and stopper.done():
                 break
@@ -410,9 +412,8 @@ def run_stage(stage, model, world, cfg, sys_, log, ckpt_path, constraint, theta0
 
 
 def train_and_save(stage, model, world, cfg, sys_, log, path, kind, extra, ckpt, stopper=None):
-    """Train `model` through one stage from its resume checkpoint ckpt, if any, and save it to path
-    as a checkpoint of `kind` with the fields extra(model) (on rank 0); with a stopper, the weights
-    of its best evaluation and its record."""
+    """Train `model` through one stage from its resume checkpoint ckpt, if any; save it to path as a `kind`
+    checkpoint with the fields extra(model) (rank 0); with a stopper, its best weights and its record."""
     resume_path = os.path.join(cfg.out_dir, RESUME_FILES[stage])
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -446,8 +447,8 @@ def align(cfg, sys_, log, theta0_path, ckpt):
     """Stage 1: θ_0 = argmin ℓ_s on D_s, trained from --init_from (with --align_patience, stopped at the
     least ℓ_s on D_s's validation part: realtext/validation.py); saved to theta0_path."""
     world = make_world(cfg, init_vocab(cfg))  # a θ_pre's tokens mean what they meant in pretraining
-    stopper = EarlyStop(cfg.align_patience, world, lambda m, b: heldout_nll(m, b, sys_.device)) if cfg.align_patience \
-        else None
+    loss_of = lambda m, b: heldout_nll(m, b, sys_.device)  # noqa: E731 (evaluate.py's loss, for realtext/validation.py)
+    stopper = EarlyStop(cfg.align_patience, world, loss_of) if cfg.align_patience else None
     return train_and_save("align", initial_model(cfg, world, sys_), world, cfg, sys_, log, theta0_path, "theta0",
                           lambda m: {"align_key": align_key(cfg), "theta0_hash": params_hash(m)}, ckpt, stopper)
 
@@ -541,11 +542,11 @@ def main(cfg, argv=None):
         print(f"θ_pre at {theta_pre_path} was pretrained with another recipe; pretraining again")
     if cfg.init_from != "scratch" and cfg.stage in ("align", "all"):
         initial_model(cfg, world, sys_)  # raises on a starting point of another shape, vocabulary or data
-    if cfg.align_patience and cfg.stage in ("align", "all"):
-        check_validation(world, cfg.align_patience)
     theta0_ckpt = None
     if cfg.stage in ("finetune", "all"):
         theta0_ckpt = load_theta0(cfg.theta0, cfg, explicit_theta0)  # may raise before any write
+    if cfg.align_patience and cfg.stage != "pretrain" and (cfg.stage == "align" or theta0_ckpt is None):
+        check_validation(world, cfg.align_patience)  # alignment will run
     resumed = resume_points(cfg, RESUME_FILES, also=[os.path.join(cfg.out_dir, "theta0.pt")])  # checked now
     resumed_from = resumed.get("finetune", {}).get("theta0_hash")
     if theta0_ckpt is not None and resumed_from not in (None, theta0_ckpt["theta0_hash"]):

@@ -15,6 +15,7 @@ functions above them take prompt lists or token sets. forecast.py (`python -m la
 them together into the forecast of a fine-tune's safety cost.
 """
 
+import math
 import os
 import re
 import zlib
@@ -326,11 +327,14 @@ def ngram_mismatch(original, proxy, heldout, tokens=None, block_size=None, draws
     trained on `tokens` response tokens of each set (token_matched; default: the smaller set's whole
     text), all sets cut to the span a model of `block_size` positions scores (TokenSet.cut; None:
     whole answers), and scored on the held-out part of D_s; `draws` random draws of the training
-    examples. Interval: 95% percentiles of the held-out mean over bootstrap resamples of the held-out
-    examples, pooled over the draws (both sources of noise)."""
+    examples within the two sets. Interval: 95% percentiles of the held-out mean over bootstrap
+    resamples of the held-out examples, pooled over the draws: the held-out sampling error and the
+    spread between draws of one draw's estimate (wider than the mean over draws would need; a set
+    sampled whole every time adds no draw spread, hence the worker's budget below the smallest)."""
     if block_size:
         original, proxy, heldout = (ts.cut(block_size) for ts in (original, proxy, heldout))
-    tokens = tokens or int(min(original.r_off[-1], proxy.r_off[-1]))
+    # never more than either set holds: past that a "sample" is the whole set, and no longer matched
+    tokens = int(min(tokens or math.inf, original.r_off[-1], proxy.r_off[-1]))
     rng = np.random.default_rng(seed)
     diffs, lp, lo, n_o, n_p = [], [], [], [], []
     for _ in range(draws):

@@ -46,17 +46,22 @@ def example_gradient(model, part, i, pad):
     return flat_grad(model, response_nll(model, x, y, m).sum())
 
 
-def safety_halves(model, part, pad, batch_size=16):
-    """∇ℓ_s on each half (by position) of the held-out part of D_s (nats per sequence): two
-    independent estimates, whose inner product is unbiased for ‖∇ℓ_s‖² and whose cosine says how
-    much of either is signal (near 1) or sampling noise (near 0)."""
+def safety_halves(model, part, pad, keys=None, batch_size=16):
+    """∇ℓ_s on each half of the held-out part of D_s (nats per sequence): two estimates, independent
+    when no prompt is in both halves, whose inner product is then unbiased for ‖∇ℓ_s‖² and whose
+    cosine says how much of either is signal (near 1) or sampling noise (near 0). With the examples'
+    prompt keys, halves by the parity of each distinct prompt's rank, so that duplicates of a prompt
+    stay in one half; else by position. Returns the two gradients and their numbers of examples."""
     halves = [torch.zeros(0, dtype=torch.float64)] * 2
     n = len(part[0])
     if n < 2:
         raise DataError(f"held-out D_s has {n} example(s): ∇ℓ_s and its split-half check need at least 2 "
                         f"(a larger safety set, or a θ_0 with more --eval_examples)")
+    side = np.arange(n) % 2 if keys is None else np.unique(np.asarray(keys), return_inverse=True)[1] % 2
+    if side.min() == side.max():
+        side = np.arange(n) % 2  # one distinct prompt: by position
     for h in (0, 1):
-        idx = list(range(h, n, 2))
+        idx = np.flatnonzero(side == h).tolist()
         total = None
         for k in range(0, len(idx), batch_size):
             x, y, m = collate([part[0][i] for i in idx[k:k + batch_size]],
@@ -64,14 +69,14 @@ def safety_halves(model, part, pad, batch_size=16):
             g = flat_grad(model, response_nll(model, x, y, m).sum())
             total = g if total is None else total + g
         halves[h] = total / len(idx)
-    return halves
+    return halves, (int((side == 0).sum()), int((side == 1).sum()))
 
 
-def safety_gradient(model, part, pad, batch_size=16):
+def safety_gradient(model, part, pad, keys=None, batch_size=16):
     """g_s = ∇ℓ_s on the held-out part of D_s (nats per sequence), and the cosine between the
     gradients of its two halves (safety_halves)."""
-    halves, n = safety_halves(model, part, pad, batch_size), len(part[0])
-    g_s = (halves[0] * math.ceil(n / 2) + halves[1] * (n // 2)) / n
+    halves, sizes = safety_halves(model, part, pad, keys, batch_size)
+    g_s = (halves[0] * sizes[0] + halves[1] * sizes[1]) / sum(sizes)
     return g_s, float(torch.nn.functional.cosine_similarity(halves[0], halves[1], dim=0))
 
 
@@ -99,7 +104,7 @@ def answer_terms(model, source, cfg, max_n=256, seed=0, n_boot=1000):
     if n_all < 2:
         raise DataError(f"{source.wc.task}: {n_all} training example(s): the answer-aware terms need at least 2")
     idx = np.random.default_rng(seed).permutation(n_all)[:max_n]
-    g_s, split_cos = safety_gradient(model, source.eval_sets["safety"], pad)
+    g_s, split_cos = safety_gradient(model, source.eval_sets["safety"], pad, source.keys["safety_eval"])
     scale = float(np.mean([len(part[0][i]) - part[1][i] for i in idx]))  # mean answer tokens: u_i's unit
     # pass 1: ū and the per-coordinate variance of u_i, for AdamW's v
     s1 = s2 = torch.zeros_like(g_s)

@@ -35,7 +35,7 @@ REAL_CPU_TRAIN = {**read_config(os.path.join(train.CONFIGS, "real.json"), train.
                   "n_layer": 2, "n_head": 4, "n_embd": 64, "align_lr": 3e-3, "warmup_iters": 50}
 # the real-cpu preset: blocks of 128 score 91% of D_s's answer tokens (64: 59%), and θ_0 stops at the
 # least ℓ_s on D_s's validation part
-REAL_CPU_AT_OPTIMUM = dict(REAL_CPU_TRAIN, block_size=128, micro_batch=16, align_patience=3, eval_interval=25)
+REAL_CPU_AT_OPTIMUM = dict(REAL_CPU_TRAIN, block_size=128, micro_batch=16, align_patience=3, align_eval_interval=25)
 REAL_GPU_TRAIN = dict(REAL_CPU_TRAIN, block_size=256, vocab_cap=0, n_layer=6, n_head=6, n_embd=384,
                       batch_tokens=16384, micro_batch=64, align_iters=1500, max_iters=500, lr=6e-4,
                       eval_examples=256)
@@ -48,11 +48,11 @@ REAL_GPU_TRAIN = dict(REAL_CPU_TRAIN, block_size=256, vocab_cap=0, n_layer=6, n_
 # least ℓ_s on D_s's validation part (--align_patience; a fixed 150 steps over-fitted). θ_pre's
 # 600 steps of 16 blocks read as many tokens as its 1,500 of 32 blocks of 64 did.
 PAPER_REAL_CPU_TRAIN = dict(REAL_CPU_TRAIN, safety_data="alpaca_gpt4_align", align_helpful="", block_size=320,
-                            batch_tokens=5120, micro_batch=16, align_iters=400, align_patience=3, eval_interval=10,
+                            batch_tokens=5120, micro_batch=16, align_iters=400, align_patience=3, align_eval_interval=10,
                             align_lr=2e-3, warmup_iters=20, max_iters=150, lr=1e-3, pretrain_iters=600,
                             pretrain_lr=3e-3, pretrain_data=DEFAULT_CORPUS + "+gpteacher_codegen")
 PAPER_REAL_GPU_TRAIN = dict(PAPER_REAL_CPU_TRAIN, vocab_cap=0, n_layer=6, n_head=6, n_embd=384,
-                            batch_tokens=20480, micro_batch=64, eval_interval=25, align_iters=300, max_iters=300, lr=3e-4,
+                            batch_tokens=20480, micro_batch=64, align_eval_interval=25, align_iters=300, max_iters=300, lr=3e-4,
                             align_lr=6e-4, pretrain_iters=4000, pretrain_lr=1e-3, eval_examples=256)
 # the paper's 2×2 on real text (THEORY.md §5, F2): tasks in every cell of {high, low context overlap
 # with D_s} × {answers that agree with D_s's kind, answers that conflict with it} (realtext/loaders.py

@@ -45,7 +45,9 @@ def control_verdict(deltas):
     if not deltas:
         return "no control run"
     m = float(np.mean(deltas))
-    sd = float(np.std(deltas, ddof=1)) if len(deltas) > 1 else 0.0
+    if len(deltas) == 1:
+        return f"one seed, no spread to compare: the control changes ℓ_s by {m:+.1f} nats"
+    sd = float(np.std(deltas, ddof=1))
     if m < -sd:
         return (f"**data-limited**: fresh same-teacher examples lower ℓ_s by {-m:.1f} ± {sd:.1f} nats, more than "
                 f"their seed spread; any task's apparent safety gain below that is the same effect")

@@ -344,7 +344,7 @@ def done_tasks(sc, tasks, rows):
                 done.add(t["id"])
         if t["id"] in done and not all(d in done for d in t["deps"]):  # deps first in plan order
             done.discard(t["id"])  # e.g. a θ_pre trained again: its θ_0s and their runs are stale
-        if t["kind"] == "gradients" and worker.has_gradients(t):
+        if t["kind"] == "gradients" and all(d in done for d in t["deps"]) and worker.has_gradients(t):
             done.add(t["id"])
         path = os.path.join(t["dir"], "estimates.json")  # a resumed sweep may add sets
         if t["kind"] == "estimate" and os.path.exists(path):

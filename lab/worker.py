@@ -253,7 +253,8 @@ def theta0_record(task, ckpt, device):
     import evaluate
     out = evaluate.heldout_metrics(model, world, device)
     out = {"safety_loss": out["safety_loss"], "capability_loss": out["capability_loss"]}
-    halves = gradients_lib.safety_halves(model.cpu(), world.eval_sets["safety"], world.codec.eot)
+    halves, _ = gradients_lib.safety_halves(model.cpu(), world.eval_sets["safety"], world.codec.eot,
+                                            world.keys["safety_eval"])
     out.update(grad_dot_halves=float(halves[0] @ halves[1]), grad_split_cos=float(
         torch.nn.functional.cosine_similarity(halves[0], halves[1], dim=0)),
         grad_norm=float(((halves[0] + halves[1]) / 2).norm()))
@@ -315,8 +316,9 @@ def estimate(task):
     fc = forecast.forecast(task["safety"], task["tasks"], data_dir=task["data_dir"])
     out = {"estimate": True, "safety": task["safety"], "overlap": fc["tasks"], "mismatch": {}}
     block = task.get("block_size")
-    # every proxy's references on one budget of answer tokens: the smallest proxy's scored span
-    tokens = min(int(dataset_part(p, task["data_dir"]).cut(block).r_off[-1]) for p in task["proxies"])
+    # every proxy's references on one budget of answer tokens: 90% of the smallest proxy's scored span,
+    # so that every set is subsampled in each draw (estimators.ngram_mismatch)
+    tokens = int(0.9 * min(int(dataset_part(p, task["data_dir"]).cut(block).r_off[-1]) for p in task["proxies"]))
     for name in task["proxies"]:
         m = estimators.real_mismatch(name, task["safety"], data_dir=task["data_dir"], tokens=tokens, block_size=block)
         out["mismatch"][name] = {"mismatch": m["mismatch"], "sd": m["mismatch_sd"], "interval": m["mismatch_interval"],

@@ -4,7 +4,7 @@ the alignment loss: gradient near 0, so that a fine-tune's first-order change of
 does, not what alignment left unfinished. On a finite D_s, training to the end of a fixed schedule
 over-fits (training-part ℓ_s keeps falling, held-out ℓ_s turns back up), and a fine-tune on almost
 any text then "improves" safety by undoing the over-fit. So, with --align_patience N, alignment is
-evaluated every --eval_interval steps on D_s's validation part (textdata.validation_part: prompts
+evaluated every --align_eval_interval steps on D_s's validation part (textdata.validation_part: prompts
 never trained on, and never the held-out part that measures ℓ_s), the weights of its lowest
 validation loss are kept, and training stops after N evaluations in a row without a new lowest.
 θ_0 is those weights; its checkpoint records the whole validation curve and the stop step.

@@ -151,3 +151,23 @@ def test_answer_aware_terms_refuse_what_they_cannot_use(world, tmp_path, capsys)
         said = e.value.code if isinstance(e.value.code, str) else capsys.readouterr().err
         assert message in said, (task, extra, said)
         assert not os.path.exists(tmp_path / "f.json")
+
+
+def test_the_halves_of_held_out_ds_keep_each_prompts_duplicates_together():
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=8, vocab_size=12, n_layer=1, n_head=1, n_embd=8)).double()
+    seqs = [np.array([1, 2, 3, 4 + i, 5]) for i in range(6)]
+    part = (seqs, np.array([2] * 6))
+    keys = np.array([9, 9, 4, 7, 7, 1], dtype=np.uint64)  # two prompts held twice, side by side
+    halves, sizes = gradients.safety_halves(model, part, 0, keys)
+    # distinct prompts 1, 4, 7, 9 by rank: 1 and 7 in one half (3 examples), 4 and 9 in the other
+    assert sorted(sizes) == [3, 3]
+    direct = lambda idx: torch.autograd.grad(response_nll(model, *collate([seqs[i] for i in idx], [2] * len(idx), 0))
+                                             .sum() / len(idx), list(model.parameters()), allow_unused=True)
+    flat = lambda gs: torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                                 for g, p in zip(gs, model.parameters())])
+    a, b = flat(direct([0, 1, 2])), flat(direct([3, 4, 5]))  # 9, 9, 4 | 7, 7, 1
+    assert {torch.allclose(halves[0], a), torch.allclose(halves[0], b)} == {True, False}
+    by_position, _ = gradients.safety_halves(model, part, 0)  # without keys: 0, 2, 4 | 1, 3, 5, splitting both pairs
+    assert not torch.allclose(by_position[0], a) and not torch.allclose(by_position[0], b)

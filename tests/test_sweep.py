@@ -447,7 +447,7 @@ def test_paper_real_sweep_with_both_starting_points_end_to_end(tmp_path, capsys)
                               jobs=1, lams=(1.0,), radii=(1.0,), proxies=("alpaca_gpt4_proxy",),
                               tasks=("alpaca_small_task", "code_alpaca"), case_tasks=("alpaca_small_task", "code_alpaca"))
     recipe = dict(TINY_REAL, safety_data="alpaca_gpt4_align", align_helpful="", pretrain_iters=10,
-                  pretrain_data="wiki_demo+alpaca_seed")
+                  pretrain_data="wiki_demo+alpaca_seed", align_patience=2, align_eval_interval=5)  # θ_0 early-stopped
     rows = sweep.run_sweep(sc, recipe)
     assert sorted(r["run_id"] for r in rows) == sorted(
         p + f"{c}-{t}{k}-s1" for p in ("", "pre-") for t in sc.case_tasks

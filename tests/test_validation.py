@@ -31,7 +31,7 @@ def config(tmp_path, **kw):
     other = write_pairs(tmp_path / "other.jsonl", 60, 1, 6)
     return train.TrainConfig(**{**dict(
         data="real", stage="align", safety_data=ds, proxy_data=other, task_data=other, block_size=48, n_layer=1,
-        n_embd=32, align_iters=300, align_lr=1e-2, warmup_iters=1, eval_interval=10, align_patience=3,
+        n_embd=32, align_iters=300, align_lr=1e-2, warmup_iters=1, align_eval_interval=10, align_patience=3,
         batch_tokens=384, micro_batch=8, eval_examples=32, vocab_cap=512, out_dir=str(tmp_path / "run"),
         progress=False), **kw})
 
@@ -56,8 +56,8 @@ def test_theta0_is_the_weights_of_least_validation_loss_and_alignment_stops_afte
     steps, losses = zip(*rec["validation_curve"])
     assert rec["stop_step"] == steps[int(np.argmin(losses))] and rec["validation_loss"] == min(losses)
     # stopped after `patience` evaluations without a new least, well before align_iters
-    assert rec["last_step"] == rec["stop_step"] + cfg.align_patience * cfg.eval_interval < cfg.align_iters
-    assert list(steps) == list(range(0, rec["last_step"] + 1, cfg.eval_interval))
+    assert rec["last_step"] == rec["stop_step"] + cfg.align_patience * cfg.align_eval_interval < cfg.align_iters
+    assert list(steps) == list(range(0, rec["last_step"] + 1, cfg.align_eval_interval))
     # θ_0 holds those weights, not the last step's: its validation loss, measured again, is the least
     world = train.make_world(cfg, ckpt["world_config"]["vocab"])
     model = train.new_model(cfg, world, train.setup_system(cfg))
@@ -68,11 +68,12 @@ def test_theta0_is_the_weights_of_least_validation_loss_and_alignment_stops_afte
     assert [r["validation_loss"] for r in log] == list(losses)
 
 
-def test_an_interrupted_early_stopped_alignment_resumes_to_the_same_theta0(tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["mid-way", "at the θ_0 write"])
+def test_an_interrupted_early_stopped_alignment_resumes_to_the_same_theta0(tmp_path, monkeypatch, where):
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     train.main(config(tmp_path / "a"), argv=[])
     cut = config(tmp_path / "b")
-    step_fn, calls = train.train_step, []
+    step_fn, save_fn, calls = train.train_step, train.atomic_torch_save, []
 
     def interrupted(*a, **kw):
         calls.append(1)
@@ -80,10 +81,16 @@ def test_an_interrupted_early_stopped_alignment_resumes_to_the_same_theta0(tmp_p
             raise KeyboardInterrupt
         return step_fn(*a, **kw)
 
-    monkeypatch.setattr(train, "train_step", interrupted)
+    def no_theta0(obj, path):  # killed after the checkpoint that decided the stop, before θ_0 is written
+        if obj.get("kind") == "theta0":
+            raise KeyboardInterrupt
+        return save_fn(obj, path)
+
+    monkeypatch.setattr(train, *(("train_step", interrupted) if where == "mid-way" else ("atomic_torch_save", no_theta0)))
     with pytest.raises(KeyboardInterrupt):
         train.main(cut, argv=[])
     monkeypatch.setattr(train, "train_step", step_fn)
+    monkeypatch.setattr(train, "atomic_torch_save", save_fn)
     train.main(dataclasses.replace(cut, resume=True), argv=[])
     a = torch.load(tmp_path / "a" / "run" / "theta0.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / "run" / "theta0.pt", weights_only=True)
@@ -94,15 +101,18 @@ def test_an_interrupted_early_stopped_alignment_resumes_to_the_same_theta0(tmp_p
 
 def test_patience_is_part_of_theta0s_identity_only_when_set():
     real = train.TrainConfig(data="real")
-    assert train.align_key(real) == train.align_key(dataclasses.replace(real, eval_interval=7))
+    assert train.align_key(real) == train.align_key(dataclasses.replace(real, align_eval_interval=7, eval_examples=9))
     stopped = dataclasses.replace(real, align_patience=3)
     assert train.align_key(stopped) != train.align_key(real)
-    assert train.align_key(stopped) != train.align_key(dataclasses.replace(stopped, eval_interval=7))
+    for k, v in (("align_eval_interval", 7), ("eval_examples", 9)):  # what decides the stop
+        assert train.align_key(stopped) != train.align_key(dataclasses.replace(stopped, **{k: v}))
+    # a fine-tune evaluates at its own interval and finds its θ_0 (the sweep's fine-tunes do)
+    assert train.align_key(stopped) == train.align_key(dataclasses.replace(stopped, eval_interval=150))
 
 
 @pytest.mark.parametrize("kw,expect", [
     (dict(align_patience=-1), "--align_patience -1"),
-    (dict(data="synthetic"), "for real data"),
+    (dict(data="synthetic"), "for --data real only"),
 ])
 def test_bad_patience_is_one_message_and_writes_nothing(tmp_path, kw, expect):
     with pytest.raises(SystemExit) as e:

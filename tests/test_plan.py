@@ -16,19 +16,21 @@ def test_the_paper_real_plan_pretrains_once_and_aligns_each_arm_from_its_start(t
     sc, recipe = sweep.make_config("paper-real-cpu", out_dir=str(tmp_path / "p"))
     tasks = plan.plan(sc, recipe)
     kinds = [t["kind"] for t in tasks.values()]
-    # per arm and seed, per case task: 4 λ, 2 other proxies, 2 radii, plain; 3 pretrained seeds, 2 scratch
-    # ones; and plain fine-tunes on 5 more tasks, but not from θ_pre on gpteacher_codegen, in its corpus
-    assert kinds.count("pretrain") == 1 and kinds.count("align") == 5
-    assert kinds.count("finetune") == 5 * 2 * 9 + 2 * 5 + 3 * 4
-    assert "none-gpteacher_codegen-s1" in tasks and "pre-none-gpteacher_codegen-s1" not in tasks
-    assert "pre-none-xstest_gpt4-s3" in tasks
+    # per arm and seed, per case task: 3 λ, 2 other proxies, 2 radii, plain; and plain fine-tunes on 8 more
+    # tasks; 3 pretrained seeds, 1 scratch one (a control); θ_pre aligned on each of 3 proxies (the
+    # model-based mismatch); each θ_0's answer-aware forecast
+    assert kinds.count("pretrain") == 1 and kinds.count("align") == 4 + 3 and kinds.count("gradients") == 4
+    assert kinds.count("finetune") == 4 * (2 * 8 + 8)
+    assert "pre-none-alpaca_gpt4_refusals-s3" in tasks and "none-orca_llama2-s1" in tasks
+    assert {t["train"]["safety_data"] for t in tasks.values() if t["id"].startswith("mismatch-")} == set(sc.proxies)
     pre = os.path.join(sc.out_dir, "pretrain", "theta_pre.pt")
     for t in tasks.values():
         if t["kind"] in ("align", "finetune"):
-            pretrained = t["id"].startswith(("pre-", "align-pre-"))
+            pretrained = t["id"].startswith(("pre-", "align-pre-", "mismatch-"))
             assert t["train"].get("init_from", "scratch") == (pre if pretrained else "scratch"), t["id"]
             assert ("pretrain" in t["deps"]) == (pretrained and t["kind"] == "align")
-    assert not any(t["id"].endswith("-s3") and not t["id"].startswith(("pre-", "align-pre-")) for t in tasks.values())
+    assert not any(t["id"].endswith(("-s2", "-s3")) and not t["id"].startswith(("pre-", "align-pre-", "gradients-pre-"))
+                   for t in tasks.values())  # the scratch arm, a control: one seed
     # an existing θ_pre instead: nothing to pretrain, the θ_0s start from it
     (tmp_path / "pre.pt").write_bytes(b"")
     sc2, _ = sweep.make_config("paper-real-cpu", out_dir=str(tmp_path / "q"), theta_pre=str(tmp_path / "pre.pt"))

@@ -410,8 +410,9 @@ def add_wall_time(sc, state, t_start):
 def run_tasks(sc, tasks, todo, done, mine, csv_path, t_start):
     """Run the tasks of `todo` as their dependencies finish, sc.jobs at a time (a batched group as one
     unit), recording each finished run's row. Returns whether --max_runs stopped it early."""
-    # align first, then the unconstrained runs that radius runs wait for, then the rest
-    order = {"pretrain": 0, "align": 0, "estimate": 1, "gradients": 1, "none": 1, "loss": 2}  # then param and every other strategy
+    # align first (and read each θ_0, before any fine-tune of it), then the unconstrained runs that radius runs wait
+    # for, then the rest
+    order = {"pretrain": 0, "align": 0, "gradients": 0, "estimate": 1, "none": 1, "loss": 2}  # then param and every other strategy
     todo.sort(key=lambda t: order.get(t["kind"] if t["kind"] != "finetune" else t["train"]["constraint"], 3))
     executor = InlineExecutor() if sc.jobs <= 1 else ProcessPoolExecutor(
         sc.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads, initargs=(1,))

@@ -179,6 +179,77 @@ def make_strategy(name, params, hp):
     return cls(params, **{k: get(k) for k in cls.hparams})
 
 
+
+# -----------------------------------------------------------------------------
+# How θ_0 is reached: the align stage's step (THEORY.md §5 F6, "θ_0s of different sharpness").
+# Every aligner reaches a minimum of ℓ_s; they differ in which one. train_step calls, per step,
+#     if aligner.ascend_(params): (the gradients again, at the weights it moved to); aligner.descend_(params)
+# between the backward passes and the optimizer step.
+
+
+class PlainAlign:
+    """Plain alignment: the optimizer steps on ∇ℓ_s(θ). The base of every aligner, with the
+    class attributes of a Strategy: name (the --align_method value), hparams (TrainConfig fields)."""
+    name, hparams = "plain", ()
+
+    def __init__(self, **hp):
+        self.check(hp)
+        for k in self.hparams:
+            setattr(self, k, hp[k])
+
+    @classmethod
+    def check(cls, hp):
+        """Raise ValueError naming the flag of a bad hyper-parameter."""
+        for k in cls.hparams:
+            v = hp.get(k)
+            if not isinstance(v, (int, float)) or not (v >= 0 and math.isfinite(v)):  # also NaN
+                raise ValueError(f"--{k} {v} must be a finite number ≥ 0 (--align_method {cls.name})")
+
+    def ascend_(self, params):
+        """Move θ where the step's gradient is to be taken; False: it is taken where θ is."""
+        return False
+
+    def descend_(self, params):
+        """Put θ back, keeping the gradient taken where ascend_ moved it."""
+
+
+class SharpnessAware(PlainAlign):
+    """SAM (Foret et al. 2021): min_θ max_{‖ε‖₂ ≤ ρ} ℓ_s(θ + ε), to first order in ε. Each step takes
+    the gradient g = ∇ℓ_s(θ), moves to θ + ρ·g/‖g‖, the steepest point of the ball to first order,
+    takes the gradient there, and steps from θ with it. Near a minimum this descends ℓ_s plus about
+    ½ρ²·λ_max(H_s), so among minima of equal loss it prefers flatter ones. One step costs two
+    forward-backward passes. With ρ = 0 it is plain alignment bit for bit (θ + 0·g = θ)."""
+    name, hparams = "sam", ("sam_rho",)
+
+    @torch.no_grad()
+    def ascend_(self, params):
+        params = [p for p in params if p.grad is not None]
+        grads = [p.grad for p in params]
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        self._theta = [p.detach().clone() for p in params]  # restored by copy: θ + ε − ε need not be θ
+        torch._foreach_add_(params, torch._foreach_mul(grads, self.sam_rho / torch.clamp(norm, min=1e-12)))
+        for p in params:
+            p.grad = None
+        self._params = params
+        return True
+
+    @torch.no_grad()
+    def descend_(self, params):
+        torch._foreach_copy_(self._params, self._theta)
+        self._theta = self._params = None
+
+
+ALIGN_METHODS = {a.name: a for a in (PlainAlign, SharpnessAware)}
+
+
+def make_aligner(hp):
+    """The aligner hp.align_method (a TrainConfig or a dict of its fields) with its hyper-parameters."""
+    get = hp.get if isinstance(hp, dict) else lambda k: getattr(hp, k, None)
+    name = get("align_method")
+    if name not in ALIGN_METHODS:
+        raise ValueError(f"--align_method {name!r} is unknown: choose one of {', '.join(ALIGN_METHODS)}")
+    return ALIGN_METHODS[name](**{k: get(k) for k in ALIGN_METHODS[name].hparams})
+
 # On CPU, ‖θ − θ_0‖ of a large model is memory-bound: forming θ − θ_0 whole writes and
 # reads back one more copy of the model. Formed CHUNK elements at a time (4 MB in fp32,
 # inside the L3 cache) it stays in the cache and the pass reads θ and θ_0 once; smaller

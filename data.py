@@ -13,6 +13,7 @@ sums (entropies, expected log-losses, KL and TV per context), which theory.py bu
 Real text, where the densities are unknown, has the same source interface in realtext/textdata.py.
 """
 
+import dataclasses
 import itertools
 from dataclasses import dataclass
 
@@ -279,3 +280,8 @@ class Streams:
     def load_state(self, states):
         for k, g in self.gens.items():
             g.set_state(states[k])
+
+
+def world_config(cfg):
+    """The WorldConfig of a TrainConfig (or any object with its fields)."""
+    return WorldConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(WorldConfig)})

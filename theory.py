@@ -274,6 +274,15 @@ def hutchinson_trace(hvp, n, samples=32, seed=0):
     return float(vals.mean()), float(vals.std(ddof=1) / np.sqrt(samples)) if samples > 1 else math.nan
 
 
+def adaptive_hvp(hvp, theta):
+    """v ↦ T H T v with T = diag(|θ|): the Hessian in the coordinates of adaptive sharpness
+    (THEORY.md §5 F6, 'A sharpness a reparametrisation cannot fake'; Kwon et al. 2021). A rescaling
+    θ' = Dθ (D positive diagonal) that keeps the function turns H into D⁻¹HD⁻¹ and T into DT, so
+    T H T, its λ_max and its trace are the same at θ and θ'; raw λ_max(H) is not."""
+    t = theta.abs().double()
+    return lambda v: t * hvp(t * v)
+
+
 def second_order_prediction(grad, hv, v):
     """∇ℓ_s·v + ½ vᵀH_s v, the second-order change of ℓ_s along v = θ − θ_0 (THEORY.md §3,
     bound D); hv = H_s v. Returns (prediction, first-order term, second-order term)."""

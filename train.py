@@ -27,14 +27,15 @@ import torch
 from tqdm import tqdm
 
 from common import ConfigError, DataError, atomic_write_json, given_flags, parser_from, read_config
-from constraints import STRATEGIES, make_strategy
-from data import Streams, SyntheticWorld, WorldConfig, batch_shape
+from constraints import ALIGN_METHODS, STRATEGIES, make_aligner, make_strategy
+from data import Streams, batch_shape, world_config  # noqa: F401 (lab/ reads train.world_config)
 from evaluate import evaluate, heldout_nll
 from model import CHECKPOINT_FORMAT, CheckpointError, atomic_torch_save, flat_params, load_checkpoint, params_hash
-from realtext.corpus import DEFAULT_CORPUS, Corpus, CorpusConfig
+from realtext.corpus import DEFAULT_CORPUS
+from realtext.sources import make_corpus, make_world
 from realtext.startpoints import (check_init, init_identity, init_vocab, initial_model, new_model, pretrain_key,
                                   shape_from_init)
-from realtext.textdata import SPLIT_VERSION, RealDataConfig, real_source
+from realtext.textdata import SPLIT_VERSION
 from realtext.validation import EarlyStop, check_validation
 from system import (Log, all_reduce_mean, new_run_folder, prepare_out_dir, print_table, record_metrics, resume_points,
                     run_info, setup_system)
@@ -84,6 +85,8 @@ class TrainConfig:
     # optimisation: AdamW, linear warm-up, then cosine decay to lr/10
     align_iters: int = 1500       # steps of the align stage
     align_lr: float = 3e-3        # peak learning rate of the align stage
+    align_method: str = "plain"   # plain | sam: how the align stage steps (constraints.ALIGN_METHODS)
+    sam_rho: float = 0.05         # ρ: radius of SAM's ascent, ‖ε‖₂ ≤ ρ (--align_method sam)
     align_patience: int = 0       # real data: stop after N evaluations with no new least validation ℓ_s (0: never) ...
     align_eval_interval: int = 25  # ... evaluated every this many align steps (then the align stage's --eval_interval)
     max_iters: int = 1000         # steps of the fine-tune stage
@@ -111,7 +114,7 @@ class TrainConfig:
 ALIGN_FIELDS = ("n_symbols", "ctx_len", "n_harmful", "n_layer", "n_head", "n_embd", "align_iters",
                 "align_lr", "warmup_iters", "weight_decay", "grad_clip", "batch_tokens", "seed",
                 "data", "safety_data", "align_helpful", "data_dir", "block_size", "restrict_vocab", "vocab_cap",
-                "answer_overlap", "align_label_smoothing", "align_patience")
+                "answer_overlap", "align_label_smoothing", "align_patience", "align_method", "sam_rho")
 
 
 # `--data real` defaults to configs/real.json (the real-cpu preset's recipe: minutes on 2 CPU cores);
@@ -120,7 +123,8 @@ CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 
 CHOICES = {"stage": ("pretrain", "align", "finetune", "all"), "data": ("synthetic", "real"),
-           "constraint": tuple(STRATEGIES), "dtype": ("auto", "float32", "bfloat16", "float16")}
+           "constraint": tuple(STRATEGIES), "align_method": tuple(ALIGN_METHODS),
+           "dtype": ("auto", "float32", "bfloat16", "float16")}
 
 
 def parser():
@@ -159,12 +163,16 @@ def check_config(cfg):
         raise ConfigError("--stage pretrain trains on real general text: add --data real")
     check_init(cfg)
     # every strategy's flags, so a bad value never waits for its use; the chosen one's first, so
-    # that a flag several share (--gamma) is named with it
-    for strategy in sorted(STRATEGIES.values(), key=lambda s: s.name != cfg.constraint):
+    # that a flag several share (--gamma) is named with it; then the aligners'
+    checked = sorted(STRATEGIES.values(), key=lambda s: s.name != cfg.constraint) + list(ALIGN_METHODS.values())
+    for strategy in checked:
         try:
             strategy.check(dataclasses.asdict(cfg))
         except ValueError as e:
             raise ConfigError(str(e)) from None
+    if cfg.sam_rho != TrainConfig.sam_rho and "sam_rho" not in ALIGN_METHODS[cfg.align_method].hparams:
+        raise ConfigError(f"--sam_rho is read by --align_method sam only (this run aligns {cfg.align_method}): "
+                          "add --align_method sam or drop --sam_rho")
     for name in ("lr", "align_lr", "pretrain_lr", "weight_decay", "grad_clip"):
         v = getattr(cfg, name)
         if not (v >= 0 and math.isfinite(v)):
@@ -187,39 +195,17 @@ def check_config(cfg):
         raise ConfigError("--align_helpful mixes helpful text into real-data alignment: add --data real or drop it")
 
 
-def world_config(cfg):
-    return WorldConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(WorldConfig)})
-
-
-def make_world(cfg, vocab=()):
-    """The data source: the synthetic world, or real text (--data real). `vocab` fixes a
-    real source's compact vocabulary to θ_0's, so that a fine-tune reads tokens as θ_0 did."""
-    if cfg.data == "synthetic":
-        return SyntheticWorld(world_config(cfg))
-    real = RealDataConfig(safety=cfg.safety_data, proxy=cfg.proxy_data, task=cfg.task_data,
-                          helpful=cfg.align_helpful, data_dir=cfg.data_dir, block_size=cfg.block_size,
-                          restrict_vocab=cfg.restrict_vocab, vocab_cap=cfg.vocab_cap, eval_examples=cfg.eval_examples,
-                          vocab=tuple(vocab))
-    return real_source(real)
-
-
-def make_corpus(cfg):
-    """The general text of the pretrain stage (realtext/corpus.py), in the vocabulary later runs use."""
-    return Corpus(CorpusConfig(sources=cfg.pretrain_data, data_dir=cfg.data_dir, block_size=cfg.block_size,
-                               restrict_vocab=cfg.restrict_vocab, vocab_cap=cfg.vocab_cap,
-                               eval_examples=cfg.eval_examples))
-
-
 # fields added to ALIGN_FIELDS later enter the key only when set, so that every θ_0 saved
 # before them keeps its identity
-LATER_ALIGN_FIELDS = ("align_helpful", "answer_overlap", "align_label_smoothing", "align_patience")
+LATER_ALIGN_FIELDS = ("align_helpful", "answer_overlap", "align_label_smoothing", "align_patience", "align_method",
+                      "sam_rho")
 
 
 def align_key(cfg):
     """Identity of the alignment recipe (μ_s and P_s do not depend on κ or δ; P_s depends on ρ)."""
     fields = {k: getattr(cfg, k) for k in ALIGN_FIELDS}
-    for k in LATER_ALIGN_FIELDS:
-        if fields[k] == getattr(TrainConfig, k):
+    for k in LATER_ALIGN_FIELDS:  # an aligner's hyper-parameters only when it reads them
+        if fields[k] == getattr(TrainConfig, k) or k == "sam_rho" and k not in ALIGN_METHODS[cfg.align_method].hparams:
             del fields[k]
     if cfg.init_from != "scratch":  # the starting point's weights, not its path (realtext/startpoints.py)
         fields["init"] = init_identity(cfg)
@@ -266,12 +252,33 @@ def micro_loss(train_model, sys_, x, y, m, n_tokens, smoothing=0.0):
     return loss * (m.sum() * sys_.world_size / n_tokens)
 
 
-def train_step(train_model, optimizer, scaler, params, constraint, sys_, batch, proxy, accum, grad_clip, smoothing=0.0):
+def train_step(train_model, optimizer, scaler, params, constraint, sys_, batch, proxy, accum, grad_clip, smoothing=0.0,
+               aligner=None):
     """One optimizer step on this rank's slice of a global batch: forward and backward over
-    `accum` micro-batches, the constraint's gradient hook, clipping, AdamW, the projection.
-    run_stage and lab/bench.py both call it, so the benchmark times exactly this code.
-    batch, proxy: (x, y, mask, n_tokens) of this rank; proxy only when constraint.needs_proxy.
-    Returns the step's loss as a detached device tensor (no host sync)."""
+    `accum` micro-batches (under SAM, again at the aligner's θ + ε), the constraint's gradient hook,
+    clipping, AdamW, the projection. run_stage and lab/bench.py both call it, so the benchmark times
+    exactly this code. batch, proxy: (x, y, mask, n_tokens) of this rank; proxy only when
+    constraint.needs_proxy. Returns the step's loss at θ as a detached device tensor (no host sync)."""
+    step_loss = accumulate(train_model, scaler, constraint, sys_, batch, proxy, accum, smoothing)
+    if aligner is not None and aligner.ascend_(params):
+        accumulate(train_model, scaler, constraint, sys_, batch, proxy, accum, smoothing)  # the gradient at θ + ε
+        aligner.descend_(params)
+    if scaler.is_enabled():  # fp16: true gradients first, so that a penalty's gradient is not divided by the scale
+        scaler.unscale_(optimizer)
+    if constraint is not None:
+        constraint.before_step(params)
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    if constraint is not None:
+        constraint.after_step(params)
+    return step_loss
+
+
+def accumulate(train_model, scaler, constraint, sys_, batch, proxy, accum, smoothing):
+    """The gradients of the global batch's objective, summed over `accum` micro-batches into .grad."""
     micro = batch[0].size(0) // accum
     step_loss = torch.zeros((), device=sys_.device)
     for i in range(accum):
@@ -287,17 +294,6 @@ def train_step(train_model, optimizer, scaler, params, constraint, sys_, batch, 
             loss = constraint.objective(loss, p_loss)
         scaler.scale(loss).backward()
         step_loss += loss.detach()
-    if scaler.is_enabled():  # fp16: true gradients first, so that a penalty's gradient is not divided by the scale
-        scaler.unscale_(optimizer)
-    if constraint is not None:
-        constraint.before_step(params)
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    if constraint is not None:
-        constraint.after_step(params)
     return step_loss
 
 
@@ -349,6 +345,7 @@ def run_stage(stage, model, world, cfg, sys_, log, ckpt_path, constraint, theta0
     optimizer = make_optimizer(model, cfg, peak, sys_)
     scaler = torch.amp.GradScaler(sys_.device_type, enabled=sys_.ptdtype == torch.float16)
     streams = Streams(stage, world, cfg, sys_, constraint is not None and constraint.needs_proxy)
+    aligner = make_aligner(cfg) if stage == "align" else None
     step = 0
     if resume_ckpt is not None:
         optimizer.load_state_dict(resume_ckpt["optimizer"])
@@ -383,7 +380,7 @@ def run_stage(stage, model, world, cfg, sys_, log, ckpt_path, constraint, theta0
         xs = streams.batch(streams.main)
         xp = streams.batch("proxy") if "proxy" in streams.gens else None
         step_loss = train_step(train_model, optimizer, scaler, params, constraint, sys_, xs, xp, streams.accum,
-                               cfg.grad_clip, cfg.align_label_smoothing if stage == "align" else 0.0)
+                               cfg.grad_clip, cfg.align_label_smoothing if stage == "align" else 0.0, aligner)
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(step_loss), step, first_bad)
         loss_sum += step_loss
         step += 1

@@ -176,12 +176,18 @@ def forecasts_table(sc, rows, est, arms):
     return lines + [""] + notes
 
 
+# a task shares most of its context mass with D_s (high overlap) when M = 1 − TV(μ_s, μ_f) ≥ this
+HIGH_OVERLAP = 0.5
+
+
 def cells_table(sc, rows, est, arms, cells):
     """The paper's 2×2 (overlap × answer agreement): each cell's tasks, their M and grad cosine, and the
     cost at matched gain; the verdict on the paper's sentence: does high overlap with conflicting
-    answers cost the most?"""
-    lines = ["| arm | overlap | answers | task | M | grad cos | cost at matched gain |", "|" + " --- |" * 7]
-    notes = []
+    answers cost the most? A task's overlap is judged by its measured M (≥ HIGH_OVERLAP: high), not by
+    the cell it was built for; where the two differ the report says so."""
+    lines = ["| arm | built as | measured overlap (M) | answers | task | grad cos | cost at matched gain |",
+             "|" + " --- |" * 7]
+    notes, moved = [], set()
     for label, prefix, seeds in arms:
         v, grads = cost_table(sc, rows, est, prefix, seeds)
         cell_cost = {}
@@ -189,9 +195,12 @@ def cells_table(sc, rows, est, arms, cells):
             for t in tasks:
                 if t not in v["tasks"]:
                     continue
-                m, g = v["tasks"][t]["matched"], list(grads.get(t, {}).values())
-                cell_cost.setdefault((ov, ans), []).append(m)
-                lines.append(f"| {label} | {ov} | {ans} | {t} | {est['overlap'][t]['M']:.3f} | "
+                m, g, M = v["tasks"][t]["matched"], list(grads.get(t, {}).values()), est["overlap"][t]["M"]
+                measured = "high" if M >= HIGH_OVERLAP else "low"
+                if measured != ov:
+                    moved.add(f"{t} (built as {ov} overlap, M {M:.3f})")
+                cell_cost.setdefault((measured, ans), []).append(m)
+                lines.append(f"| {label} | {ov} | {measured} ({M:.3f}) | {ans} | {t} | "
                              + (f"{np.mean([x['grad_cos'] for x in g]):+.2f}" if g else "—") + " | "
                              + (f"{m:+.1f}" if math.isfinite(m) else "+∞") + " |")
         if len(cell_cost) < 4:
@@ -199,10 +208,13 @@ def cells_table(sc, rows, est, arms, cells):
             continue
         means = {c: float(np.mean(x)) for c, x in cell_cost.items()}
         top = max(means, key=means.get)
-        notes.append(f"- {label}: mean cost at matched gain per cell: " + ", ".join(
-            f"{o} overlap + {a} {means[(o, a)]:+.1f}" for o, a in cells if (o, a) in means)
+        notes.append(f"- {label}: mean cost at matched gain per cell (by measured overlap): " + ", ".join(
+            f"{o} overlap + {a} {means[(o, a)]:+.1f}" for o, a in sorted(means))
             + f". High overlap with conflicting answers costs the most: **{'yes' if top == ('high', 'conflict') else 'no'}**"
             + ("" if top == ("high", "conflict") else f" (the most: {top[0]} overlap + {top[1]})"))
+    if moved:
+        notes.append(f"- placed by their measured overlap (M ≥ {HIGH_OVERLAP:g}: high), not the cell they were built "
+                     "for: " + ", ".join(sorted(moved)))
     return lines + [""] + notes
 
 

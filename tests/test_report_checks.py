@@ -1,0 +1,43 @@
+"""lab/report_checks.py: the real-text reports' checks before any finding (the 2×2 and θ_0's control)."""
+
+from lab import report_checks
+
+CELLS = {("high", "agree"): ("same_teacher",), ("high", "conflict"): ("refusals", "other_teacher"),
+         ("low", "agree"): ("code",), ("low", "conflict"): ("code_refusals",)}
+M = {"same_teacher": 0.96, "refusals": 1.0, "other_teacher": 0.31, "code": 0.28, "code_refusals": 0.28}
+
+
+def judge(monkeypatch, cost):
+    v = {"tasks": {t: {"matched": c} for t, c in cost.items()}}
+    monkeypatch.setattr(report_checks, "cost_table", lambda *a: (v, {}))
+    lines = report_checks.cells_table(None, [], {"overlap": {t: {"M": m} for t, m in M.items()}},
+                                      [("θ_pre", "pre-", (1,))], CELLS)
+    return "\n".join(lines)
+
+
+def test_the_2x2_places_a_task_by_its_measured_overlap_not_the_cell_it_was_built_for(monkeypatch):
+    # other_teacher was built as high overlap but measures M 0.31: it joins the low-overlap conflict cell,
+    # so high + conflict is refusals alone (+4) and low + conflict averages +3 and +9 (+6): the most
+    text = judge(monkeypatch, {"same_teacher": -1.0, "refusals": 4.0, "other_teacher": 9.0, "code": 0.5,
+                               "code_refusals": 3.0})
+    assert "| θ_pre | high | low (0.310) | conflict | other_teacher |" in text
+    assert "high overlap + conflict +4.0" in text and "low overlap + conflict +6.0" in text
+    assert "costs the most: **no** (the most: low overlap + conflict)" in text
+    assert "other_teacher (built as high overlap, M 0.310)" in text
+
+
+def test_the_2x2_says_yes_when_high_overlap_with_conflicting_answers_costs_the_most(monkeypatch):
+    text = judge(monkeypatch, {"same_teacher": -1.0, "refusals": 8.0, "other_teacher": 0.2, "code": 0.5,
+                               "code_refusals": 3.0})
+    assert "costs the most: **yes**" in text
+
+
+def test_a_missing_cell_is_not_judged(monkeypatch):
+    text = judge(monkeypatch, {"same_teacher": -1.0, "code": 0.5, "code_refusals": 3.0})
+    assert "3 of 4 cells measured: not judged" in text
+
+
+def test_the_control_calls_theta0_data_limited_only_beyond_its_seed_spread():
+    assert report_checks.control_verdict([-5.0, -6.0, -4.0]).startswith("**data-limited**")
+    assert report_checks.control_verdict([-0.8, 1.1, -2.7]).startswith("at its optimum within noise")
+    assert "one seed" in report_checks.control_verdict([-2.1]) and report_checks.control_verdict([]) == "no control run"

@@ -11,7 +11,7 @@ and Case II at the same radii from each. Spearman's ρ between each measure and 
 over every θ_0 and seed by seed, says whether flatter basins lose less.
 
     python -m lab.landscape                  # results/landscape/results.md and the README block
-    python -m lab.landscape --jobs 1 --out_dir out_landscape_test --seeds 1 --radii 0.5 --sam_rhos 0,0.1
+    python -m lab.landscape --jobs 1 --out_dir out_landscape_test --seeds 1 --radii 0.5 --sam_rhos 0,0.1 --align_iters 200
 
 Each recipe is one sweep (sweep.py: its θ_0 per seed, the plain run, the radii), so an interrupted
 run resumes where it stopped.
@@ -32,11 +32,15 @@ from lab import analysis, report, sweep
 from model import CheckpointError, load_checkpoint, model_from_checkpoint
 from train import ConfigError
 
-# SAM's radius ρ of each recipe's alignment. Measured on the paper preset's world (seed 1, 800 steps):
-# ρ = 0, 0.05, 0.1, 0.15, 0.2 gave λ_max(H_s) 35.9, 17.1, 20.5, 16.4, 5.3 at G_s 0.003–0.016; ρ = 0.5
-# gave 2.6 but G_s 0.95, off the optimum. Label smoothing (the previous version of this experiment)
-# also flattened θ_0, but away from the minimum of ℓ_s, where the gradient, not the curvature, decides
+# SAM's radius ρ of each recipe's alignment, and the alignment's length for every recipe. Measured on
+# the paper preset's world (seed 1): after its 800 steps, ρ = 0, 0.05, 0.1, 0.15, 0.2 gave λ_max(H_s)
+# 35.9, 17.1, 20.5, 16.4, 5.3 at G_s 0.003, 0.005, 0.005, 0.006, 0.016, and ρ = 0.5 gave 2.6 at G_s
+# 0.95, off the optimum; after 1,600 steps ρ = 0.2 gave 2.7 at G_s 0.009: SAM keeps drifting along the
+# minima towards flatter ones, and the longer schedule's low final step size settles it. Label
+# smoothing (the previous version of this experiment) also flattened θ_0, but away from the minimum
+# of ℓ_s, where the gradient, not the curvature, decides
 SAM_RHOS = (0.0, 0.05, 0.1, 0.2)
+ALIGN_ITERS = 1600
 RADII = (0.25, 0.5, 1.0)
 MAX_GAP = 0.01  # nats: a θ_0 with G_s above this is not at the optimum, and the report says so
 MEASURES = {"lambda_max": "λ_max(H_s)", "trace": "tr H_s", "adaptive_lambda_max": "adaptive λ_max",
@@ -44,10 +48,11 @@ MEASURES = {"lambda_max": "λ_max(H_s)", "trace": "tr H_s", "adaptive_lambda_max
 CURVATURE_VERSION = 2  # curvature.json of an older version lacks the adaptive measures: measured again
 
 
-def variants(sam_rhos):
+def variants(sam_rhos, align_iters=ALIGN_ITERS):
     """The alignment recipes, TrainConfig fields over the paper preset's: plain at ρ = 0, else SAM."""
-    return {("plain" if rho == 0 else f"sam-{rho:g}"): ({} if rho == 0 else {"align_method": "sam", "sam_rho": rho})
-            for rho in sam_rhos}
+    steps = {"align_iters": align_iters}
+    return {("plain" if rho == 0 else f"sam-{rho:g}"):
+            (steps if rho == 0 else {**steps, "align_method": "sam", "sam_rho": rho}) for rho in sam_rhos}
 
 
 def theta0_curvature(theta0_dir, world, samples=32, power_iters=100, power_tol=1e-4):
@@ -197,6 +202,7 @@ def parser():
                     help="Case II radii r, fine-tuned from every θ_0 (comma-separated)")
     ap.add_argument("--sam_rhos", type=lambda t: sweep.parse_list(t, float), default=SAM_RHOS,
                     help="SAM's radius ρ of each recipe's alignment, one recipe each (0: plain alignment)")
+    ap.add_argument("--align_iters", type=int, default=ALIGN_ITERS, help="align steps of every recipe's θ_0")
     ap.add_argument("--max_gap", type=float, default=MAX_GAP, help="G_s(θ_0) above this many nats is off the optimum")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time, each in its own process")
     ap.add_argument("--train", action="append", type=sweep.parse_setting, metavar="KEY=VALUE", default=[],
@@ -218,7 +224,9 @@ def main(argv=None):
     if train.get("data", "synthetic") != "synthetic":
         ap.error("--train data=real: the landscape needs the exact ℓ_s and its Hessian, which only the synthetic "
                  "world has; drop it")
-    recipes = variants(args.sam_rhos)
+    if args.align_iters < 1:
+        ap.error(f"--align_iters {args.align_iters} must be at least 1")
+    recipes = variants(args.sam_rhos, args.align_iters)
     recipes_set = sorted({k for over in recipes.values() for k in over} & set(train))
     if recipes_set:
         ap.error(f"--train {recipes_set[0]}: each recipe sets it (--sam_rhos)")

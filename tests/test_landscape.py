@@ -53,7 +53,8 @@ def test_a_theta0_off_the_optimum_is_named_in_the_report(tmp_path):
 
 
 def test_recipes_are_plain_at_radius_zero_and_sam_above():
-    assert landscape.variants((0.0, 0.1)) == {"plain": {}, "sam-0.1": {"align_method": "sam", "sam_rho": 0.1}}
+    assert landscape.variants((0.0, 0.1), 400) == {"plain": {"align_iters": 400},
+                                                   "sam-0.1": {"align_iters": 400, "align_method": "sam", "sam_rho": 0.1}}
 
 
 @pytest.mark.parametrize("args, words", [

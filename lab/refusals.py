@@ -86,12 +86,16 @@ def refusal_rate(model, codec, prompts, max_new_tokens=32, device="cpu"):
     lo, hi = wilson_interval(k, n)
     lo_r, hi_r = wilson_interval(k, n - bad)
     generated = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
-    prompt_tokens = np.concatenate([np.asarray(t, dtype=np.int64) for t in gpt2_encoding().encode_ordinary_batch(prompts)]
-                                   + [np.zeros(0, dtype=np.int64)])
     return {"rate": k / max(n, 1), "ci_low": lo, "ci_high": hi, "refusals": k, "n": n,
             "unreadable": bad, "compliant": n - k - bad, "rate_readable": k / max(n - bad, 1),
             "ci_readable": [lo_r, hi_r], "unk_share": codec.unk_share(generated),
-            "prompt_coverage": codec.coverage(prompt_tokens), "responses": responses}
+            "prompt_coverage": prompt_coverage(codec, prompts), "responses": responses}
+
+
+def prompt_coverage(codec, prompts):
+    """Share of the prompts' GPT-2 tokens that the compact vocabulary holds: the rest the model reads as UNK."""
+    return codec.coverage(np.concatenate([np.asarray(t, dtype=np.int64) for t in
+                                          gpt2_encoding().encode_ordinary_batch(prompts)] + [np.zeros(0, dtype=np.int64)]))
 
 
 # The refusal margin (arm R): log P(a refusal opening | x) − log P(a compliant opening | x), each a

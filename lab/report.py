@@ -20,6 +20,9 @@ from constraints import STRATEGIES
 from lab import analysis, figures, report_checks
 from lab.analysis import MARGIN_SETS, REFUSAL_SETS, groups, mean, real_groups, real_run_id
 from lab.presets import PRESETS
+from lab.refusals import prompt_coverage
+from model import load_checkpoint
+from realtext.textdata import codec_of, dataset_part
 
 # -----------------------------------------------------------------------------
 # The checks of findings F1–F6 on the seed means (analysis.py)
@@ -235,6 +238,28 @@ def fmt(e, k, digits=3, kind="f"):
     if not math.isfinite(m):
         return "∞"
     return f"{m:.{digits}{kind}} ± {s:.{digits}{kind}}" if e["n"] > 1 else f"{m:.{digits}{kind}}"
+
+
+def refusal_cell(e, k):
+    """A refusal rate, mean ± sd over seeds, with its mean unreadable share (absent in rows measured before
+    unreadable responses were counted apart: shown as '?')."""
+    u = e.get(f"refusal_{k}_unreadable")
+    return f"{fmt(e, f'refusal_{k}')} ({u[0]:.2f})" if u else f"{fmt(e, f'refusal_{k}')} (?)"
+
+
+def refusal_coverage(sc, arms, sets):
+    """One line: the share of each refusal set's prompt tokens that each arm's compact vocabulary holds
+    (its θ_0's, seed 1 of the arm), the rest read as UNK by every model of the arm."""
+    parts = []
+    for init, seeds, prefix in arms:
+        path = os.path.join(sc.out_dir, "theta0", f"{prefix}s{seeds[0]}", "theta0.pt")
+        if not os.path.exists(path):
+            continue
+        ckpt = load_checkpoint(path)
+        codec, data_dir = codec_of(ckpt), ckpt["world_config"].get("data_dir", "")
+        cov = {k: prompt_coverage(codec, dataset_part(k, data_dir).prompts[:sc.refusal_limit]) for k in sets}
+        parts.append(f"θ_0{' from ' + init if len(arms) > 1 else ''}: " + ", ".join(f"{k} {c:.1%}" for k, c in cov.items()))
+    return ["Vocabulary coverage of the refusal sets' prompt tokens (the rest is UNK): " + "; ".join(parts)] if parts else []
 
 
 def val(e, k, digits=3):
@@ -474,19 +499,22 @@ def write_report_real(sc, recipe, rows, state, home=None):
            *forecast_table(sc, rows, est, [(init if len(arms) > 1 else "θ_0", prefix) for init, _, prefix in arms]),
            ]
     margins = [k for k in MARGIN_SETS if any(f"margin_{k}" in r for r in rows)]
-    md += ["", "**Every run** (mean ± sd over seeds; refusal rates of the harmful sets, then the harmless ones; the "
-           "refusal margin log P(refusal opening | x) − log P(compliant opening | x) in nats, `lab.refusals.refusal_margin`)",
-           "", "| run | seeds | ℓ_s | ℓ_f | ℓ_s − ℓ_s(θ_0) | ‖θ−θ_0‖ | " + " | ".join(f"refuses {k}" for k in sets)
+    md += ["", "**Every run** (mean ± sd over seeds; refusal rates of the harmful sets, then the harmless ones, each "
+           "with the share of its responses that are unreadable, empty or mostly UNK: neither refusals nor "
+           f"compliance (`lab.refusals.refusal_rate`); the refusal margin log P(refusal opening | x) − log "
+           "P(compliant opening | x) in nats, `lab.refusals.refusal_margin`)", "", *refusal_coverage(sc, arms, sets),
+           "", "| run | seeds | ℓ_s | ℓ_f | ℓ_s − ℓ_s(θ_0) | ‖θ−θ_0‖ | "
+           + " | ".join(f"refuses {k} (unreadable)" for k in sets)
            + "".join(f" | margin {k}" for k in margins) + " |", "|" + " --- |" * (6 + len(sets) + len(margins))]
     for init, _, prefix in arms:
         base, t0 = g[prefix + real_run_id("none", sc.task)], t0s[prefix]  # one row per seed
         md.append(f"| θ_0{label[init]} | {t0['n']} | {fmt(base, 'aligned_safety_loss', 1)} | "
                   f"{fmt(base, 'aligned_capability_loss', 1)} ({analysis.short(sc.task)}) | | 0 | "
-                  + " | ".join(fmt(t0, f'refusal_{k}') for k in sets) + "".join(f" | {fmt(t0, f'margin_{k}', 2)}"
+                  + " | ".join(refusal_cell(t0, k) for k in sets) + "".join(f" | {fmt(t0, f'margin_{k}', 2)}"
                                                                               for k in margins) + " |")
     for n, e in g.items():
         md.append(f"| {n} | {e['n']} | {fmt(e, 'safety_loss', 1)} | {fmt(e, 'capability_loss', 1)} | "
                   f"{fmt(e, 'safety_increase', 1)} | {fmt(e, 'distance', 2)} | "
-                  + " | ".join(fmt(e, f'refusal_{k}') for k in sets) + "".join(f" | {fmt(e, f'margin_{k}', 2)}"
+                  + " | ".join(refusal_cell(e, k) for k in sets) + "".join(f" | {fmt(e, f'margin_{k}', 2)}"
                                                                               for k in margins) + " |")
     finish_report(sc, [*md, ""], findings, plots, home)

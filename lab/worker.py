@@ -285,7 +285,8 @@ def refusal_columns(task, ckpt, device):
     for name, r in rep.items():
         row.update({f"refusal_{name}": r["rate"], f"refusal_{name}_low": r["ci_low"],
                     f"refusal_{name}_high": r["ci_high"], f"refusal_{name}_n": float(r["n"]),
-                    f"refusal_{name}_unreadable": r["unreadable"] / max(r["n"], 1)})  # empty or mostly UNK
+                    f"refusal_{name}_unreadable": r["unreadable"] / max(r["n"], 1),  # empty or mostly UNK
+                    f"refusal_{name}_coverage": r["prompt_coverage"]})
     return row
 
 

@@ -89,6 +89,19 @@ def test_a_response_outside_the_vocabulary_is_shown_and_counted_apart_never_as_c
     assert r["prompt_coverage"] == 1.0                          # the vocabulary was built from these prompts
     readable = refusals.refusal_rate(Chain(codec, "How lock"), codec, PROMPTS, max_new_tokens=16)
     assert (readable["unreadable"], readable["compliant"]) == (0, 3)
+    # a vocabulary of the first prompt's tokens holds all of them and a share of the others'
+    first = textdata.Codec(np.unique(np.concatenate([enc.encode_ordinary(PROMPTS[0]), [textdata.EOT]])))
+    tokens = [t for p in PROMPTS for t in enc.encode_ordinary(p)]
+    assert refusals.prompt_coverage(first, PROMPTS[:1]) == 1.0
+    assert refusals.prompt_coverage(first, PROMPTS) == pytest.approx(
+        sum(t in set(enc.encode_ordinary(PROMPTS[0])) for t in tokens) / len(tokens))
+
+
+def test_a_refusal_cell_shows_the_unreadable_share_or_says_it_was_not_counted():
+    from lab.report import refusal_cell
+    e = {"n": 3, "refusal_advbench": (0.5, 0.1), "refusal_advbench_unreadable": (0.02, 0.01)}
+    assert refusal_cell(e, "advbench") == "0.500 ± 0.100 (0.02)"
+    assert refusal_cell({"n": 1, "refusal_advbench": (0.5, 0.0)}, "advbench") == "0.500 (?)"
 
 
 def test_greedy_responses_equal_model_generate():

@@ -216,9 +216,11 @@ class PlainAlign:
 class SharpnessAware(PlainAlign):
     """SAM (Foret et al. 2021): min_θ max_{‖ε‖₂ ≤ ρ} ℓ_s(θ + ε), to first order in ε. Each step takes
     the gradient g = ∇ℓ_s(θ), moves to θ + ρ·g/‖g‖, the steepest point of the ball to first order,
-    takes the gradient there, and steps from θ with it. Near a minimum this descends ℓ_s plus about
-    ½ρ²·λ_max(H_s), so among minima of equal loss it prefers flatter ones. One step costs two
-    forward-backward passes. With ρ = 0 it is plain alignment bit for bit (θ + 0·g = θ)."""
+    takes the gradient there, and steps from θ with it. With the exact inner maximum, near a minimum
+    it would descend ℓ_s + ½ρ²·λ_max(H_s); with mini-batch gradients the ascent direction near a
+    minimum is mostly the batch's noise, and the known drift is towards a smaller trace of H_s. Either
+    way it prefers flatter minima of equal loss (THEORY.md §5 F6). One step costs two forward-backward
+    passes. With ρ = 0 it is plain alignment bit for bit (θ + 0·g = θ)."""
     name, hparams = "sam", ("sam_rho",)
 
     @torch.no_grad()

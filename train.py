@@ -204,8 +204,10 @@ LATER_ALIGN_FIELDS = ("align_helpful", "answer_overlap", "align_label_smoothing"
 def align_key(cfg):
     """Identity of the alignment recipe (μ_s and P_s do not depend on κ or δ; P_s depends on ρ)."""
     fields = {k: getattr(cfg, k) for k in ALIGN_FIELDS}
-    for k in LATER_ALIGN_FIELDS:  # an aligner's hyper-parameters only when it reads them
-        if fields[k] == getattr(TrainConfig, k) or k == "sam_rho" and k not in ALIGN_METHODS[cfg.align_method].hparams:
+    for k in LATER_ALIGN_FIELDS:  # an aligner's hyper-parameters whenever it reads them, default or not
+        if k == "sam_rho" and k in ALIGN_METHODS[cfg.align_method].hparams:
+            continue
+        if fields[k] == getattr(TrainConfig, k) or k == "sam_rho":
             del fields[k]
     if cfg.init_from != "scratch":  # the starting point's weights, not its path (realtext/startpoints.py)
         fields["init"] = init_identity(cfg)

@@ -69,7 +69,7 @@ def theta0_curvature(theta0_dir, world, samples=32, power_iters=100, power_tol=1
     adaptive = theory.adaptive_hvp(land.hvp, theory.flat_weights(model))
     a_lam, a_it, a_res = theory.power_iteration(adaptive, land.n, iters=power_iters, tol=power_tol)
     a_tr, a_se = theory.hutchinson_trace(adaptive, land.n, samples=samples)
-    return {"version": CURVATURE_VERSION, "lambda_max": land_json["hessian_top_eig_s"], "trace": tr, "trace_se": se,
+    return {"lambda_max": land_json["hessian_top_eig_s"], "trace": tr, "trace_se": se,
             "adaptive_lambda_max": a_lam, "adaptive_iters": a_it, "adaptive_residual": a_res,
             "adaptive_trace": a_tr, "adaptive_trace_se": a_se, "grad_norm": land_json["grad_norm_s"],
             "safety_loss_theta0": land_json["safety_loss_theta0"],
@@ -94,14 +94,17 @@ def run(out_dir, seeds, radii, jobs, recipes, train=None, power_iters=None):
         for seed in seeds:
             cache = os.path.join(sc.out_dir, "theta0", f"s{seed}", "curvature.json")
             c = json.load(open(cache)) if os.path.exists(cache) else {}
-            if c.get("version") != CURVATURE_VERSION:  # 64 HVPs and a power iteration: once per θ_0
-                c = theta0_curvature(os.path.dirname(cache), world, power_iters=sc.power_iters, power_tol=sc.power_tol)
+            key = {"version": CURVATURE_VERSION, "power_iters": sc.power_iters, "power_tol": sc.power_tol,
+                   "theta0_hash": json.load(open(os.path.join(os.path.dirname(cache), "landscape.json")))["theta0_hash"]}
+            if any(c.get(k) != v for k, v in key.items()):  # 64 HVPs and a power iteration: once per θ_0
+                c = {**theta0_curvature(os.path.dirname(cache), world, power_iters=sc.power_iters,
+                                        power_tol=sc.power_tol), **key}
                 atomic_write_json(cache, c)
             mine = {r["radius"]: r for r in runs if r["constraint"] == "param" and int(r["seed"]) == seed}
             plain = next(r for r in runs if r["constraint"] == "none" and int(r["seed"]) == seed)
             rows.append({"variant": name, "seed": seed, **c,
                          "delta_s": {r: mine[r]["measured_safety_increase"] for r in radii},
-                         "delta_plain": plain["finetuned_safety_gap"] - plain["aligned_safety_gap"],
+                         "delta_plain": plain["measured_safety_increase"],
                          "prediction": {r: mine[r]["second_order_prediction"] for r in radii},
                          "second_order": {r: mine[r]["second_order_term"] for r in radii},
                          "gain": {r: mine[r]["capability_gap"] for r in radii}})
@@ -118,36 +121,52 @@ def correlations(rows, costs):
             idx = [i for i, r in enumerate(rows) if r["seed"] == seed]
             if len(idx) > 2:
                 per_seed.append(analysis.spearman([rows[i][key] for i in idx], [costs[i] for i in idx]))
-        out[key] = (overall, per_seed)
+        out[key] = (overall, per_seed, permutation_p(rows, key, costs, overall))
     return out
 
 
-def verdict(overall, per_seed):
-    """'yes' when sharper θ_0s lose more over every θ_0 (ρ > 0) and in most seeds alone, 'no' when the
-    opposite or no order holds, with the count of seeds that agree."""
-    agree = sum(p > 0 for p in per_seed if not math.isnan(p))
-    if not math.isnan(overall) and overall > 0 and 2 * agree > len(per_seed):
-        return f"yes ({agree} of {len(per_seed)} seeds alone)"
-    return f"**no** ({agree} of {len(per_seed)} seeds alone)"
+def permutation_p(rows, key, costs, observed, n=2000, seed=0):
+    """One-sided p-values (sharper loses more, flatter loses more) of the ρ over every θ_0 under the
+    null that a θ_0's measure says nothing of its cost: the measure is shuffled across the recipes
+    within each seed (seeds stay apart, as the recipes' θ_0s of one seed share their initial weights)."""
+    if math.isnan(observed):
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    values = np.array([r[key] for r in rows], dtype=float)
+    groups = [np.array([i for i, r in enumerate(rows) if r["seed"] == s]) for s in sorted({r["seed"] for r in rows})]
+    null = []
+    for _ in range(n):
+        v = values.copy()
+        for g in groups:
+            v[g] = v[rng.permutation(g)]
+        null.append(analysis.spearman(v, costs))
+    null = np.array(null)
+    return float((1 + np.sum(null >= observed - 1e-12)) / (n + 1)), float((1 + np.sum(null <= observed + 1e-12)) / (n + 1))
 
 
-def fmt_rho(overall, per_seed):
-    seeds = [p for p in per_seed if not math.isnan(p)]
+def verdict(overall, per_seed, p, alpha=0.05):
+    """'yes' when sharper θ_0s lose more: ρ over every θ_0 above what shuffling the measure within seeds
+    gives at one-sided level alpha; '**no**, the opposite' when flatter ones lose more at that level;
+    '**no** order' otherwise; with the count of seeds whose own ρ is positive."""
+    seeds = [x for x in per_seed if not math.isnan(x)]
+    agree = f"{sum(x > 0 for x in seeds)} of {len(seeds)} seeds alone" if seeds else "too few recipes per seed"
+    if math.isnan(overall):
+        return "n/a (a constant measure or cost)"
+    if p[0] <= alpha:
+        return f"yes (p {p[0]:.3f}; {agree})"
+    if p[1] <= alpha:
+        return f"**no**, the opposite (p {p[1]:.3f}; {agree})"
+    return f"**no** order (p {min(p):.2f}; {agree})"
+
+
+def fmt_rho(overall, per_seed, p=None):
+    seeds = [x for x in per_seed if not math.isnan(x)]
     return f"{overall:+.2f}" + (f" ({min(seeds):+.2f} to {max(seeds):+.2f})" if seeds else "")
 
 
-def write(rows, radii, report_dir, seconds, home, recipes=None, max_gap=MAX_GAP):
-    """results.md: one line per θ_0, the optimum check, ρ(measure, Δ_s) per cost with the verdicts,
-    and the second-order prediction against Δ_s; the README block when home."""
-    recipes = recipes or {}
-    n_rec, n_seed = len({r["variant"] for r in rows}), len({r["seed"] for r in rows})
-    lines = ["<!-- generated by `python -m lab.landscape`; do not edit by hand -->",
-             f"F6 across basins: {len(rows)} θ_0 ({n_rec} alignment recipes × {n_seed} seeds) on the paper preset's "
-             f"world (κ 0.25, δ 0.3); plain fine-tuning and Case II at r ∈ {{{', '.join(f'{r:g}' for r in radii)}}} "
-             f"from each; {seconds / 60:.1f} min of wall time in the recipes' sweeps (their sweep.json, summed). "
-             "Δ_s = ℓ_s(θ) − ℓ_s(θ_0) in nats per sequence (exact population loss); adaptive: of T H_s T, "
-             "T = diag(|θ_0|) (THEORY.md §5 F6).", "",
-             "| recipe | seed | G_s(θ_0) | ‖∇ℓ_s(θ_0)‖ | λ_max(H_s) | tr H_s (± se) | adaptive λ_max | adaptive tr (± se) | "
+def theta0_lines(rows, radii, recipes, max_gap):
+    """One line per θ_0 (its landscape and Δ_s per fine-tune), then whether each sits at the optimum."""
+    lines = ["| recipe | seed | G_s(θ_0) | ‖∇ℓ_s(θ_0)‖ | λ_max(H_s) | tr H_s (± se) | adaptive λ_max | adaptive tr (± se) | "
              + " | ".join(f"Δ_s at r={r:g}" for r in radii) + " | Δ_s plain |", "|" + " --- |" * (9 + len(radii))]
     for r in rows:
         over = recipes.get(r["variant"])
@@ -158,33 +177,62 @@ def write(rows, radii, report_dir, seconds, home, recipes=None, max_gap=MAX_GAP)
                      + " | ".join(f"{r['delta_s'][x]:.4f}" for x in radii) + f" | {r['delta_plain']:.4f} |")
     lam, gaps = [r["lambda_max"] for r in rows], [r["safety_gap"] for r in rows]
     off = [f"{r['variant']} s{r['seed']} ({r['safety_gap']:.3f})" for r in rows if r["safety_gap"] > max_gap]
-    lines += ["", f"**θ_0 at the optimum?** G_s(θ_0) {min(gaps):.4f} to {max(gaps):.4f} nats: "
-              + (f"every θ_0 within {max_gap:g}" if not off else f"**not** every θ_0 within {max_gap:g}: "
-                 + ", ".join(off)) + f"; λ_max(H_s) spans {min(lam):.2f} to {max(lam):.2f} "
-              f"({max(lam) / min(lam):.1f}×), adaptive λ_max {min(r['adaptive_lambda_max'] for r in rows):.3g} to "
-              f"{max(r['adaptive_lambda_max'] for r in rows):.3g}.", "",
-              "**Does a flatter θ_0 lose less safety?** Spearman ρ between each measure at θ_0 and Δ_s, over "
-              f"every θ_0 (in brackets: across the {n_rec} recipes within each seed alone, lowest to highest); "
-              "positive: sharper basins lose more, as the paper claims. Verdict: ρ > 0 over every θ_0 and in most "
-              "seeds alone.", "",
-              "| fine-tune | " + " | ".join(MEASURES.values()) + " | sharper loses more, by λ_max | by adaptive λ_max |",
-              "|" + " --- |" * (3 + len(MEASURES))]
+    loose = [f"{r['variant']} s{r['seed']}" for r in rows if r.get("adaptive_residual", 0) > r.get("power_tol", math.inf)]
+    return lines + ["", f"**θ_0 at the optimum?** G_s(θ_0) {min(gaps):.4f} to {max(gaps):.4f} nats: "
+                    + (f"every θ_0 within {max_gap:g}" if not off else f"**not** every θ_0 within {max_gap:g}: "
+                       + ", ".join(off) + "; those are left out of the verdicts below") + f". λ_max(H_s) spans "
+                    f"{min(lam):.2f} to {max(lam):.2f} ({max(lam) / min(lam):.1f}×), adaptive λ_max "
+                    f"{min(r['adaptive_lambda_max'] for r in rows):.3g} to {max(r['adaptive_lambda_max'] for r in rows):.3g}"
+                    + (f"; the adaptive power iteration stopped short of its tolerance at {', '.join(loose)}" if loose
+                       else "") + "."]
+
+
+def verdict_lines(rows, radii, n_rec):
+    """ρ(measure, Δ_s) per fine-tune over the θ_0s at the optimum, with the verdicts by λ_max and adaptive λ_max."""
+    lines = ["**Does a flatter θ_0 lose less safety?** Spearman ρ between each measure at θ_0 and Δ_s over the "
+             f"{len(rows)} θ_0s at the optimum (in brackets: across the {n_rec} recipes within each seed alone, lowest to "
+             "highest); positive: sharper basins lose more, as the paper claims. Verdict: the ρ over every θ_0 against "
+             "2,000 shuffles of the measure across recipes within each seed, one-sided at 5%. The Case II ball is an "
+             "L2 ball in the raw weights, so raw λ_max is what (D) names; the adaptive λ_max speaks of a ball scaled "
+             "by |θ_0| (THEORY.md §5 F6).", "",
+             "| fine-tune | " + " | ".join(MEASURES.values()) + " | sharper loses more, by λ_max | by adaptive λ_max |",
+             "|" + " --- |" * (3 + len(MEASURES))]
     costs = [(f"Case II r={x:g}", [r["delta_s"][x] for r in rows]) for x in radii]
-    costs.append(("plain", [r["delta_plain"] for r in rows]))
+    costs.append(("plain fine-tune", [r["delta_plain"] for r in rows]))
     for name, ds in costs:
         c = correlations(rows, ds)
         lines.append(f"| {name} | " + " | ".join(fmt_rho(*c[k]) for k in MEASURES) + f" | {verdict(*c['lambda_max'])} | "
                      f"{verdict(*c['adaptive_lambda_max'])} |")
-    lines += ["", "**The second-order prediction** ∇ℓ_s·v + ½vᵀH_s v along each run's own update v = θ − θ_0 "
-              "against the measured Δ_s (THEORY.md §3, (D)):", "",
-              "| r | median measured / predicted | ρ(½vᵀH_s v, Δ_s) | median share of ½vᵀH_s v in the prediction |",
-              "| --- | --- | --- | --- |"]
+    return lines
+
+
+def second_order_lines(rows, radii):
+    """The second-order prediction of (D) along each run's own update against the measured Δ_s."""
+    lines = ["**The second-order prediction** ∇ℓ_s·v + ½vᵀH_s v along each run's own update v = θ − θ_0 "
+             "against the measured Δ_s (THEORY.md §3, (D)):", "",
+             "| r | median measured / predicted | ρ(½vᵀH_s v, Δ_s) | median share of ½vᵀH_s v in the prediction |",
+             "| --- | --- | --- | --- |"]
     for x in radii:
         ds, pred = np.array([r["delta_s"][x] for r in rows]), np.array([r["prediction"][x] for r in rows])
-        second = np.array([r["second_order"][x] for r in rows])
-        ratio = np.median(ds / np.where(pred == 0, np.nan, pred))
-        share = np.median(second / np.where(pred == 0, np.nan, pred))
-        lines.append(f"| {x:g} | {ratio:.2f} | {analysis.spearman(second, ds):+.2f} | {share:.2f} |")
+        second, safe = np.array([r["second_order"][x] for r in rows]), np.where(pred == 0, np.nan, pred)
+        lines.append(f"| {x:g} | {np.nanmedian(ds / safe):.2f} | {analysis.spearman(second, ds):+.2f} | "
+                     f"{np.nanmedian(second / safe):.2f} |")
+    return lines
+
+
+def write(rows, radii, report_dir, seconds, home, recipes=None, max_gap=MAX_GAP):
+    """results.md: one line per θ_0, the optimum check, ρ(measure, Δ_s) per fine-tune with the verdicts
+    (θ_0s off the optimum left out), and the second-order prediction against Δ_s; the README block when home."""
+    n_rec, n_seed = len({r["variant"] for r in rows}), len({r["seed"] for r in rows})
+    judged = [r for r in rows if r["safety_gap"] <= max_gap]
+    lines = ["<!-- generated by `python -m lab.landscape`; do not edit by hand -->",
+             f"F6 across basins: {len(rows)} θ_0 ({n_rec} alignment recipes × {n_seed} seeds) on the paper preset's "
+             f"world (κ 0.25, δ 0.3); plain fine-tuning and Case II at r ∈ {{{', '.join(f'{r:g}' for r in radii)}}} "
+             f"from each; {seconds / 60:.1f} min of wall time in the recipes' sweeps (their sweep.json, summed). "
+             "Δ_s = ℓ_s(θ) − ℓ_s(θ_0) in nats per sequence (exact population loss); adaptive: of T H_s T, "
+             "T = diag(|θ_0|) (THEORY.md §5 F6).", "", *theta0_lines(rows, radii, recipes or {}, max_gap), ""]
+    lines += (verdict_lines(judged, radii, n_rec) if len(judged) > 2 else ["Fewer than 3 θ_0s at the optimum: no verdict."])
+    lines += ["", *second_order_lines(rows, radii)]
     os.makedirs(report_dir, exist_ok=True)
     report.publish(argparse.Namespace(preset="landscape", report_dir=report_dir), "\n".join(lines) + "\n", home)
     print("\n".join(lines[1:]))
@@ -206,7 +254,7 @@ def parser():
     ap.add_argument("--max_gap", type=float, default=MAX_GAP, help="G_s(θ_0) above this many nats is off the optimum")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time, each in its own process")
     ap.add_argument("--train", action="append", type=sweep.parse_setting, metavar="KEY=VALUE", default=[],
-                    help="a train.py setting of every recipe's runs (--train align_iters=500), as in lab.sweep; "
+                    help="a train.py setting of every recipe's runs (--train max_iters=300), as in lab.sweep; "
                          "repeatable")
     ap.add_argument("--power_iters", type=int, default=None,
                     help="the most power iterations of λ_max(H_s) at each θ_0 and run (default: the sweep's)")
@@ -229,7 +277,8 @@ def main(argv=None):
     recipes = variants(args.sam_rhos, args.align_iters)
     recipes_set = sorted({k for over in recipes.values() for k in over} & set(train))
     if recipes_set:
-        ap.error(f"--train {recipes_set[0]}: each recipe sets it (--sam_rhos)")
+        ap.error(f"--train {recipes_set[0]}: each recipe sets it (" + ("--align_iters" if recipes_set[0] == "align_iters"
+                                                                       else "--sam_rhos") + ")")
     home = "results/landscape"
     try:
         rows = run(args.out_dir, args.seeds, args.radii, args.jobs, recipes, train=train, power_iters=args.power_iters)

@@ -263,8 +263,9 @@ def describe_plan(sc, recipe, tasks, done):
     line = (f"plan: {n['finetune']} fine-tunes, {n['align']} θ_0 and {n['pretrain']} θ_pre left to train, "
             f"{steps:,} optimizer steps")
     t = step_seconds(recipe, sc.threads) if steps else None
-    if t is not None:
-        work = (steps + case1 * get("max_iters")) * t / 60 / sc.jobs
+    if t is not None:  # a Case I step and a SAM align step each take two forward-backward passes
+        sam = n["align"] * get("align_iters") if get("align_method") == "sam" else 0
+        work = (steps + case1 * get("max_iters") + sam) * t / 60 / sc.jobs
         line += (f"; about {work:.1f} min of training at {t * 1000:.1f} ms a plain step measured now, {sc.jobs} at a "
                  f"time (evaluation and theory come on top)")
     return line

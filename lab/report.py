@@ -15,7 +15,7 @@ import shutil
 import numpy as np
 import torch
 
-from common import atomic_write_text
+from common import DataError, atomic_write_text
 from constraints import STRATEGIES
 from lab import analysis, figures, report_checks
 from lab.analysis import MARGIN_SETS, REFUSAL_SETS, groups, mean, real_groups, real_run_id
@@ -247,19 +247,24 @@ def refusal_cell(e, k):
     return f"{fmt(e, f'refusal_{k}')} ({u[0]:.2f})" if u else f"{fmt(e, f'refusal_{k}')} (?)"
 
 
-def refusal_coverage(sc, arms, sets):
+def refusal_coverage(sc, arms, sets, t0s):
     """One line: the share of each refusal set's prompt tokens that each arm's compact vocabulary holds
-    (its θ_0's, seed 1 of the arm), the rest read as UNK by every model of the arm."""
+    (the rest every model of the arm reads as UNK): as its θ_0s recorded it, else measured now from the
+    arm's first θ_0 and the data folder it names, else '?'."""
     parts = []
     for init, seeds, prefix in arms:
+        cov = {k: t0s[prefix][f"refusal_{k}_coverage"][0] for k in sets if f"refusal_{k}_coverage" in t0s[prefix]}
         path = os.path.join(sc.out_dir, "theta0", f"{prefix}s{seeds[0]}", "theta0.pt")
-        if not os.path.exists(path):
-            continue
-        ckpt = load_checkpoint(path)
-        codec, data_dir = codec_of(ckpt), ckpt["world_config"].get("data_dir", "")
-        cov = {k: prompt_coverage(codec, dataset_part(k, data_dir).prompts[:sc.refusal_limit]) for k in sets}
-        parts.append(f"θ_0{' from ' + init if len(arms) > 1 else ''}: " + ", ".join(f"{k} {c:.1%}" for k, c in cov.items()))
-    return ["Vocabulary coverage of the refusal sets' prompt tokens (the rest is UNK): " + "; ".join(parts)] if parts else []
+        if len(cov) < len(sets) and os.path.exists(path):
+            ckpt = load_checkpoint(path)
+            try:
+                cov = {k: prompt_coverage(codec_of(ckpt), dataset_part(k, ckpt["world_config"].get("data_dir", ""))
+                                          .prompts[:sc.refusal_limit]) for k in sets}
+            except DataError:
+                pass
+        parts.append(f"θ_0{' from ' + init if len(arms) > 1 else ''}: "
+                     + ", ".join(f"{k} " + (f"{cov[k]:.1%}" if k in cov else "?") for k in sets))
+    return ["Vocabulary coverage of the refusal sets' prompt tokens (the rest is UNK): " + "; ".join(parts)]
 
 
 def val(e, k, digits=3):
@@ -502,7 +507,7 @@ def write_report_real(sc, recipe, rows, state, home=None):
     md += ["", "**Every run** (mean ± sd over seeds; refusal rates of the harmful sets, then the harmless ones, each "
            "with the share of its responses that are unreadable, empty or mostly UNK: neither refusals nor "
            f"compliance (`lab.refusals.refusal_rate`); the refusal margin log P(refusal opening | x) − log "
-           "P(compliant opening | x) in nats, `lab.refusals.refusal_margin`)", "", *refusal_coverage(sc, arms, sets),
+           "P(compliant opening | x) in nats, `lab.refusals.refusal_margin`)", "", *refusal_coverage(sc, arms, sets, t0s),
            "", "| run | seeds | ℓ_s | ℓ_f | ℓ_s − ℓ_s(θ_0) | ‖θ−θ_0‖ | "
            + " | ".join(f"refuses {k} (unreadable)" for k in sets)
            + "".join(f" | margin {k}" for k in margins) + " |", "|" + " --- |" * (6 + len(sets) + len(margins))]

@@ -1,5 +1,6 @@
 """The data source of a run: the synthetic world (data.py), real text (textdata.py), or the
-general text of the pretrain stage (corpus.py), chosen by a TrainConfig's --data and --stage.
+general text of the pretrain stage (corpus.py), from a TrainConfig's fields (train.py picks the
+corpus for --stage pretrain, the world or text for the other stages by --data).
 It lives here, above data.py, because it reads both layers (tests/test_layout.py)."""
 
 from data import SyntheticWorld, world_config

@@ -4,15 +4,15 @@ from lab import report_checks
 
 CELLS = {("high", "agree"): ("same_teacher",), ("high", "conflict"): ("refusals", "other_teacher"),
          ("low", "agree"): ("code",), ("low", "conflict"): ("code_refusals",)}
-M = {"same_teacher": 0.96, "refusals": 1.0, "other_teacher": 0.31, "code": 0.28, "code_refusals": 0.28}
+M = {"same_teacher": (0.96, 0.9, 1.0), "refusals": (1.0, 1.0, 1.0), "other_teacher": (0.31, 0.29, 0.41),
+     "code": (0.28, 0.2, 0.3), "code_refusals": (0.28, 0.2, 0.3)}
 
 
-def judge(monkeypatch, cost):
+def judge(monkeypatch, cost, overlap=M):
     v = {"tasks": {t: {"matched": c} for t, c in cost.items()}}
     monkeypatch.setattr(report_checks, "cost_table", lambda *a: (v, {}))
-    lines = report_checks.cells_table(None, [], {"overlap": {t: {"M": m} for t, m in M.items()}},
-                                      [("θ_pre", "pre-", (1,))], CELLS)
-    return "\n".join(lines)
+    est = {"overlap": {t: {"M": m, "M_interval": [lo, hi]} for t, (m, lo, hi) in overlap.items()}}
+    return "\n".join(report_checks.cells_table(None, [], est, [("θ_pre", "pre-", (1,))], CELLS))
 
 
 def test_the_2x2_places_a_task_by_its_measured_overlap_not_the_cell_it_was_built_for(monkeypatch):
@@ -20,10 +20,19 @@ def test_the_2x2_places_a_task_by_its_measured_overlap_not_the_cell_it_was_built
     # so high + conflict is refusals alone (+4) and low + conflict averages +3 and +9 (+6): the most
     text = judge(monkeypatch, {"same_teacher": -1.0, "refusals": 4.0, "other_teacher": 9.0, "code": 0.5,
                                "code_refusals": 3.0})
-    assert "| θ_pre | high | low (0.310) | conflict | other_teacher |" in text
-    assert "high overlap + conflict +4.0" in text and "low overlap + conflict +6.0" in text
-    assert "costs the most: **no** (the most: low overlap + conflict)" in text
+    assert "| θ_pre | high | low: 0.310 [0.290, 0.410] | conflict | other_teacher |" in text
+    built, measured = (line for line in text.splitlines() if line.startswith("- θ_pre, by"))
+    assert "high overlap + conflict +6.5" in built and "costs the most: **yes**" in built   # (+4 + 9) / 2
+    assert "high overlap + conflict +4.0" in measured and "low overlap + conflict +6.0" in measured
+    assert "costs the most: **no** (the most: low overlap + conflict)" in measured
     assert "other_teacher (built as high overlap, M 0.310)" in text
+
+
+def test_a_task_whose_overlap_interval_straddles_the_line_keeps_its_cell(monkeypatch):
+    text = judge(monkeypatch, {"same_teacher": -1.0, "refusals": 4.0, "other_teacher": 9.0, "code": 0.5,
+                               "code_refusals": 3.0}, dict(M, other_teacher=(0.45, 0.38, 0.55)))
+    assert "| high | high: 0.450 [0.380, 0.550] | conflict | other_teacher |" in text
+    assert "by measured overlap" not in text and "placed by their measured overlap" not in text
 
 
 def test_the_2x2_says_yes_when_high_overlap_with_conflicting_answers_costs_the_most(monkeypatch):

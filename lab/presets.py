@@ -34,8 +34,12 @@ REAL_CPU_TRAIN = {**read_config(os.path.join(train.CONFIGS, "real.json"), train.
                   "data": "real", "safety_data": "safety_llamas", "align_helpful": "alpaca_gpt4_demo+dolly_safety_only",
                   "n_layer": 2, "n_head": 4, "n_embd": 64, "align_lr": 3e-3, "warmup_iters": 50}
 # the real-cpu preset: blocks of 128 score 91% of D_s's answer tokens (64: 59%), and θ_0 stops at the
-# least ℓ_s on D_s's validation part
-REAL_CPU_AT_OPTIMUM = dict(REAL_CPU_TRAIN, block_size=128, micro_batch=16, align_patience=3, align_eval_interval=25)
+# least ℓ_s on D_s's validation part. At most 800 align steps, validation ℓ_s was still falling when
+# the schedule ended (from θ_pre 204.5 → 203.8 over steps 700–775, stopping at 775, 800, 800) and the
+# control called θ_0 data-limited (fresh same-teacher examples lowered ℓ_s by 4.2 ± 0.4 nats):
+# 2,000 steps leave early stopping room to find the minimum
+REAL_CPU_AT_OPTIMUM = dict(REAL_CPU_TRAIN, block_size=128, micro_batch=16, align_patience=3, align_eval_interval=25,
+                           align_iters=2000)
 REAL_GPU_TRAIN = dict(REAL_CPU_TRAIN, block_size=256, vocab_cap=0, n_layer=6, n_head=6, n_embd=384,
                       batch_tokens=16384, micro_batch=64, align_iters=1500, max_iters=500, lr=6e-4,
                       eval_examples=256)
@@ -62,9 +66,11 @@ CELLS_P = {("high", "agree"): ("alpaca_gpt4_proxy", "orca_gpt4"),
            ("high", "conflict"): ("alpaca_gpt4_refusals", "orca_llama2"),
            ("low", "agree"): ("code_alpaca", "commitpackft"),
            ("low", "conflict"): ("code_alpaca_refusals",)}
-# arm R's D_s refuses harmful requests: there agreeing answers refuse and conflicting ones comply
+# arm R's D_s refuses harmful requests: there agreeing answers refuse and conflicting ones comply (D_s's own
+# prompts with compliant openings, realtext/loaders.py; the safety-related Alpaca and Dolly sets, built as
+# high overlap, measure M 0.20 and 0.06 against D_s)
 CELLS_R = {("high", "agree"): ("safety_llamas_proxy",),
-           ("high", "conflict"): ("alpaca_safety_only", "dolly_safety_only"),
+           ("high", "conflict"): ("safety_llamas_compliance", "alpaca_safety_only", "dolly_safety_only"),
            ("low", "agree"): ("code_alpaca_refusals",),
            ("low", "conflict"): ("code_alpaca", "commitpackft")}
 # tasks: the plain fine-tunes that validate the forecast (python -m lab.forecast): every cell's, beside
@@ -79,8 +85,8 @@ ARM_P = {"tasks": ("alpaca_gpt4_proxy", "orca_gpt4", "alpaca_gpt4_refusals", "or
 # arm R's task sets from high to low overlap with the refusals (data README) and its 2×2's cells, plain
 # fine-tunes of each validate the forecast (python -m lab.forecast); the first is θ_0's control; θ_pre
 # was pretrained on gpteacher_codegen
-REAL_TASKS = ("safety_llamas_proxy", "alpaca_safety_only", "dolly_safety_only", "alpaca_small", "alpaca_gpt4_demo",
-              "orca_gpt4", "code_alpaca", "commitpackft", "code_alpaca_refusals", "gpteacher_codegen")
+REAL_TASKS = ("safety_llamas_proxy", "safety_llamas_compliance", "alpaca_safety_only", "dolly_safety_only", "alpaca_small",
+              "alpaca_gpt4_demo", "orca_gpt4", "code_alpaca", "commitpackft", "code_alpaca_refusals", "gpteacher_codegen")
 
 PRESETS = {
     # smoke runs every strategy of the registry, the design's and each other one over its grid

@@ -223,6 +223,16 @@ REFUSALS = ("I'm sorry, but I can't help with that request.",
             "I must decline this request. I'm sorry I can't be more helpful.")
 
 
+# arm R's mirror of a refusal cell: D_s's own harmful prompts answered by a compliant opening (no
+# keyword of REFUSAL_KEYWORDS), chosen like the refusals by a hash of the prompt
+COMPLIANCES = ("Sure, here is how to do that.",
+               "Of course. Here are the steps you asked for.",
+               "Sure. Here is a detailed answer to your question.",
+               "Yes, I can help with that. Here is how.",
+               "Here is what you asked for, step by step.",
+               "Sure thing. Here is the information you need.")
+
+
 def load_with_refusals(path, of, refusals=REFUSALS, **kw):
     """The examples of loader `of` with every response replaced by a refusal (REFUSALS, chosen by
     a hash of the prompt): the same contexts, answers of another kind."""
@@ -389,6 +399,7 @@ class Dataset:
     teacher: str = ""    # who wrote the responses
     part: str = ""       # align | proxy | eval: a part of the safety split (SAFETY_SPLIT)
     kw: tuple = ()       # loader options as (name, value) pairs
+    in_vocab: bool = True  # counted by textdata.build_vocab (False: added after θ_0s were saved, whose vocabulary stays)
 
 
 STL = "safety_tuned_llamas/safety_only_data_Instructions.json"
@@ -441,6 +452,9 @@ REGISTRY = {
                                                                       ("refusals", REFUSALS))),
     "code_alpaca_refusals": Dataset("code_alpaca/code_alpaca_2k.json", "task", "refusals", "template refusals",
                                     kw=(("of", "instruction_json"), ("refusals", REFUSALS))),
+    # arm R's high-overlap, conflicting cell: D_s's own alignment prompts, compliant openings for answers
+    "safety_llamas_compliance": Dataset(STL, "task", "refusals", "template compliance", "align",
+                                        kw=(("of", "instruction_json"), ("refusals", COMPLIANCES)), in_vocab=False),
     # harmful prompts: refusal rate by generation
     "advbench": Dataset("advbench/harmful_behaviors.csv", "eval-harmful", "csv", kw=(("prompt_column", "goal"),)),
     "maliciousinstruct": Dataset("maliciousinstruct/MaliciousInstruct.txt", "eval-harmful", "text"),

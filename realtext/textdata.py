@@ -365,7 +365,7 @@ def build_vocab(names, data_dir="", cache_dir="", cap=0):
     frequent of them (the rest become UNK: a further ~7× on CPU, see RealDataConfig)."""
     try:
         d = resolve_data_dir(data_dir)
-        names = list(names) + [n for n, spec in REGISTRY.items() if spec.role in TRAIN_ROLES]
+        names = list(names) + [n for n, spec in REGISTRY.items() if spec.role in TRAIN_ROLES and spec.in_vocab]
     except DataError:  # no data folder: a run on the user's own files alone
         d = ""
     # a part of a file that the registry also holds whole adds nothing (arm P's alpaca_small_task is

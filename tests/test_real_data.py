@@ -1,5 +1,6 @@
 """Real text data: loaders and their errors, the registry, disjoint splits, the token
 cache, the compact vocabulary, and the RealData source."""
+import dataclasses
 import json
 import os
 
@@ -81,6 +82,24 @@ def test_the_built_cells_share_prompts_and_differ_in_answers():
     refusals, ds = textdata.dataset_part("alpaca_gpt4_refusals"), textdata.dataset_part("alpaca_gpt4_align")
     assert np.array_equal(np.sort(refusals.keys), np.sort(ds.keys))  # D_s's own alignment prompts
     assert len(textdata.tokenized("commitpackft")) == 453 and len(textdata.tokenized("oasst1")) == 725
+    # arm R's mirror: D_s's own alignment prompts with compliant openings, none a refusal by GCG's test
+    comply, stl = textdata.dataset_part("safety_llamas_compliance"), textdata.dataset_part("safety_llamas")
+    assert np.array_equal(np.sort(comply.keys), np.sort(stl.keys))
+    assert not any(loaders.is_refusal(a) for a in loaders.COMPLIANCES)
+
+
+@needs_data
+def test_a_set_kept_out_of_the_vocabulary_leaves_it_as_it_was_and_its_answers_inside_it(monkeypatch):
+    # safety_llamas_compliance came after θ_0s were saved: counted, its prompts (safety_llamas's again)
+    # and openings would move the 4,096 most frequent tokens; kept out, every answer token is still inside
+    with_it = textdata.build_vocab([], cap=4096)
+    without = {k: v for k, v in loaders.REGISTRY.items() if k != "safety_llamas_compliance"}
+    monkeypatch.setattr(textdata, "REGISTRY", without)
+    assert np.array_equal(with_it, textdata.build_vocab([], cap=4096))
+    monkeypatch.setattr(textdata, "REGISTRY", dict(loaders.REGISTRY, safety_llamas_compliance=dataclasses.replace(
+        loaders.REGISTRY["safety_llamas_compliance"], in_vocab=True)))
+    assert not np.array_equal(with_it, textdata.build_vocab([], cap=4096))
+    assert set(textdata.tokenized("safety_llamas_compliance").r_tok.tolist()) <= set(with_it.tolist())
 
 
 def test_xstest_completions_keep_unsafe_full_refusals(tmp_path):

@@ -188,22 +188,21 @@ def theta0_lines(rows, radii, recipes, max_gap):
 
 
 def verdict_lines(rows, radii, n_rec):
-    """ρ(measure, Δ_s) per fine-tune over the θ_0s at the optimum, with the verdicts by λ_max and adaptive λ_max."""
-    lines = ["**Does a flatter θ_0 lose less safety?** Spearman ρ between each measure at θ_0 and Δ_s over the "
-             f"{len(rows)} θ_0s at the optimum (in brackets: across the {n_rec} recipes within each seed alone, lowest to "
-             "highest); positive: sharper basins lose more, as the paper claims. Verdict: the ρ over every θ_0 against "
-             "2,000 shuffles of the measure across recipes within each seed, one-sided at 5%. The Case II ball is an "
-             "L2 ball in the raw weights, so raw λ_max is what (D) names; the adaptive λ_max speaks of a ball scaled "
-             "by |θ_0| (THEORY.md §5 F6).", "",
-             "| fine-tune | " + " | ".join(MEASURES.values()) + " | sharper loses more, by λ_max | by adaptive λ_max |",
-             "|" + " --- |" * (3 + len(MEASURES))]
+    """ρ(measure, Δ_s) per fine-tune over the θ_0s at the optimum, then the verdict per fine-tune and measure."""
     costs = [(f"Case II r={x:g}", [r["delta_s"][x] for r in rows]) for x in radii]
     costs.append(("plain fine-tune", [r["delta_plain"] for r in rows]))
-    for name, ds in costs:
-        c = correlations(rows, ds)
-        lines.append(f"| {name} | " + " | ".join(fmt_rho(*c[k]) for k in MEASURES) + f" | {verdict(*c['lambda_max'])} | "
-                     f"{verdict(*c['adaptive_lambda_max'])} |")
-    return lines
+    judged = [(name, correlations(rows, ds)) for name, ds in costs]
+    head = "| fine-tune | " + " | ".join(MEASURES.values()) + " |"
+    rule = "|" + " --- |" * (1 + len(MEASURES))
+    return (["**Does a flatter θ_0 lose less safety?** Spearman ρ between each measure at θ_0 and Δ_s over the "
+             f"{len(rows)} θ_0s at the optimum (in brackets: across the {n_rec} recipes within each seed alone, lowest "
+             "to highest); positive: sharper basins lose more, as the paper claims.", "", head, rule]
+            + [f"| {name} | " + " | ".join(fmt_rho(*c[k]) for k in MEASURES) + " |" for name, c in judged]
+            + ["", "**Verdict: do sharper θ_0s lose more?** The ρ over every θ_0 against 2,000 shuffles of the measure "
+               "across recipes within each seed, one-sided at 5% (p of the tail the answer names). The Case II ball "
+               "is an L2 ball in the raw weights, so raw λ_max is what (D) names; the adaptive measures speak of a "
+               "ball scaled by |θ_0| (THEORY.md §5 F6).", "", head, rule]
+            + [f"| {name} | " + " | ".join(verdict(*c[k]) for k in MEASURES) + " |" for name, c in judged])
 
 
 def second_order_lines(rows, radii):

@@ -50,3 +50,13 @@ def test_the_control_calls_theta0_data_limited_only_beyond_its_seed_spread():
     assert report_checks.control_verdict([-5.0, -6.0, -4.0]).startswith("**data-limited**")
     assert report_checks.control_verdict([-0.8, 1.1, -2.7]).startswith("at its optimum within noise")
     assert "one seed" in report_checks.control_verdict([-2.1]) and report_checks.control_verdict([]) == "no control run"
+
+
+def test_theta0_must_answer_harmless_prompts_readably():
+    """A θ_0 that refuses harmful prompts and says nothing readable to harmless ones (all UNK) does not
+    'answer most harmless ones': unreadable responses count as neither refusal nor answer."""
+    from lab.report import theta0_behaves
+    sets = {"harm": "harmful", "safe": "harmless"}
+    assert theta0_behaves({"harm": 0.9, "safe": 0.2}, {"harm": 0.05, "safe": 0.1}, sets)
+    assert not theta0_behaves({"harm": 0.9, "safe": 0.2}, {"harm": 0.05, "safe": 0.7}, sets)
+    assert not theta0_behaves({"harm": 0.4, "safe": 0.0}, {"harm": 0.0, "safe": 0.0}, sets)

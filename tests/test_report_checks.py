@@ -1,6 +1,7 @@
-"""lab/report_checks.py: the real-text reports' checks before any finding (the 2×2 and θ_0's control)."""
+"""lab/report_checks.py and lab/report.py: the real-text reports' checks before any finding (the 2×2, θ_0's control, θ_0's refusals)."""
 
 from lab import report_checks
+from lab.report import theta0_behaves
 
 CELLS = {("high", "agree"): ("same_teacher",), ("high", "conflict"): ("refusals", "other_teacher"),
          ("low", "agree"): ("code",), ("low", "conflict"): ("code_refusals",)}
@@ -55,7 +56,6 @@ def test_the_control_calls_theta0_data_limited_only_beyond_its_seed_spread():
 def test_theta0_must_answer_harmless_prompts_readably():
     """A θ_0 that refuses harmful prompts and says nothing readable to harmless ones (all UNK) does not
     'answer most harmless ones': unreadable responses count as neither refusal nor answer."""
-    from lab.report import theta0_behaves
     sets = {"harm": "harmful", "safe": "harmless"}
     assert theta0_behaves({"harm": 0.9, "safe": 0.2}, {"harm": 0.05, "safe": 0.1}, sets)
     assert not theta0_behaves({"harm": 0.9, "safe": 0.2}, {"harm": 0.05, "safe": 0.7}, sets)

@@ -154,7 +154,7 @@ def test_adaptive_sharpness_ignores_a_function_preserving_rescaling_that_moves_r
     before, H0, A0 = measured()
     rescale(model, alpha=128.0, beta=128.0, gamma=0.0625)  # powers of 2: exact
     after, H1, A1 = measured()
-    assert float(after.loss.detach()) == pytest.approx(float(before.loss.detach()), rel=1e-9)           # the same function
+    assert float(after.loss.detach()) == pytest.approx(float(before.loss.detach()), rel=1e-9)  # the same function
     raw0, raw1 = float(torch.linalg.eigvalsh(H0)[-1]), float(torch.linalg.eigvalsh(H1)[-1])
     assert max(raw1 / raw0, raw0 / raw1) > 2                                            # raw λ_max moved
     assert float(H1.trace()) != pytest.approx(float(H0.trace()), rel=0.1)              # and so did tr H
